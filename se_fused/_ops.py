@@ -1,0 +1,100 @@
+"""The compiled ``se_fused::`` ops: loading, fake kernels and autograd.
+
+The C++ library (``se_fused._C``, sources in ``csrc/``) defines two ops in one
+``TORCH_LIBRARY`` block and implements them for CPU (and CUDA when built):
+
+* ``se_fused::squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+  residual?, activation, gate) -> (out, pooled, hidden, scale)``
+* ``se_fused::squeeze_excitation_backward(grad_out, x, out?, fc1_weight, fc2_weight, pooled,
+  hidden, scale, activation, gate) -> (grad_x, grad_residual, grad_fc1_weight, grad_fc1_bias,
+  grad_fc2_weight, grad_fc2_bias)``
+
+This module gives them fake (meta) kernels, so ``torch.compile`` traces them,
+and an autograd formula, so the forward op is differentiable on its own.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._validation import same_layout_as
+
+_LOAD_ERROR: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+except ImportError as exc:  # a source checkout that was never built
+    _LOAD_ERROR = str(exc)
+
+FORWARD_OP = "se_fused::squeeze_excitation_forward"
+BACKWARD_OP = "se_fused::squeeze_excitation_backward"
+
+
+def extension_loaded() -> bool:
+    """True when ``se_fused._C`` imported and registered its ops."""
+    return _LOAD_ERROR is None
+
+
+def load_error() -> str:
+    """Why ``se_fused._C`` did not import (empty when it did)."""
+    return _LOAD_ERROR or ""
+
+
+def cuda_kernels_built() -> bool:
+    """True when the extension was compiled with its CUDA sources."""
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CUDA")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the saved per-sample intermediates: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
+    """Call the compiled forward op (CPU or CUDA by ``x``'s device)."""
+    return torch.ops.se_fused.squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                         residual, activation, gate)
+
+
+def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):
+    """Call the compiled backward op; ``grad_residual`` is ``None`` unless ``out`` is given."""
+    grads = torch.ops.se_fused.squeeze_excitation_backward(grad_out, x, out, fc1_weight, fc2_weight,
+                                                           pooled, hidden, scale, activation, gate)
+    grad_x, grad_res = grads[0], grads[1]
+    return (grad_x, grad_res if out is not None else None) + tuple(grads[2:])
+
+
+if extension_loaded():
+    @torch.library.register_fake(FORWARD_OP)
+    def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
+        n, c = x.shape[0], x.shape[1]
+        r = fc1_weight.shape[0]
+        acc = acc_dtype(x.dtype)
+        return (torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, r), dtype=acc),
+                x.new_empty((n, c), dtype=acc))
+
+    @torch.library.register_fake(BACKWARD_OP)
+    def _backward_fake(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):
+        grad_res = torch.empty_like(x) if out is not None else x.new_empty((0,))
+        r = fc1_weight.shape[0]
+        return (torch.empty_like(x), grad_res, torch.empty_like(fc1_weight),
+                fc1_weight.new_empty((r,)), torch.empty_like(fc2_weight),
+                fc2_weight.new_empty((fc2_weight.shape[0],)))
+
+    def _setup_context(ctx, inputs, output):
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate = inputs
+        out, pooled, hidden, scale = output
+        ctx.save_for_backward(x, out if residual is not None else None, fc1_weight, fc2_weight,
+                              pooled, hidden, scale)
+        ctx.options = (activation, gate)
+        ctx.bias_dtypes = (fc1_bias.dtype, fc2_bias.dtype)
+        ctx.mark_non_differentiable(pooled, hidden, scale)
+
+    def _backward_formula(ctx, grad_out, _grad_pooled, _grad_hidden, _grad_scale):
+        x, out, fc1_weight, fc2_weight, pooled, hidden, scale = ctx.saved_tensors
+        gx, gres, gw1, gb1, gw2, gb2 = backward(same_layout_as(grad_out, x), x, out,
+                                                 fc1_weight, fc2_weight, pooled, hidden, scale, *ctx.options)
+        return (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]), gres, None, None)
+
+    torch.library.register_autograd(FORWARD_OP, _backward_formula, setup_context=_setup_context)
+

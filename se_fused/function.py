@@ -1,0 +1,82 @@
+"""The differentiable fused SE op: :class:`FusedSEFunction` and :func:`squeeze_excitation`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._validation import same_layout_as, validate_se_inputs
+from .backends import resolve_backend
+
+Tensor = torch.Tensor
+
+
+class FusedSEFunction(torch.autograd.Function):
+    """Fused Squeeze-and-Excitation with its own backward (SPEC §1).
+
+    ``FusedSEFunction.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+    activation, gate, backend)`` with ``x (N, C, H, W)``, ``fc1_weight (R, C[, 1, 1])``,
+    ``fc1_bias (R)``, ``fc2_weight (C, R[, 1, 1])``, ``fc2_bias (C)``, ``residual``
+    ``None`` or shaped like ``x``. Returns ``x·s`` or ``relu(x·s + residual)``,
+    ``(N, C, H, W)`` in ``x``'s memory format.
+
+    Saves for the backward only ``x``, the weights, the per-sample pooled means,
+    pre-activations and scales (``N×C``, ``N×R``, ``N×C``, float32) and, in the
+    residual form, the output (its sign is the ReLU mask).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                residual: Optional[Tensor] = None, activation: str = "relu", gate: str = "sigmoid",
+                backend: str = "auto") -> Tensor:
+        x, w1, b1, w2, b2, residual = validate_se_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                         residual, activation, gate)
+        impl = resolve_backend(backend, x.device)
+        # Autocast must not re-type the backend's float32 MLP; inputs were cast by the caller.
+        with torch.autocast(x.device.type, enabled=False):
+            out, pooled, hidden, scale = impl.forward(x, w1, b1, w2, b2, residual, activation, gate)
+        ctx.save_for_backward(x, out if residual is not None else None, w1, w2, pooled, hidden, scale)
+        ctx.impl = impl
+        ctx.options = (activation, gate)
+        ctx.param_meta = [(t.dtype, t.shape) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, out, w1, w2, pooled, hidden, scale = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x, grad_res, gw1, gb1, gw2, gb2 = ctx.impl.backward(
+                same_layout_as(grad_out, x), x, out, w1, w2, pooled, hidden, scale, *ctx.options)
+        param_grads = [g.to(dtype).reshape(shape) for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
+        return (grad_x, *param_grads, grad_res, None, None, None)
+
+
+def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
+    """Cast ``x`` and ``tensors`` to the autocast dtype when autocast is on for ``x``'s device.
+
+    The SE block follows what a convolution does under ``torch.autocast``: its
+    input and parameters are computed in the low-precision dtype (the casts are
+    recorded by autograd, so float32 parameters still get float32 gradients).
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (x,) + tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x,) + tensors)
+
+
+def squeeze_excitation(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                       residual: Optional[Tensor] = None, activation: str = "relu", gate: str = "sigmoid",
+                       backend: str = "auto") -> Tensor:
+    """Fused SE block, differentiable, usable under ``torch.compile``.
+
+    ``x (N, C, H, W)`` → ``x · gate(W2 act(W1 mean_hw(x) + b1) + b2)``, or
+    ``relu(that + residual)`` when ``residual (N, C, H, W)`` is given.
+    ``fc1_weight (R, C[, 1, 1])``, ``fc1_bias (R)``, ``fc2_weight (C, R[, 1, 1])``,
+    ``fc2_bias (C)``; ``activation`` ∈ {relu, silu}; ``gate`` ∈ {sigmoid,
+    hardsigmoid}; ``backend`` ∈ {auto, cuda, triton, cpu, eager}.
+    """
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = autocast_inputs(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    return FusedSEFunction.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate,
+                                 backend)
