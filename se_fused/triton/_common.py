@@ -1,0 +1,199 @@
+"""What the Triton kernels share: the SE math as ``@triton.jit`` helpers, option codes,
+and the launch heuristics (block shapes, batch chunking).
+
+The math mirrors :mod:`se_fused._reference` (the single source of truth); the
+tests compare every kernel against that module in float64. Everything here is
+valid for triton 3.6 (the GPU machine) and 3.8 (the CPU interpreter).
+
+Determinism: the kernels that reduce (channel sums, the MLP, the weight
+gradients) use block shapes chosen here from the problem shape alone, never by
+timing, so their summation order and therefore their bits are reproducible
+across runs and processes. Only the element-wise kernels are autotuned.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET then,
+# so this is the mode the kernels of this process run in.
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+ACTIVATION_CODES = {"relu": 0, "silu": 1}
+GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
+
+# Batch chunking (two-pass path): the samples whose pass-1 bytes fit in this
+# fraction of L2 are processed together, so that pass 2 re-reads them from L2.
+CHUNK_L2_FRACTION = 0.5
+# L2 size assumed when the device does not report one, and the budget used by the
+# interpreter (its "cache" is host memory; a large budget keeps CPU runs to few launches).
+DEFAULT_CHUNK_BYTES = 25 << 20
+# Tests set this to force small chunks (and so exercise the chunk loop) on small tensors.
+CHUNK_BYTES_OVERRIDE: Optional[int] = None
+
+# Elements each program of a channel reduction sums (over its tile loop) before
+# the sample's work is split over more programs along H·W.
+REDUCE_ELEMENTS_PER_PROGRAM = 16384
+REDUCE_TILE = 2048
+REDUCE_MAX_SPLITS = 64
+# The MLP's long reduction (over C) is split into pieces of this many channels.
+LINEAR_K_PER_SPLIT = 256
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / saved-intermediate dtype: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``max(n, 1)`` (Triton block shapes must be powers of two)."""
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------
+# Math, in the accumulation dtype (float32 or float64), as in _reference.py.
+# Clamps are written with tl.where so that NaN propagates as in PyTorch.
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def sigmoid(v):
+    """``1 / (1 + exp(-v))``."""
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def activation(u, ACTIVATION: tl.constexpr):
+    """``act(u)``: 0 = relu, 1 = silu."""
+    if ACTIVATION == 0:
+        return tl.where(u < 0.0, 0.0, u)
+    else:
+        return u * sigmoid(u)
+
+
+@triton.jit
+def activation_grad(u, ACTIVATION: tl.constexpr):
+    """``act'(u)``: relu -> ``[u > 0]``; silu -> ``σ(u)(1 + u(1 − σ(u)))``."""
+    if ACTIVATION == 0:
+        return tl.where(u > 0.0, 1.0, 0.0)
+    else:
+        sig = sigmoid(u)
+        return sig * (1.0 + u * (1.0 - sig))
+
+
+@triton.jit
+def gate(v, GATE: tl.constexpr):
+    """``gate(v)``: 0 = sigmoid, 1 = hardsigmoid ``= min(max(v + 3, 0), 6) / 6``."""
+    if GATE == 0:
+        return sigmoid(v)
+    else:
+        t = v + 3.0
+        t = tl.where(t < 0.0, 0.0, t)
+        t = tl.where(t > 6.0, 6.0, t)
+        return t / 6.0
+
+
+@triton.jit
+def gate_grad_from_output(s, GATE: tl.constexpr):
+    """``gate'(v)`` from ``s = gate(v)``: sigmoid ``s(1 − s)``; hardsigmoid ``1/6`` where ``0 < s < 1``."""
+    if GATE == 0:
+        return s * (1.0 - s)
+    else:
+        return tl.where((s > 0.0) & (s < 1.0), 1.0 / 6.0, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Launch heuristics
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """Block shape of a channel reduction (see channel_reduce.py).
+
+    Each program sums ``block_c`` channels over ``p_per_split`` pixels of one
+    sample; ``splits`` programs cover a sample's ``H·W`` and write partial sums
+    that the MLP kernel adds in a fixed order.
+    """
+    block_c: int
+    block_p: int
+    splits: int
+    p_per_split: int
+
+
+@functools.lru_cache(maxsize=None)
+def reduce_config(c: int, p: int, channels_last: bool) -> ReduceConfig:
+    """Block shape for summing ``(C=c, H·W=p)`` per channel; depends on the shape only.
+
+    NCHW: a tile is ``block_c`` channel rows of up to 256 contiguous pixels.
+    NHWC: a tile is up to 128 contiguous channels for ``block_p`` pixel rows.
+    A sample's pixels are split across programs until each has about
+    :data:`REDUCE_ELEMENTS_PER_PROGRAM` elements, so a chunk has enough programs
+    to fill the GPU.
+    """
+    if channels_last:
+        block_c = min(next_power_of_2(c), 128)
+        block_p = min(max(1, REDUCE_TILE // block_c), next_power_of_2(p))
+    else:
+        block_p = min(next_power_of_2(p), 256)
+        block_c = min(max(1, REDUCE_TILE // block_p), next_power_of_2(c))
+    tiles_p = triton.cdiv(p, block_p)
+    wanted = round(block_c * p / REDUCE_ELEMENTS_PER_PROGRAM)
+    splits = max(1, min(wanted, tiles_p, REDUCE_MAX_SPLITS))
+    tiles_per_split = triton.cdiv(tiles_p, splits)
+    splits = triton.cdiv(tiles_p, tiles_per_split)  # no empty split
+    return ReduceConfig(block_c, block_p, splits, tiles_per_split * block_p)
+
+
+def linear_k_splits(k: int) -> int:
+    """How many programs share one MLP reduction of length ``k``."""
+    return triton.cdiv(k, LINEAR_K_PER_SPLIT)
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "L2_cache_size", 0) or (2 * DEFAULT_CHUNK_BYTES))
+
+
+def samples_per_chunk(n: int, pass1_bytes_per_sample: int, device: torch.device) -> int:
+    """Samples processed together by the two-pass path (at least 1, at most ``n``).
+
+    ``pass1_bytes_per_sample``: the bytes of one sample that pass 1 reads (x in
+    the forward; g, x and the saved output in the backward). A chunk's pass-1
+    bytes fit in :data:`CHUNK_L2_FRACTION` of L2, so pass 2 finds its data there.
+    """
+    if CHUNK_BYTES_OVERRIDE is not None:
+        budget = CHUNK_BYTES_OVERRIDE
+    elif device.type == "cuda" and not INTERPRETED:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        budget = int(_l2_bytes(index) * CHUNK_L2_FRACTION)
+    else:
+        budget = DEFAULT_CHUNK_BYTES
+    return max(1, min(n, budget // max(1, pass1_bytes_per_sample)))
+
+
+def elementwise_configs():
+    """Autotune configurations of the element-wise kernels (excite forward/backward).
+
+    ``TILE`` elements per program, split into ``TILE // BLOCK_INNER`` rows of
+    the contiguous axis. On an H100 a program should move 8–32 KB (16 B vector
+    loads, several in flight per thread). The interpreter gets one config: it
+    would otherwise time every config on the CPU.
+    """
+    if INTERPRETED:
+        return [triton.Config({"TILE": 1024}, num_warps=4)]
+    return [triton.Config({"TILE": tile}, num_warps=warps)
+            for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
+
+
+def elementwise_inner_block(c: int, p: int, channels_last: bool) -> int:
+    """Block along the contiguous axis (``H·W`` for NCHW, ``C`` for NHWC) of an element-wise tile.
+
+    At most 256 (the smallest autotuned ``TILE`` is 1024, so a tile has at least 4 rows).
+    """
+    return min(next_power_of_2(c if channels_last else p), 256)

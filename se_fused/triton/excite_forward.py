@@ -1,0 +1,84 @@
+"""Pass 2 of the forward: ``out = x · s`` (excite), or ``relu(x · s + residual)``.
+
+Element-wise over a sample viewed as a matrix ``[OUTER, INNER]`` with ``INNER``
+the contiguous axis: NCHW ``[C, H·W]``, channels_last ``[H·W, C]``. The scale
+is per channel, i.e. per row (NCHW) or per column (NHWC). Block sizes are
+autotuned (the result does not depend on them: there is no reduction).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import elementwise_configs, elementwise_inner_block
+
+
+@triton.autotune(configs=elementwise_configs(), key=["C", "P", "HAS_RESIDUAL", "CHANNELS_LAST", "BLOCK_INNER"])
+@triton.jit
+def excite_forward_kernel(x_ptr, scale_ptr, residual_ptr, out_ptr, n0, C, P,
+                          HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr,
+                          BLOCK_INNER: tl.constexpr, TILE: tl.constexpr):
+    """One program: a ``[TILE // BLOCK_INNER, BLOCK_INNER]`` tile of one sample.
+
+    ``x``/``residual``/``out (N, C, H, W)`` in one layout; ``scale (N, C)`` in
+    the accumulation dtype. The product is formed in that dtype and rounded once.
+    """
+    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER
+    if ACC_FP64:
+        acc_dtype = tl.float64
+    else:
+        acc_dtype = tl.float32
+    if CHANNELS_LAST:
+        outer_size = P
+        inner_size = C
+    else:
+        outer_size = C
+        inner_size = P
+    inner_blocks = tl.cdiv(inner_size, BLOCK_INNER)
+    outer_blocks = tl.cdiv(outer_size, BLOCK_OUTER)
+    pid = tl.program_id(0)
+    inner_block = pid % inner_blocks
+    outer_block = (pid // inner_blocks) % outer_blocks
+    n = (pid // (inner_blocks * outer_blocks) + n0).to(tl.int64)
+
+    outer = outer_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
+    inner = inner_block * BLOCK_INNER + tl.arange(0, BLOCK_INNER)
+    outer_mask = outer < outer_size
+    inner_mask = inner < inner_size
+    mask = outer_mask[:, None] & inner_mask[None, :]
+    offsets = n * C * P + outer[:, None].to(tl.int64) * inner_size + inner[None, :]
+    if CHANNELS_LAST:
+        s = tl.load(scale_ptr + n * C + inner, mask=inner_mask, other=0.0)[None, :]
+    else:
+        s = tl.load(scale_ptr + n * C + outer, mask=outer_mask, other=0.0)[:, None]
+    # Last use of x (pass 1 kept it in L2): let it go first.
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_dtype)
+    y = x * s
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_dtype)
+        y = tl.where(y < 0.0, 0.0, y)  # relu that keeps NaN, as torch.relu
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_excite_forward(x: torch.Tensor, scale: torch.Tensor, residual: Optional[torch.Tensor],
+                          out: torch.Tensor, n0: int, count: int, channels_last: bool) -> None:
+    """Write ``out[n0:n0+count]``: ``x·scale`` or ``relu(x·scale + residual)``.
+
+    ``x``, ``residual``, ``out``: ``(N, C, H, W)``, one layout; ``scale (N, C)``.
+    """
+    n, c, h, w = x.shape
+    p = h * w
+    block_inner = elementwise_inner_block(c, p, channels_last)
+    outer_size, inner_size = (p, c) if channels_last else (c, p)
+
+    def grid(meta):
+        return (count * triton.cdiv(outer_size, meta["TILE"] // block_inner) * triton.cdiv(inner_size, block_inner),)
+
+    wrap_triton(excite_forward_kernel)[grid](
+        x, scale, x if residual is None else residual, out, n0, c, p,
+        HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last,
+        ACC_FP64=scale.dtype == torch.float64, BLOCK_INNER=block_inner)

@@ -1,0 +1,187 @@
+"""The Triton SE ops, registered with ``torch.library.triton_op`` so that
+``torch.compile`` sees the kernels inside them, with the same outputs, fake
+behaviour and autograd formula as the compiled ``se_fused::`` ops (_ops.py).
+
+* ``se_fused::triton_squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+  residual?, activation, gate) -> (out, pooled, hidden, scale)``
+* ``se_fused::triton_squeeze_excitation_backward(grad_out, x, out?, fc1_weight, fc2_weight, pooled,
+  hidden, scale, activation, gate) -> (grad_x, grad_residual, grad_fc1_weight, grad_fc1_bias,
+  grad_fc2_weight, grad_fc2_bias)``; ``grad_residual`` is empty (shape ``[0]``) without ``out``.
+
+Both run the two-pass path over the batch in chunks (see
+:func:`se_fused.triton._common.samples_per_chunk`): per chunk, pass 1 reduces
+over ``H·W`` (channel_reduce.py), the MLP runs batched over the chunk's samples
+(batched_linear.py), and pass 2 re-reads the chunk — still in L2 on a GPU —
+to write the output (excite_forward.py / excite_backward.py). The weight
+gradients are reduced over the whole batch at the end (weight_grad.py).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch.library import triton_op
+
+from .._validation import canonical_layout, is_channels_last, same_layout_as
+from . import _common
+from ._common import ACTIVATION_CODES, GATE_CODES, acc_dtype, linear_k_splits, reduce_config
+from .batched_linear import FACTOR_ACTIVATION_GRAD, FACTOR_GATE_GRAD, launch_batched_linear
+from .channel_reduce import launch_channel_reduce
+from .excite_backward import launch_excite_backward
+from .excite_forward import launch_excite_forward
+from .weight_grad import launch_weight_grad
+
+Tensor = torch.Tensor
+
+FORWARD_OP = "se_fused::triton_squeeze_excitation_forward"
+BACKWARD_OP = "se_fused::triton_squeeze_excitation_backward"
+
+
+def _check_device(x: Tensor) -> None:
+    if x.device.type == "cpu" and not _common.INTERPRETED:
+        raise RuntimeError("se_fused: the Triton kernels got CPU tensors but were not loaded under "
+                           "TRITON_INTERPRET=1 (set it before importing triton to run them on CPU)")
+
+
+@triton_op(FORWARD_OP, mutates_args=())
+def squeeze_excitation_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+                               fc2_bias: Tensor, residual: Optional[Tensor], activation: str, gate: str
+                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SE forward: ``x (N, C, H, W)`` → ``(out (N, C, H, W), pooled (N, C), hidden (N, R), scale (N, C))``.
+
+    ``out`` is ``x·s`` or ``relu(x·s + residual)`` in ``x``'s layout and dtype;
+    ``pooled``, ``hidden`` (pre-activation) and ``scale`` are float32 (float64 for
+    float64 ``x``). Weights ``(R, C[, 1, 1])``/``(C, R[, 1, 1])``, any float dtype.
+    """
+    _check_device(x)
+    x = canonical_layout(x)
+    channels_last = is_channels_last(x)
+    n, c, h, w = x.shape
+    p = h * w
+    r = fc1_weight.shape[0]
+    acc = acc_dtype(x.dtype)
+    w1 = fc1_weight.contiguous().reshape(r, c)
+    w2 = fc2_weight.contiguous().reshape(c, r)
+    b1 = fc1_bias.contiguous()
+    b2 = fc2_bias.contiguous()
+    if residual is not None:
+        residual = same_layout_as(residual, x)
+    out = torch.empty_like(x)
+    pooled = x.new_empty((n, c), dtype=acc)
+    hidden = x.new_empty((n, r), dtype=acc)
+    scale = x.new_empty((n, c), dtype=acc)
+    if n == 0:
+        return out, pooled, hidden, scale
+
+    act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
+    cfg = reduce_config(c, p, channels_last)
+    channel_sums = x.new_empty((cfg.splits, n, c), dtype=acc)
+    hidden_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
+    chunk = _common.samples_per_chunk(n, c * p * x.element_size(), x.device)
+    for n0 in range(0, n, chunk):
+        count = min(chunk, n - n0)
+        launch_channel_reduce(x, None, None, channel_sums, n0, count, cfg, channels_last)
+        # pooled = Σ sums / P;  hidden_partial = pooled · W1ᵀ (split over C)
+        launch_batched_linear(channel_sums, p, w1, False, hidden_partial, n0, count, act_code, gate_code,
+                              a_store=pooled)
+        # hidden = Σ hidden_partial + b1;  scale = gate(act(hidden) · W2ᵀ + b2)
+        launch_batched_linear(hidden_partial, 1, w2, False, scale, n0, count, act_code, gate_code,
+                              a_bias=b1, a_store=hidden, a_activate=True, bias=b2, out_gate=True)
+        launch_excite_forward(x, scale, residual, out, n0, count, channels_last)
+    return out, pooled, hidden, scale
+
+
+@triton_op(BACKWARD_OP, mutates_args=())
+def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight: Tensor,
+                                fc2_weight: Tensor, pooled: Tensor, hidden: Tensor, scale: Tensor,
+                                activation: str, gate: str
+                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SE backward (SPEC §1) from the forward's saved tensors.
+
+    ``grad_out``, ``x``, ``out`` (the residual form's output, else None):
+    ``(N, C, H, W)``; ``pooled``, ``scale (N, C)``, ``hidden (N, R)`` as the
+    forward returned them. Returns ``grad_x`` (``x``'s layout and dtype),
+    ``grad_residual`` (like ``x``; empty ``(0,)`` without ``out``), and the
+    weight gradients shaped and typed like the weights (bias gradients typed
+    like their weight).
+    """
+    _check_device(x)
+    x = canonical_layout(x)
+    channels_last = is_channels_last(x)
+    # An expanded or otherwise strided gradient (y.sum().backward()) is made dense in x's layout.
+    grad_out = same_layout_as(grad_out, x)
+    if out is not None:
+        out = same_layout_as(out, x)
+    n, c, h, w = x.shape
+    p = h * w
+    r = fc1_weight.shape[0]
+    acc = pooled.dtype
+    w1 = fc1_weight.contiguous().reshape(r, c)
+    w2 = fc2_weight.contiguous().reshape(c, r)
+    pooled, hidden, scale = pooled.contiguous(), hidden.contiguous(), scale.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_residual = torch.empty_like(x) if out is not None else x.new_empty((0,))
+    grad_w1 = torch.empty_like(fc1_weight, memory_format=torch.contiguous_format)
+    grad_b1 = fc1_weight.new_empty((r,))
+    grad_w2 = torch.empty_like(fc2_weight, memory_format=torch.contiguous_format)
+    grad_b2 = fc2_weight.new_empty((c,))
+    if n == 0:
+        for t in (grad_w1, grad_b1, grad_w2, grad_b2):
+            t.zero_()
+        return grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2
+
+    act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
+    cfg = reduce_config(c, p, channels_last)
+    ds_partial = x.new_empty((cfg.splits, n, c), dtype=acc)
+    dv = x.new_empty((n, c), dtype=acc)
+    dh_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
+    du = x.new_empty((n, r), dtype=acc)
+    dz = x.new_empty((n, c), dtype=acc)
+    streams = 3 if out is not None else 2  # pass 1 reads grad_out, x (and out)
+    chunk = _common.samples_per_chunk(n, streams * c * p * x.element_size(), x.device)
+    for n0 in range(0, n, chunk):
+        count = min(chunk, n - n0)
+        launch_channel_reduce(x, grad_out, out, ds_partial, n0, count, cfg, channels_last)
+        # dv = ds · gate'(s);  dh_partial = dv · W2 (split over C)
+        launch_batched_linear(ds_partial, 1, w2, True, dh_partial, n0, count, act_code, gate_code,
+                              a_factor=FACTOR_GATE_GRAD, aux=scale, a_store=dv)
+        # du = (Σ dh_partial) · act'(u);  dz = du · W1
+        launch_batched_linear(dh_partial, 1, w1, True, dz, n0, count, act_code, gate_code,
+                              a_factor=FACTOR_ACTIVATION_GRAD, aux=hidden, a_store=du)
+        launch_excite_backward(grad_out, out, scale, dz, grad_x, grad_residual, n0, count, channels_last)
+    # dW2 = dvᵀ act(u), db2 = Σ dv;  dW1 = duᵀ z, db1 = Σ du
+    launch_weight_grad(dv, hidden, grad_w2, grad_b2, True, act_code)
+    launch_weight_grad(du, pooled, grad_w1, grad_b1, False, act_code)
+    return grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate = inputs
+    out, pooled, hidden, scale = output
+    ctx.save_for_backward(x, out if residual is not None else None, fc1_weight, fc2_weight, pooled, hidden, scale)
+    ctx.options = (activation, gate)
+    ctx.bias_dtypes = (fc1_bias.dtype, fc2_bias.dtype)
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(pooled, hidden, scale)
+
+
+def _backward_formula(ctx, grad_out, _grad_pooled, _grad_hidden, _grad_scale):
+    x, out, fc1_weight, fc2_weight, pooled, hidden, scale = ctx.saved_tensors
+    gx, gres, gw1, gb1, gw2, gb2 = squeeze_excitation_backward(grad_out, x, out, fc1_weight, fc2_weight,
+                                                               pooled, hidden, scale, *ctx.options)
+    return (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]),
+            gres if ctx.has_residual else None, None, None)
+
+
+squeeze_excitation_forward.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
+    """Backend entry point (se_fused/backends.py): the registered forward op."""
+    return torch.ops.se_fused.triton_squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                                residual, activation, gate)
+
+
+def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):
+    """Backend entry point: the registered backward op; ``grad_residual`` is ``None`` unless ``out`` is given."""
+    grads = torch.ops.se_fused.triton_squeeze_excitation_backward(grad_out, x, out, fc1_weight, fc2_weight,
+                                                                  pooled, hidden, scale, activation, gate)
+    return (grads[0], grads[1] if out is not None else None) + tuple(grads[2:])
