@@ -135,6 +135,29 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def backend_states() -> Dict[str, tuple]:
+    """``{backend: (usable, reason)}`` for every se_fused backend.
+
+    Asked one backend at a time, so a backend whose module fails to import or
+    answer (a work-in-progress Triton module, say) is reported as unusable
+    with the error instead of taking the whole benchmark down.
+    """
+    from se_fused.backends import BACKEND_NAMES, backend_status
+    states = {}
+    for name in BACKEND_NAMES:
+        try:
+            status = backend_status(name)
+            states[name] = (bool(status.usable), status.reason)
+        except Exception as exc:  # noqa: BLE001
+            states[name] = (False, f"status check failed: {format_error(exc)}")
+    return states
+
+
+def usable_backends() -> List[str]:
+    """Names of the usable se_fused backends, in se_fused's order (see :func:`backend_states`)."""
+    return [name for name, (usable, _) in backend_states().items() if usable]
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> ``cuda`` when a GPU is present, else ``cpu``; ``"cuda"`` without a GPU is an error."""
     if name == "auto":
@@ -199,7 +222,7 @@ def describe_environment(device: torch.device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "se_fused": se_fused.__version__,
-        "backends": se_fused.available_backends(),
+        "backends": usable_backends(),
         "threads": torch.get_num_threads(),
         "load_average": load_average(),
         "commit": git_commit(),

@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def default_impls(device: torch.device, with_compile: bool) -> List[str]:
     """The impls worth timing on ``device``: fused backends that are usable there, eager, compile."""
-    usable = se_fused.available_backends()
+    usable = common.usable_backends()
     if device.type == "cuda":
         impls = [b for b in ("cuda", "triton") if b in usable] + ["eager", "compile"]
     else:
@@ -114,9 +114,8 @@ def default_impls(device: torch.device, with_compile: bool) -> List[str]:
 
 def skipped_impls(device: torch.device, impls: List[str]) -> Dict[str, str]:
     """Why each fused backend serving ``device`` is not among ``impls`` (printed and recorded)."""
-    from se_fused.backends import backend_status
     serving = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    return {name: backend_status(name).reason for name in serving if name not in impls}
+    return {name: common.backend_states()[name][1] for name in serving if name not in impls}
 
 
 def make_block(impl: str, channels: int, dtype: torch.dtype, device: torch.device, reference: torch.nn.Module):
