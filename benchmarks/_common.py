@@ -467,6 +467,13 @@ class _PlainProgress:
             self.stream.flush()
 
 
+def format_rate(value: Optional[float]) -> Optional[str]:
+    """GB/s with three significant digits or more (CPU rows are single digits, GPU rows thousands)."""
+    if value is None:
+        return None
+    return f"{value:.0f}" if value >= 100 else (f"{value:.1f}" if value >= 10 else f"{value:.2f}")
+
+
 def print_table(columns: Sequence[tuple], rows: Sequence[dict], file=None) -> None:
     """Print ``rows`` as an aligned text table.
 

@@ -290,7 +290,7 @@ def print_results(rows: List[dict], header: str, copy_gbps: float, device: torch
                ("dtype", "dtype", ""), ("format", "memory_format", ""),
                ("residual", lambda r: "yes" if r["residual"] else "no", ""), ("pass", "pass", ""),
                ("impl", "impl", ""), ("ms", "ms", ".3f"), ("bytes_min MB", lambda r: r["bytes_min"] / 1e6, ".1f"),
-               ("GB/s", "gbps", ".1f"), ("of copy", "fraction_of_copy", ".1%"),
+               ("GB/s", lambda r: common.format_rate(r.get("gbps")), ""), ("of copy", "fraction_of_copy", ".1%"),
                ("vs eager", lambda r: None if r.get("speedup_vs_eager") is None else f"{r['speedup_vs_eager']:.2f}x",
                 ""),
                ("diff vs eager", "rel_diff_vs_eager", ".1e"),
