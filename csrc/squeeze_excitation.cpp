@@ -10,12 +10,14 @@ Activation parse_activation(const std::string& name) {
   if (name == "relu") return Activation::ReLU;
   if (name == "silu") return Activation::SiLU;
   TORCH_CHECK_VALUE(false, "se_fused: activation must be 'relu' or 'silu', got '", name, "'");
+  return Activation::ReLU;
 }
 
 Gate parse_gate(const std::string& name) {
   if (name == "sigmoid") return Gate::Sigmoid;
   if (name == "hardsigmoid") return Gate::HardSigmoid;
   TORCH_CHECK_VALUE(false, "se_fused: gate must be 'sigmoid' or 'hardsigmoid', got '", name, "'");
+  return Gate::Sigmoid;
 }
 
 at::ScalarType accumulate_type(at::ScalarType storage) {

@@ -1,0 +1,301 @@
+// Device side of the cluster (read-once) path, shared by cluster_forward.cu and
+// cluster_backward.cu. A thread-block cluster owns G samples; each sample is
+// split into M contiguous chunks, one per CTA (K = G*M CTAs). A CTA keeps its
+// chunk in shared memory between the squeeze and the excite; the cluster
+// exchanges per-channel sums and the MLP vectors through distributed shared
+// memory, and splits the MLP (batched over the G samples) across its CTAs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
+
+#include "cluster.h"
+#include "device_utils.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace se_fused {
+namespace cuda {
+namespace {
+
+// Shared-memory float region of a CTA; *remote* arrays are read by other CTAs
+// of the cluster through distributed shared memory.
+struct ClusterSmem {
+  float* own;     // [own_share] remote: finished per-channel values of this CTA's share
+  float* part;    // [C] (NHWC) remote: this chunk's partial channel sums
+  float* ushare;  // [G][share_a] remote: this CTA's slice of the hidden layer
+  float* bshare;  // [G][share_b] remote: this CTA's slice of the output layer
+  float* vec;     // local: gathered MLP inputs, then per-channel epilogue values
+};
+
+__device__ __forceinline__ ClusterSmem carve(const ClusterGeometry& geo, unsigned char* raw) {
+  float* f = reinterpret_cast<float*>(raw + geo.chunk_bytes);
+  return {f + geo.off_own, f + geo.off_part, f + geo.off_ushare, f + geo.off_bshare, f + geo.off_vec};
+}
+
+// Position of this CTA: sample g of the group, chunk m of the sample.
+struct ClusterPlace {
+  int rank, g, m;
+  int64_t n;         // sample index (may be >= N for the padding of the last group)
+  bool real;
+  int row0, rows;    // first row and number of rows of the chunk
+  int len;           // elements in the chunk
+  int64_t base;      // element offset of the chunk in the tensor
+  int64_t group_n0;  // first sample of the group
+};
+
+__device__ __forceinline__ ClusterPlace locate(const ClusterGeometry& geo, int rank) {
+  ClusterPlace pl;
+  pl.rank = rank;
+  pl.g = rank / geo.M;
+  pl.m = rank % geo.M;
+  pl.group_n0 = static_cast<int64_t>(blockIdx.x / geo.K) * geo.G;
+  pl.n = pl.group_n0 + pl.g;
+  pl.real = pl.n < geo.N;
+  pl.row0 = pl.m * geo.rows_per_cta;
+  pl.rows = pl.real ? max(0, min(geo.rows_total - pl.row0, geo.rows_per_cta)) : 0;
+  pl.len = pl.rows * geo.row_len;
+  pl.base = pl.n * static_cast<int64_t>(geo.C) * geo.P + static_cast<int64_t>(pl.row0) * geo.row_len;
+  return pl;
+}
+
+template <typename T>
+__device__ __forceinline__ void issue_chunk_copy(T* dst, const T* src, int len) {
+  constexpr int kVec = Vec16<T>::kSize;
+  for (int i = threadIdx.x; i < len / kVec; i += blockDim.x) cp_async_16(dst + i * kVec, src + i * kVec);
+}
+
+// Per-channel sums of a chunk (a, or a*b) in a fixed order. NCHW: own[r] for
+// local row r (a whole channel). NHWC: part[c] over the chunk's pixels, with
+// `scratch` (blockDim floats) combining pixel lanes in lane order.
+template <typename T, bool kChannelsLast>
+__device__ void reduce_chunk(const ClusterGeometry& geo, const ClusterPlace& pl, const T* a, const T* b,
+                             const ClusterSmem& sm, float* scratch) {
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, warps = blockDim.x / kWarp;
+  if constexpr (!kChannelsLast) {
+    for (int r = warp; r < geo.own_share; r += warps) {
+      float acc0 = 0.f, acc1 = 0.f;
+      if (r < pl.rows) {
+        const T* ar = a + r * geo.P;
+        const T* br = b ? b + r * geo.P : nullptr;
+        int q = lane;
+        for (; q + kWarp < geo.P; q += 2 * kWarp) {
+          acc0 += to_float(ar[q]) * (br ? to_float(br[q]) : 1.f);
+          acc1 += to_float(ar[q + kWarp]) * (br ? to_float(br[q + kWarp]) : 1.f);
+        }
+        if (q < geo.P) acc0 += to_float(ar[q]) * (br ? to_float(br[q]) : 1.f);
+      }
+      const float total = warp_sum(acc0 + acc1);
+      if (lane == 0) sm.own[r] = total;
+    }
+  } else {
+    const int C = geo.C;
+    const int lanes = C <= static_cast<int>(blockDim.x) ? static_cast<int>(blockDim.x) / C : 1;
+    if (lanes > 1) {
+      const int c = tid % C, pixel_lane = tid / C;
+      float acc = 0.f;
+      if (pixel_lane < lanes) {
+        for (int r = pixel_lane; r < pl.rows; r += lanes) {
+          const int i = r * C + c;
+          acc += to_float(a[i]) * (b ? to_float(b[i]) : 1.f);
+        }
+        scratch[pixel_lane * C + c] = acc;
+      }
+      __syncthreads();
+      if (tid < C) {
+        float total = 0.f;
+        for (int l = 0; l < lanes; ++l) total += scratch[l * C + tid];
+        sm.part[tid] = total;
+      }
+    } else {
+      for (int c = tid; c < C; c += blockDim.x) {
+        float acc0 = 0.f, acc1 = 0.f;
+        int r = 0;
+        for (; r + 1 < pl.rows; r += 2) {
+          acc0 += to_float(a[r * C + c]) * (b ? to_float(b[r * C + c]) : 1.f);
+          acc1 += to_float(a[(r + 1) * C + c]) * (b ? to_float(b[(r + 1) * C + c]) : 1.f);
+        }
+        if (r < pl.rows) acc0 += to_float(a[r * C + c]) * (b ? to_float(b[r * C + c]) : 1.f);
+        sm.part[c] = acc0 + acc1;
+      }
+    }
+  }
+}
+
+// NHWC: own[j] = sum over the sample's M chunks (in rank order) of part[c] for
+// the channels c = m*own_share + j this CTA owns. Needs a cluster barrier before.
+template <bool kChannelsLast>
+__device__ void finalize_own(cg::cluster_group& cluster, const ClusterGeometry& geo, const ClusterPlace& pl,
+                             const ClusterSmem& sm) {
+  if constexpr (kChannelsLast) {
+    for (int j = threadIdx.x; j < geo.own_share; j += blockDim.x) {
+      const int c = pl.m * geo.own_share + j;
+      float total = 0.f;
+      if (c < geo.C) {
+        for (int m = 0; m < geo.M; ++m) total += cluster.map_shared_rank(sm.part, pl.g * geo.M + m)[c];
+      }
+      sm.own[j] = total;
+    }
+  }
+}
+
+// vec[g][c] = own value of channel c of sample g, from whichever CTA owns it.
+__device__ void gather_channels(cg::cluster_group& cluster, const ClusterGeometry& geo, const ClusterSmem& sm) {
+  const int total = geo.G * geo.C;
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int g = i / geo.C, c = i % geo.C, owner = c / geo.own_share;
+    sm.vec[i] = cluster.map_shared_rank(sm.own, g * geo.M + owner)[c - owner * geo.own_share];
+  }
+}
+
+// vec[g][r] = hidden value r of sample g, from the CTA whose MLP rows hold it.
+__device__ void gather_hidden(cg::cluster_group& cluster, const ClusterGeometry& geo, const ClusterSmem& sm) {
+  const int total = geo.G * geo.R;
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int g = i / geo.R, r = i % geo.R, owner = r / geo.share_a;
+    sm.vec[i] = cluster.map_shared_rank(sm.ushare, owner)[g * geo.share_a + r - owner * geo.share_a];
+  }
+}
+
+// Output-layer value of channel c of sample g (lives in the CTA whose MLP columns hold c).
+__device__ __forceinline__ float output_value(cg::cluster_group& cluster, const ClusterGeometry& geo,
+                                              const ClusterSmem& sm, int g, int c) {
+  const int owner = c / geo.share_b;
+  return cluster.map_shared_rank(sm.bshare, owner)[g * geo.share_b + c - owner * geo.share_b];
+}
+
+// Hidden layer, rows [rank*share_a, ...): acc[g] = sum_c A[r][c] vec[g][c]; one
+// warp per row, lanes over channels, one accumulator per sample of the group.
+// `post(g, r, acc)` returns what the output layer consumes.
+template <typename Post>
+__device__ void hidden_layer(const ClusterGeometry& geo, const ClusterPlace& pl, const float* __restrict__ A,
+                             const ClusterSmem& sm, const Post& post) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int r0 = pl.rank * geo.share_a, r1 = min(geo.R, r0 + geo.share_a);
+  for (int r = r0 + warp; r < r1; r += warps) {
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+    const float* row = A + static_cast<int64_t>(r) * geo.C;
+    for (int c = lane; c < geo.C; c += kWarp) {
+      const float w = __ldg(row + c);
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g)
+        if (g < geo.G) acc[g] += w * sm.vec[g * geo.C + c];
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g < geo.G) {
+        const float total = warp_sum(acc[g]);
+        if (lane == 0) sm.ushare[g * geo.share_a + (r - r0)] = post(g, r, total);
+      }
+    }
+  }
+}
+
+// Output layer, columns [rank*share_b, ...): acc[g] = sum_r B[r][c] vec[g][r];
+// one thread per channel. `post(g, c, acc)` returns the value kept in bshare.
+template <typename Post>
+__device__ void output_layer(const ClusterGeometry& geo, const ClusterPlace& pl, const float* __restrict__ B,
+                             const ClusterSmem& sm, const Post& post) {
+  const int c0 = pl.rank * geo.share_b, c1 = min(geo.C, c0 + geo.share_b);
+  for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+    for (int r = 0; r < geo.R; ++r) {
+      const float w = __ldg(B + static_cast<int64_t>(r) * geo.C + c);
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g)
+        if (g < geo.G) acc[g] += w * sm.vec[g * geo.R + r];
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+      if (g < geo.G) sm.bshare[g * geo.share_b + (c - c0)] = post(g, c, acc[g]);
+  }
+}
+
+// Channel of the first element of 16-byte vector i of a chunk, as an index into
+// the CTA's per-channel arrays (NCHW: local row; NHWC: channel), and the
+// position within that channel's run.
+struct ChannelCursor {
+  int index, pos;
+  template <bool kChannelsLast>
+  __device__ __forceinline__ void start(const ClusterGeometry& geo, int element) {
+    if constexpr (kChannelsLast) {
+      index = element % geo.C;
+      pos = 0;
+    } else {
+      index = element / geo.P;
+      pos = element - index * geo.P;
+    }
+  }
+  template <bool kChannelsLast>
+  __device__ __forceinline__ void advance(const ClusterGeometry& geo) {
+    if constexpr (kChannelsLast) {
+      if (++index == geo.C) index = 0;
+    } else {
+      if (++pos == geo.P) {
+        pos = 0;
+        ++index;
+      }
+    }
+  }
+};
+
+// Number of channel entries a CTA's epilogue arrays hold.
+__device__ __forceinline__ int epilogue_channels(const ClusterGeometry& geo, bool channels_last) {
+  return channels_last ? geo.C : geo.own_share;
+}
+
+// Channel (in the sample) of epilogue entry j.
+template <bool kChannelsLast>
+__device__ __forceinline__ int epilogue_channel(const ClusterGeometry& geo, const ClusterPlace& pl, int j) {
+  return kChannelsLast ? j : pl.row0 + j;
+}
+
+
+// Runs `f(T tag, channels_last tag)` for the dtypes the cluster path serves.
+template <typename F>
+decltype(auto) dispatch_cluster(at::ScalarType dtype, bool channels_last, const F& f) {
+  auto with_layout = [&](auto tag) {
+    return channels_last ? f(tag, std::true_type{}) : f(tag, std::false_type{});
+  };
+  switch (dtype) {
+    case at::kFloat: return with_layout(float{});
+    case at::kHalf: return with_layout(at::Half{});
+    case at::kBFloat16: return with_layout(at::BFloat16{});
+    default: TORCH_CHECK(false, "se_fused: no cluster kernel for ", dtype);
+  }
+  return with_layout(float{});
+}
+
+template <typename Kernel, typename... Args>
+void launch_cluster_kernel(Kernel kernel, const ClusterGeometry& geo, size_t smem, cudaStream_t stream,
+                           Args... args) {
+  const int64_t groups = (geo.N + geo.G - 1) / geo.G;
+  TORCH_CHECK(groups * geo.K < (int64_t(1) << 31), "se_fused: batch too large for one launch");
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(groups * geo.K));
+  config.blockDim = dim3(kClusterThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = geo.K;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  // The attribute is per kernel and plans differ per shape: set it for this launch.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, geo, args...));
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace se_fused

@@ -1,0 +1,86 @@
+// Device helpers shared by the SE CUDA kernels: element conversion, 16-byte
+// vectors, asynchronous global->shared copies, the activation/gate functions
+// and fixed-order warp reductions (bitwise reproducible).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace se_fused {
+namespace cuda {
+
+constexpr int kWarp = 32;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+// The PyTorch semantics the fused epilogues must keep: relu(NaN) = NaN, and
+// relu's backward passes the gradient wherever the output is not <= 0.
+__device__ __forceinline__ float relu_nan(float v) { return v < 0.f ? 0.f : v; }
+__device__ __forceinline__ bool relu_blocks(float out) { return out <= 0.f; }
+
+// activation: 0 relu, 1 silu; gate: 0 sigmoid, 1 hardsigmoid (se_fused::Activation/Gate).
+__device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + __expf(-v)); }
+
+__device__ __forceinline__ float apply_activation(float u, int activation) {
+  return activation == 0 ? relu_nan(u) : u * sigmoidf_(u);
+}
+__device__ __forceinline__ float activation_grad(float u, int activation) {
+  if (activation == 0) return u > 0.f ? 1.f : 0.f;
+  const float s = sigmoidf_(u);
+  return s * (1.f + u * (1.f - s));
+}
+__device__ __forceinline__ float apply_gate(float v, int gate) {
+  return gate == 0 ? sigmoidf_(v) : fminf(fmaxf(v / 6.f + 0.5f, 0.f), 1.f);
+}
+// gate'(v) in terms of s = gate(v); hardsigmoid's slope is 1/6 exactly where 0 < s < 1.
+__device__ __forceinline__ float gate_grad_from_output(float s, int gate) {
+  return gate == 0 ? s * (1.f - s) : ((s > 0.f && s < 1.f) ? (1.f / 6.f) : 0.f);
+}
+
+// Butterfly sum over a warp: every lane ends with the same, order-fixed total.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// 16 bytes of `T`, loaded and stored as one access.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// cp.async (sm_80+): 16-byte global->shared copies that need no registers, so
+// a CTA can have its whole slice in flight at once.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+#else
+  *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+}  // namespace cuda
+}  // namespace se_fused

@@ -1,0 +1,504 @@
+// Fused SE forward and backward on CUDA GPUs.
+//
+// Two paths, chosen per call by plan_cluster() (SPEC §4):
+//
+// * Cluster path (sm_90, read-once). A thread-block cluster owns G samples;
+//   each sample is split into M contiguous chunks, one per CTA (K = G*M CTAs).
+//   A CTA brings its whole chunk into shared memory with cp.async (all of it in
+//   flight at once), reduces it per channel, and the cluster exchanges the
+//   per-channel sums and the small MLP vectors through distributed shared
+//   memory. The MLP is batched over the G samples and split across the K CTAs
+//   (rows of W1, columns of W2), so each weight is read once per group, not once
+//   per sample. The chunk is then scaled from shared memory and stored:
+//   forward 2T (+T residual), backward 3T (+2T residual) of HBM traffic.
+// * Two-pass path (any GPU, any shape): a channel-sum kernel, the MLP in ATen
+//   ops over the whole batch, and an elementwise kernel. 3T forward, 5T backward.
+//
+// Every reduction runs in a fixed order (warp butterflies, sequential loops,
+// cluster ranks in order), so results are bitwise reproducible; there is no
+// host synchronisation and every buffer comes from PyTorch's allocator, so the
+// ops can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "../squeeze_excitation.h"
+#include "cluster.h"
+#include "device_utils.cuh"
+
+namespace se_fused {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Two-pass path
+// ---------------------------------------------------------------------------
+
+constexpr int kTwoPassThreads = 256;
+
+// One term of a channel sum: a, zeroed where the ReLU output `mask_by` blocked
+// the gradient, times b.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t sum_term(const scalar_t* a, const scalar_t* b, const scalar_t* mask_by, int64_t i) {
+  acc_t v = static_cast<acc_t>(a[i]);
+  if (mask_by != nullptr && static_cast<acc_t>(mask_by[i]) <= acc_t(0)) v = acc_t(0);
+  if (b != nullptr) v *= static_cast<acc_t>(b[i]);
+  return v;
+}
+
+// NCHW: one warp per (n, c) row of P pixels. out[n*C + c] = factor * sum_p term.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_kernel(
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
+    acc_t* __restrict__ out, int64_t rows, int64_t P, acc_t factor) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (row >= rows) return;
+  const int64_t base = row * P;
+  acc_t acc0 = 0, acc1 = 0;
+  int64_t p = lane;
+  for (; p + kWarp < P; p += 2 * kWarp) {
+    acc0 += sum_term<scalar_t, acc_t>(a, b, mask_by, base + p);
+    acc1 += sum_term<scalar_t, acc_t>(a, b, mask_by, base + p + kWarp);
+  }
+  if (p < P) acc0 += sum_term<scalar_t, acc_t>(a, b, mask_by, base + p);
+  const acc_t total = warp_sum(acc0 + acc1);
+  if (lane == 0) out[row] = total * factor;
+}
+
+// NHWC: a block covers (sample n, 32 channels); 8 pixel lanes stride over the
+// pixels and are combined in lane order.
+constexpr int kNhwcChannels = 32;
+constexpr int kNhwcPixelLanes = kTwoPassThreads / kNhwcChannels;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nhwc_kernel(
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
+    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor) {
+  __shared__ acc_t partial[kNhwcPixelLanes][kNhwcChannels];
+  const int tx = threadIdx.x % kNhwcChannels, ty = threadIdx.x / kNhwcChannels;
+  const int64_t n = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kNhwcChannels + tx;
+  acc_t acc = 0;
+  if (c < C) {
+    for (int64_t p = ty; p < P; p += kNhwcPixelLanes) acc += sum_term<scalar_t, acc_t>(a, b, mask_by, (n * P + p) * C + c);
+  }
+  partial[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    acc_t total = 0;
+#pragma unroll
+    for (int lane = 0; lane < kNhwcPixelLanes; ++lane) total += partial[lane][tx];
+    out[n * C + c] = total * factor;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t relu_keep_nan(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
+// out = x * s[n, c] (+ residual, ReLU), elementwise over the whole tensor.
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kTwoPassThreads) scale_forward_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, const acc_t* __restrict__ scale,
+    scalar_t* __restrict__ out, index_t total, index_t C, index_t P) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const index_t n = i / (C * P);
+    const index_t c = kChannelsLast ? i % C : (i / P) % C;
+    acc_t y = static_cast<acc_t>(x[i]) * scale[n * C + c];
+    if (residual != nullptr) y = relu_keep_nan(y + static_cast<acc_t>(residual[i]));
+    out[i] = static_cast<scalar_t>(y);
+  }
+}
+
+// grad_x = g' * s[n, c] + dz[n, c] / P with g' = grad_out masked by the ReLU
+// output; grad_residual = g' in the residual form.
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kTwoPassThreads) scale_backward_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out, const acc_t* __restrict__ scale,
+    const acc_t* __restrict__ dz_over_p, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_residual,
+    index_t total, index_t C, index_t P) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const index_t n = i / (C * P);
+    const index_t c = kChannelsLast ? i % C : (i / P) % C;
+    acc_t g = static_cast<acc_t>(grad_out[i]);
+    if (out != nullptr) {
+      if (static_cast<acc_t>(out[i]) <= acc_t(0)) g = acc_t(0);
+      grad_residual[i] = static_cast<scalar_t>(g);
+    }
+    grad_x[i] = static_cast<scalar_t>(g * scale[n * C + c] + dz_over_p[n * C + c]);
+  }
+}
+
+int elementwise_blocks(int64_t total) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kTwoPassThreads - 1) / kTwoPassThreads,
+                                                                  sms * 32)));
+}
+
+// sums[n, c] = factor * sum_p a * b (masked), via the layout's kernel.
+template <typename scalar_t, typename acc_t>
+void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
+                         acc_t* sums, acc_t factor, cudaStream_t stream) {
+  if (!p.channels_last) {
+    const int64_t rows = p.N * p.C;
+    const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
+    channel_sums_nchw_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor);
+  } else {
+    const dim3 grid(static_cast<unsigned>((p.C + kNhwcChannels - 1) / kNhwcChannels), static_cast<unsigned>(p.N));
+    channel_sums_nhwc_kernel<scalar_t, acc_t><<<grid, kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, p.C, p.P,
+                                                                                   factor);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs `launch(index_t_tag, channels_last_tag)` with 32-bit indices when the
+// tensor allows it (cheaper division) and 64-bit ones past 2^31 elements.
+template <typename F>
+void with_index_type(const SEProblem& p, const F& launch) {
+  const int64_t total = p.N * p.C * p.P;
+  const bool small = total < (int64_t(1) << 31);
+  if (small && p.channels_last) launch(int32_t{}, std::true_type{});
+  else if (small) launch(int32_t{}, std::false_type{});
+  else if (p.channels_last) launch(int64_t{}, std::true_type{});
+  else launch(int64_t{}, std::false_type{});
+}
+
+// ---------------------------------------------------------------------------
+// Host side: planning and launching
+// ---------------------------------------------------------------------------
+
+int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Fills the geometry for M CTAs per sample and G samples per cluster; returns
+// the dynamic shared memory it needs.
+size_t make_geometry(ClusterGeometry& geo, const SEProblem& p, int elem_size, bool backward, int M, int G) {
+  geo.N = p.N;
+  geo.C = static_cast<int>(p.C);
+  geo.R = static_cast<int>(p.R);
+  geo.P = static_cast<int>(p.P);
+  geo.M = M;
+  geo.G = G;
+  geo.K = M * G;
+  geo.rows_total = p.channels_last ? geo.P : geo.C;
+  geo.row_len = p.channels_last ? geo.C : geo.P;
+  geo.rows_per_cta = ceil_div(geo.rows_total, M);
+  geo.own_share = ceil_div(geo.C, M);
+  geo.share_a = ceil_div(geo.R, geo.K);
+  geo.share_b = ceil_div(geo.C, geo.K);
+  geo.activation = static_cast<int>(p.activation);
+  geo.gate = static_cast<int>(p.gate);
+  const int64_t chunk = (static_cast<int64_t>(geo.rows_per_cta) * geo.row_len * elem_size * (backward ? 2 : 1) + 15) /
+                        16 * 16;
+  geo.chunk_bytes = static_cast<int>(std::min<int64_t>(chunk, INT32_MAX / 2));
+  int off = 0;
+  geo.off_own = off;
+  off += (geo.own_share + 3) / 4 * 4;
+  geo.off_part = off;
+  off += p.channels_last ? (geo.C + 3) / 4 * 4 : 0;
+  geo.off_ushare = off;
+  off += G * geo.share_a;
+  geo.off_bshare = off;
+  off += G * geo.share_b;
+  geo.off_vec = off;
+  const int epilogue = 2 * (p.channels_last ? geo.C : geo.own_share);
+  off += std::max({G * geo.C, G * geo.R, epilogue, kClusterThreads});
+  geo.floats = off;
+  return static_cast<size_t>(chunk) + static_cast<size_t>(off) * sizeof(float);
+}
+
+struct ClusterPlan {
+  bool use = false;
+  ClusterGeometry geo{};
+  size_t smem = 0;
+  std::string reason;  // why the two-pass path was chosen
+};
+
+enum class PathChoice { Auto, Cluster, TwoPass };
+
+// SE_FUSED_CUDA_PATH=auto|cluster|two_pass forces a path (tests run each one);
+// SE_FUSED_CUDA_PLAN="M,G" forces the cluster geometry (for tuning).
+PathChoice requested_path() {
+  const char* env = std::getenv("SE_FUSED_CUDA_PATH");
+  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) return PathChoice::Auto;
+  if (std::string(env) == "cluster") return PathChoice::Cluster;
+  if (std::string(env) == "two_pass") return PathChoice::TwoPass;
+  TORCH_CHECK_VALUE(false, "se_fused: SE_FUSED_CUDA_PATH must be auto, cluster or two_pass; got '", env, "'");
+  return PathChoice::Auto;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Active clusters the device can hold for this kernel and geometry (0: cannot launch).
+int active_clusters(const void* kernel, const ClusterGeometry& geo, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(geo.K * 64);
+  config.blockDim = dim3(kClusterThreads);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = geo.K;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // an unsupported size is an answer, not an error
+    return 0;
+  }
+  return clusters;
+}
+
+// Chooses the cluster geometry with the lowest modelled time per sample, or
+// says why the two-pass path must run. Cached per problem shape and device.
+ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward, const void* kernel,
+                         std::initializer_list<const void*> pointers) {
+  ClusterPlan plan;
+  const PathChoice choice = requested_path();
+  if (choice == PathChoice::TwoPass) {
+    plan.reason = "SE_FUSED_CUDA_PATH=two_pass";
+    return plan;
+  }
+  const int device = at::cuda::current_device();
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  const int elem = static_cast<int>(c10::elementSize(dtype));
+  const int vec = 16 / elem;
+  auto refuse = [&](const std::string& why) {
+    TORCH_CHECK(choice != PathChoice::Cluster, "se_fused: SE_FUSED_CUDA_PATH=cluster, but the cluster path cannot ",
+                "run this call: ", why);
+    plan.reason = why;
+    return plan;
+  };
+  if (prop->major < 9) return refuse("thread-block clusters need sm_90 or newer");
+  if (dtype == at::kDouble) return refuse("float64 runs on the two-pass path");
+  if (p.C > (1 << 20) || p.P > (1 << 24) || p.R > (1 << 20)) return refuse("C, R or H*W too large for one cluster");
+  for (const void* ptr : pointers)
+    if (ptr != nullptr && !aligned16(ptr)) return refuse("a tensor is not 16-byte aligned");
+  if ((p.C * p.P) % vec != 0) return refuse("C*H*W is not a multiple of the 16-byte vector");
+
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string>;
+  static std::mutex mutex;
+  static std::map<Key, ClusterPlan> cache;
+  const char* forced = std::getenv("SE_FUSED_CUDA_PLAN");
+  const Key key{device, p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, elem, backward, kernel,
+                forced ? forced : ""};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = cache.find(key); it != cache.end()) {
+    if (!it->second.use) return refuse(it->second.reason);
+    return it->second;
+  }
+
+  const size_t smem_max = prop->sharedMemPerBlockOptin;
+  const double weight_bytes = 2.0 * p.C * p.R * sizeof(float);
+  const double slice_bytes = double(p.C) * p.P * elem;
+  const double hbm_passes = backward ? (p.has_residual ? 5.0 : 3.0) : (p.has_residual ? 3.0 : 2.0);
+  int forced_m = 0, forced_g = 0;
+  if (forced != nullptr) {
+    TORCH_CHECK_VALUE(std::sscanf(forced, "%d,%d", &forced_m, &forced_g) == 2,
+                      "se_fused: SE_FUSED_CUDA_PLAN must be 'M,G', got '", forced, "'");
+  }
+  double best = 0.0;
+  ClusterPlan found;
+  for (int M = 1; M <= kMaxClusterSize; M *= 2) {
+    for (int G = 1; G <= kMaxGroup && M * G <= kMaxClusterSize; G *= 2) {
+      if (forced != nullptr && (M != forced_m || G != forced_g)) continue;
+      if (G > 1 && G / 2 >= p.N) continue;  // more padding than samples
+      ClusterGeometry geo;
+      const size_t smem = make_geometry(geo, p, elem, backward, M, G);
+      if (smem > smem_max) continue;
+      if ((int64_t(geo.rows_per_cta) * geo.row_len) % vec != 0) continue;
+      const int clusters = active_clusters(kernel, geo, smem);
+      if (clusters == 0) continue;
+      // Modelled time per sample: HBM traffic (slower when an SM holds one CTA
+      // and cannot overlap one CTA's loads with another's stores), weights
+      // from L2 once per group, padding of the last group, idle SMs.
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kClusterThreads, smem));
+      const double used =
+          std::min(1.0, double(clusters) * geo.K / (double(prop->multiProcessorCount) * std::max(per_sm, 1)));
+      const double groups = std::ceil(double(p.N) / G);
+      const double padding = groups * G / double(p.N);
+      const double t = (slice_bytes * hbm_passes / 3.0e3 * (per_sm >= 2 ? 1.0 : 1.2) + weight_bytes / G / 6.0e3) *
+                       padding / used;
+      if (!found.use || t < best) {
+        best = t;
+        found.use = true;
+        found.geo = geo;
+        found.smem = smem;
+      }
+    }
+  }
+  if (!found.use) found.reason = forced ? "SE_FUSED_CUDA_PLAN does not fit this call" : "a sample does not fit on chip";
+  cache[key] = found;
+  if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE"); verbose != nullptr && std::string(verbose) == "1") {
+    std::fprintf(stderr, "se_fused: %s N=%lld C=%lld R=%lld HW=%lld %s%s %d-byte -> ", backward ? "backward" : "forward",
+                 static_cast<long long>(p.N), static_cast<long long>(p.C), static_cast<long long>(p.R),
+                 static_cast<long long>(p.P), p.channels_last ? "NHWC" : "NCHW", p.has_residual ? " residual" : "",
+                 elem);
+    if (found.use) {
+      std::fprintf(stderr, "cluster M=%d G=%d K=%d smem=%zu\n", found.geo.M, found.geo.G, found.geo.K, found.smem);
+    } else {
+      std::fprintf(stderr, "two-pass (%s)\n", found.reason.c_str());
+    }
+  }
+  if (!found.use) return refuse(found.reason);
+  return found;
+}
+
+// Float32 weights for the kernels: W1 as (R, C) and W2 transposed to (R, C) so
+// that both layers read rows of C contiguous floats.
+std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                                                 const SEProblem& p) {
+  at::Tensor w1 = fc1_weight.reshape({p.R, p.C}).to(at::kFloat).contiguous();
+  at::Tensor w2t = fc2_weight.reshape({p.C, p.R}).t().to(at::kFloat).contiguous();
+  return {w1, w2t};
+}
+
+ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::Tensor& fc1_weight,
+                                              const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
+                                              const at::Tensor& fc2_bias, const c10::optional<at::Tensor>& residual_in,
+                                              c10::string_view activation, c10::string_view gate) {
+  at::Tensor x = x_in;
+  c10::optional<at::Tensor> residual = residual_in;
+  const SEProblem p = check_forward_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                                         std::string(activation), std::string(gate));
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [out, pooled, hidden, scale] = allocate_forward_outputs(x, p);
+  if (p.N == 0) return {out, pooled, hidden, scale};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const void* res_ptr = residual ? residual->const_data_ptr() : nullptr;
+
+  const bool cluster_dtype = x.scalar_type() != at::kDouble;
+  const ClusterPlan plan =
+      plan_cluster(p, x.scalar_type(), false,
+                   cluster_dtype ? forward_cluster_kernel(x.scalar_type(), p.channels_last) : nullptr,
+                   {x.const_data_ptr(), out.const_data_ptr(), res_ptr});
+  if (plan.use) {
+    auto [w1, w2t] = float_weights(fc1_weight, fc2_weight, p);
+    at::Tensor b1 = fc1_bias.to(at::kFloat).contiguous(), b2 = fc2_bias.to(at::kFloat).contiguous();
+    ForwardClusterArgs args{x.const_data_ptr(), res_ptr, w1.const_data_ptr<float>(), b1.const_data_ptr<float>(),
+                            w2t.const_data_ptr<float>(), b2.const_data_ptr<float>(), out.mutable_data_ptr(),
+                            pooled.mutable_data_ptr<float>(), hidden.mutable_data_ptr<float>(),
+                            scale.mutable_data_ptr<float>()};
+    launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, args, stream);
+    return {out, pooled, hidden, scale};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_channel_sums<scalar_t, acc_t>(p, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
+                                         pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(p.P), stream);
+    std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
+    const int64_t total = p.N * p.C * p.P;
+    with_index_type(p, [&](auto index_tag, auto cl) {
+      using index_t = decltype(index_tag);
+      scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+          <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+              scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), static_cast<index_t>(total),
+              static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, pooled, hidden, scale};
+}
+
+BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                const c10::optional<at::Tensor>& out_in, const at::Tensor& fc1_weight,
+                                                const at::Tensor& fc2_weight, const at::Tensor& pooled,
+                                                const at::Tensor& hidden, const at::Tensor& scale,
+                                                c10::string_view activation, c10::string_view gate) {
+  at::Tensor grad_out = grad_out_in, x = x_in;
+  c10::optional<at::Tensor> out = out_in;
+  const SEProblem p = check_backward_args(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale,
+                                          std::string(activation), std::string(gate));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_res = p.has_residual ? at::empty_like(x) : at::empty({0}, x.options());
+  const void* out_ptr = out ? out->const_data_ptr() : nullptr;
+  const void* gres_ptr = p.has_residual ? grad_res.const_data_ptr() : nullptr;
+
+  const bool cluster_dtype = x.scalar_type() != at::kDouble;
+  ClusterPlan plan;
+  if (p.N > 0) {
+    plan = plan_cluster(p, x.scalar_type(), true,
+                        cluster_dtype ? backward_cluster_kernel(x.scalar_type(), p.channels_last) : nullptr,
+                        {grad_out.const_data_ptr(), x.const_data_ptr(), out_ptr, grad_x.const_data_ptr(), gres_ptr});
+  }
+  at::Tensor dv, du;
+  if (plan.use) {
+    dv = at::empty({p.N, p.C}, pooled.options());
+    du = at::empty({p.N, p.R}, pooled.options());
+    auto [w1, w2t] = float_weights(fc1_weight, fc2_weight, p);
+    BackwardClusterArgs args{grad_out.const_data_ptr(), x.const_data_ptr(), out_ptr, w1.const_data_ptr<float>(),
+                             w2t.const_data_ptr<float>(), hidden.const_data_ptr<float>(),
+                             scale.const_data_ptr<float>(), grad_x.mutable_data_ptr(),
+                             p.has_residual ? grad_res.mutable_data_ptr() : nullptr, dv.mutable_data_ptr<float>(),
+                             du.mutable_data_ptr<float>()};
+    launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, args, stream);
+  } else {
+    at::Tensor ds = at::zeros({p.N, p.C}, pooled.options());
+    at::Tensor dz;
+    if (p.N > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_ds_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        launch_channel_sums<scalar_t, acc_t>(p, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                             out ? out->const_data_ptr<scalar_t>() : nullptr,
+                                             ds.mutable_data_ptr<acc_t>(), acc_t(1), stream);
+      });
+    }
+    std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
+    if (p.N > 0) {
+      at::Tensor dz_over_p = (dz / static_cast<double>(p.P)).contiguous();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int64_t total = p.N * p.C * p.P;
+        with_index_type(p, [&](auto index_tag, auto cl) {
+          using index_t = decltype(index_tag);
+          scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+              <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+                  grad_out.const_data_ptr<scalar_t>(), out ? out->const_data_ptr<scalar_t>() : nullptr,
+                  scale.const_data_ptr<acc_t>(), dz_over_p.const_data_ptr<acc_t>(),
+                  grad_x.mutable_data_ptr<scalar_t>(),
+                  p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr, static_cast<index_t>(total),
+                  static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
+  }
+  auto [dw1, db1, dw2, db2] = weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
+  return {grad_x, grad_res, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(se_fused, CUDA, m) {
+  m.impl("squeeze_excitation_forward", &cuda::squeeze_excitation_forward_cuda);
+  m.impl("squeeze_excitation_backward", &cuda::squeeze_excitation_backward_cuda);
+}
+
+}  // namespace se_fused

@@ -1,0 +1,248 @@
+"""The hand-written CUDA kernels, path by path (GPU only; skipped without one).
+
+tests/test_correctness.py runs the ``"cuda"`` backend with its automatic path
+choice over the whole shape/dtype/layout product. This file forces each path
+(``SE_FUSED_CUDA_PATH=cluster|two_pass``) and each cluster geometry
+(``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster), and
+checks what only a GPU run can show: tensors past 2^31 elements, bitwise
+determinism, CUDA-graph capture, agreement with the CPU kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import se_fused
+from conftest import CUDA_PRESENT, NO_GPU_REASON, SEShape, backend_se, make_se_inputs, reference_se
+from tolerances import assert_close_to_reference
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA_PRESENT, reason=NO_GPU_REASON)]
+
+
+def _cluster_capable() -> bool:
+    return CUDA_PRESENT and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_sm90 = pytest.mark.skipif(not _cluster_capable(), reason="thread-block clusters need sm_90 (Hopper) or newer")
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """Set the CUDA path (and optionally the cluster geometry) for one test."""
+    def choose(path: str, plan: str = "") -> None:
+        monkeypatch.setenv("SE_FUSED_CUDA_PATH", path)
+        if plan:
+            monkeypatch.setenv("SE_FUSED_CUDA_PLAN", plan)
+        else:
+            monkeypatch.delenv("SE_FUSED_CUDA_PLAN", raising=False)
+    return choose
+
+
+def check_against_reference(inputs, grad: str = "random") -> None:
+    """CUDA backend vs the float64 reference, baseline the eager backend in the same dtype."""
+    dtype = inputs.x.dtype
+    reference = reference_se(inputs, grad)
+    got = backend_se(inputs, "cuda", grad)
+    baseline = backend_se(inputs, "eager", grad)
+    for name, ref in reference.items():
+        assert_close_to_reference(f"cuda {os.environ.get('SE_FUSED_CUDA_PATH')}/"
+                                  f"{os.environ.get('SE_FUSED_CUDA_PLAN', 'auto')}: {name}",
+                                  got[name], baseline[name], ref, dtype)
+
+
+# Shapes every path can take: the four stages at a batch that leaves the last
+# cluster group partly empty (5 = 4 + 1), and cluster-friendly odd shapes
+# (C*H*W a multiple of 8 elements).
+CLUSTER_SHAPES = (
+    SEShape(5, 256, 16, 56, 56),
+    SEShape(5, 512, 32, 28, 28),
+    SEShape(5, 1024, 64, 14, 14),
+    SEShape(5, 2048, 128, 7, 7),
+    SEShape(3, 64, 1, 1, 3),     # R = 1, H*W = 3
+    SEShape(1, 40, 3, 5, 5),     # C = 40, N = 1
+    SEShape(2, 8, 1, 1, 1),      # H*W = 1
+)
+ODD_SHAPES = (
+    SEShape(1, 7, 1, 3, 1),
+    SEShape(2, 37, 2, 7, 7),
+    SEShape(3, 37, 1, 1, 1),
+    SEShape(2, 7, 1, 56, 56),
+    SEShape(2, 33, 33, 2, 2),
+)
+VARIANTS = [(False, "relu", "sigmoid"), (True, "relu", "sigmoid"), (False, "silu", "hardsigmoid"),
+            (True, "silu", "hardsigmoid")]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@needs_sm90
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES, ids=[s.id for s in CLUSTER_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS, ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS])
+def test_cluster_path(cuda_path, shape, dtype, memory_format, residual, activation, gate):
+    cuda_path("cluster")
+    check_against_reference(make_se_inputs(shape, dtype, memory_format, "cuda", residual, activation, gate))
+
+
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES + ODD_SHAPES, ids=[s.id for s in CLUSTER_SHAPES + ODD_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS, ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS])
+def test_two_pass_path(cuda_path, shape, dtype, memory_format, residual, activation, gate):
+    cuda_path("two_pass")
+    check_against_reference(make_se_inputs(shape, dtype, memory_format, "cuda", residual, activation, gate))
+
+
+# Geometries that exercise each exchange: M > 1 (a sample split across CTAs,
+# per-channel sums combined over distributed shared memory) and G > 1 (the MLP
+# batched over samples, a padded last group when N % G != 0).
+PLANS = ["1,1", "1,4", "2,1", "2,8", "4,2", "8,1", "16,1"]
+
+
+@needs_sm90
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cluster_geometries(cuda_path, plan, memory_format, residual):
+    cuda_path("cluster", plan)
+    shape = SEShape(7, 128, 8, 14, 14)  # fits every plan above in float32; 7 samples pad every G > 1
+    check_against_reference(make_se_inputs(shape, torch.float32, memory_format, "cuda", residual, "silu",
+                                           "sigmoid"))
+
+
+@needs_sm90
+def test_forced_cluster_path_refuses_unaligned_shapes(cuda_path):
+    cuda_path("cluster")
+    inputs = make_se_inputs(SEShape(2, 37, 2, 7, 7), torch.bfloat16, "nchw", "cuda")
+    with pytest.raises(RuntimeError, match="cluster path cannot run"):
+        backend_se(inputs, "cuda")
+
+
+@pytest.mark.parametrize("path", ["auto", "cluster", "two_pass"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_more_than_2_pow_31_elements(cuda_path, path, memory_format):
+    """Samples whose elements sit past index 2^31 get the same answer as a float64 reference of them alone."""
+    if path == "cluster" and not _cluster_capable():
+        pytest.skip("thread-block clusters need sm_90")
+    free, _ = torch.cuda.mem_get_info()
+    c, r, h, w = 2048, 128, 7, 7
+    n = (2 ** 31) // (c * h * w) + 3
+    if free < 6 * n * c * h * w * 2:
+        pytest.skip(f"needs ~{6 * n * c * h * w * 2 / 2**30:.0f} GiB of free GPU memory")
+    cuda_path(path)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
+    w1 = torch.randn(r, c, 1, 1, device="cuda") * 0.05
+    b1 = torch.randn(r, device="cuda") * 0.1
+    w2 = torch.randn(c, r, 1, 1, device="cuda") * 0.1
+    b2 = torch.randn(c, device="cuda") * 0.1
+    assert x.numel() > 2 ** 31
+    xg = x.detach().requires_grad_()
+    out = se_fused.squeeze_excitation(xg, w1, b1, w2, b2, backend="cuda")
+    grad_out = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, xg, grad_out)
+    tail = slice(n - 3, n)  # entirely past element 2^31
+    assert (n - 3) * c * h * w > 2 ** 31
+    x_tail = x[tail].double().requires_grad_()
+    ref = se_fused._reference.squeeze_excitation_reference(x_tail, w1.double(), b1.double(), w2.double(),
+                                                          b2.double())
+    (ref_grad,) = torch.autograd.grad(ref, x_tail, grad_out[tail].double())
+    # bfloat16 storage: one rounding of a float32 result, |error| <= 2^-8 of the value (+ tiny).
+    assert torch.allclose(out[tail].double(), ref, rtol=2 ** -7, atol=1e-3)
+    assert torch.allclose(grad_x[tail].double(), ref_grad, rtol=2 ** -7, atol=1e-3)
+    del x, xg, out, grad_out, grad_x
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("path", ["cluster", "two_pass"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_bitwise_deterministic(cuda_path, path, memory_format):
+    if path == "cluster" and not _cluster_capable():
+        pytest.skip("thread-block clusters need sm_90")
+    cuda_path(path)
+    inputs = make_se_inputs(SEShape(16, 512, 32, 28, 28), torch.bfloat16, memory_format, "cuda", residual=True)
+    first = backend_se(inputs, "cuda")
+    for _ in range(3):
+        again = backend_se(inputs, "cuda")
+        for name in first:
+            assert torch.equal(first[name], again[name]), f"{name} differs between identical runs ({path})"
+
+
+@pytest.mark.parametrize("path", ["cluster", "two_pass"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cuda_graph_capture(cuda_path, path, residual):
+    """Forward and backward captured in one CUDA graph replay to the eager result on new data."""
+    if path == "cluster" and not _cluster_capable():
+        pytest.skip("thread-block clusters need sm_90")
+    cuda_path(path)
+    torch.manual_seed(0)
+    block = se_fused.FusedSEBlock(256, backend="cuda").cuda()
+    shape = (8, 256, 28, 28)
+    static_x = torch.randn(shape, device="cuda", requires_grad=True)
+    static_res = torch.randn(shape, device="cuda", requires_grad=True) if residual else None
+    static_g = torch.randn(shape, device="cuda")
+
+    def step():
+        out = block(static_x, static_res)
+        out.backward(static_g)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+            block.zero_grad(set_to_none=False)
+            static_x.grad = None
+            if static_res is not None:
+                static_res.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+
+    new_x, new_g = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+    new_res = torch.randn(shape, device="cuda") if residual else None
+    with torch.no_grad():
+        static_x.copy_(new_x)
+        static_g.copy_(new_g)
+        if residual:
+            static_res.copy_(new_res)
+    for p in block.parameters():
+        p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    x = new_x.clone().requires_grad_()
+    res = new_res.clone().requires_grad_() if residual else None
+    eager_params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    out = se_fused.squeeze_excitation(x, *eager_params, residual=res, backend="cuda")
+    out.backward(new_g)
+    assert torch.equal(static_out, out)
+    assert torch.equal(static_x.grad, x.grad)
+    if residual:
+        assert torch.equal(static_res.grad, res.grad)
+    for p, q in zip(block.parameters(), eager_params):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("path", ["auto", "two_pass"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cuda_matches_cpu_kernel(cuda_path, path, memory_format, residual):
+    """The CUDA and the C++ CPU kernel agree: the CUDA error is within 2x the CPU kernel's (+ floor)."""
+    if "cpu" not in se_fused.available_backends():
+        pytest.skip("the C++ CPU kernel is not built")
+    cuda_path(path)
+    shape = SEShape(4, 512, 32, 28, 28)
+    cpu_inputs = make_se_inputs(shape, torch.float32, memory_format, "cpu", residual, "relu", "sigmoid")
+    cuda_inputs = make_se_inputs(shape, torch.float32, memory_format, "cuda", residual, "relu", "sigmoid")
+    reference = reference_se(cpu_inputs)
+    on_cpu = backend_se(cpu_inputs, "cpu")
+    on_cuda = backend_se(cuda_inputs, "cuda")
+    for name, ref in reference.items():
+        assert_close_to_reference(f"cuda vs cpu kernel: {name}", on_cuda[name].cpu(), on_cpu[name], ref,
+                                  torch.float32)
