@@ -1,0 +1,202 @@
+"""Every available backend against the float64 reference: forward and every gradient.
+
+The reference is :func:`se_fused._reference.squeeze_excitation_reference` under
+autograd on float64 copies of the inputs (conftest.reference_se); the bound is
+the one table of tests/tolerances.py (2x the baseline's error in the same dtype
+plus a floor). Devices/backends, shapes, dtypes and memory formats come from
+conftest, so this file runs the CUDA and Triton backends on a GPU machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import se_fused
+from se_fused._reference import gate_fn
+from conftest import ODD_SHAPES, SKIPPED_DEVICE_BACKENDS, STAGE_SHAPES, backend_se, cached_run, why_not_run
+from tolerances import assert_close_to_reference
+
+ACT_GATES = [("relu", "sigmoid"), ("relu", "hardsigmoid"), ("silu", "sigmoid"), ("silu", "hardsigmoid")]
+
+
+def _expected_channels_last(memory_format: str) -> bool:
+    return memory_format in ("channels_last", "sliced_nhwc")
+
+
+# Known defect of the float64 ground truth, reported to the lead (not a backend bug):
+# PyTorch's CPU hardsigmoid_backward multiplies by 1/6 rounded to float32
+# (0.1666666716), so autograd through F.hardsigmoid in float64 — used by
+# _reference.gate_fn — is off by 3e-8 relative. The eager backend (exact 1/6) is
+# measured against the textbook SE in float64, which is the reference itself
+# (error 0), so its bound is the floor (1e-13) and it fails. Other backends pass
+# because their baseline (eager) carries the same 3e-8. The marker applies only
+# while the probe below still sees the defect on that device, so fixing gate_fn
+# (e.g. `(v + 3).clamp(0, 6) / 6`) turns these cases back into ordinary tests.
+def reference_hardsigmoid_grad_is_inexact(device: str) -> bool:
+    """True when autograd through the reference's hardsigmoid in float64 does not give exactly 1/6."""
+    v = torch.tensor([0.5], dtype=torch.float64, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(gate_fn(v, "hardsigmoid").sum(), v)
+    return grad.item() != 1 / 6
+
+
+REFERENCE_HARDSIGMOID_F64 = pytest.mark.xfail(
+    strict=True, reason="float64 reference: torch's hardsigmoid_backward uses a float32 1/6 (3e-8 relative); "
+                        "se_fused._reference.gate_fn inherits it")
+
+
+def check_backend(inputs, backend: str, grad: str = "random", request=None) -> None:
+    """Forward and all gradients of ``backend`` within tolerance of the float64 reference.
+
+    The baseline is the ``"eager"`` backend, or for ``"eager"`` itself the
+    textbook SE in the storage dtype (tests/tolerances.py explains why).
+    Reference and baseline are computed once per case (conftest.cached_run);
+    the backend under test runs afresh.
+    """
+    dtype = inputs.x.dtype
+    if (request is not None and backend == "eager" and dtype == torch.float64 and inputs.gate == "hardsigmoid"
+            and reference_hardsigmoid_grad_is_inexact(inputs.x.device.type)):
+        request.applymarker(REFERENCE_HARDSIGMOID_F64)
+    reference = cached_run("reference", inputs, grad)
+    got = backend_se(inputs, backend, grad)
+    baseline = cached_run("plain" if backend == "eager" else "eager", inputs, grad)
+    assert set(got) == set(reference)
+    for name, ref in reference.items():
+        assert got[name].dtype == dtype, f"{name}: dtype {got[name].dtype}, expected {dtype}"
+        assert got[name].device == inputs.x.device
+        assert_close_to_reference(f"backend {backend!r}: {name if name == 'out' else 'grad of ' + name}",
+                                  got[name], baseline[name], ref, dtype)
+
+
+def _layout_checks(inputs, backend: str, memory_format: str) -> None:
+    """Output and the gradients of x/residual come back in x's (closest) memory format (SPEC §2).
+
+    The gradients are caught by tensor hooks, i.e. as the backend returns them:
+    a leaf's ``.grad`` would show AccumulateGrad's layout instead.
+    """
+    x = inputs.x.detach().requires_grad_()
+    res = None if inputs.residual is None else inputs.residual.detach().requires_grad_()
+    raw_grads = {}
+    x.register_hook(lambda g: raw_grads.__setitem__("grad of x", g))
+    if res is not None:
+        res.register_hook(lambda g: raw_grads.__setitem__("grad of residual", g))
+    out = se_fused.squeeze_excitation(x, inputs.fc1_weight, inputs.fc1_bias, inputs.fc2_weight, inputs.fc2_bias,
+                                      res, inputs.activation, inputs.gate, backend)
+    out.backward(inputs.grad_out)
+    assert len(raw_grads) == (2 if res is not None else 1)
+    for name, t in [("out", out)] + sorted(raw_grads.items()):
+        channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        assert min(t.shape[1], t.shape[2] * t.shape[3]) > 1  # else both layouts are the same bytes
+        assert channels_last == _expected_channels_last(memory_format), (
+            f"{name} has strides {t.stride()} for x in {memory_format}")
+
+
+@pytest.mark.parametrize("activation,gate", ACT_GATES, ids=[f"{a}-{g}" for a, g in ACT_GATES])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_odd_shapes(se_device_backend, se_odd_shape, se_dtype, se_memory_format, residual, activation, gate,
+                    se_inputs, request):
+    """The full product on SPEC §3's odd shapes (C = 7/33/37/40, R = 1, H·W ∈ {1, 3, 49, 3136}, N = 1)."""
+    device, backend = se_device_backend
+    inputs = se_inputs(se_odd_shape, se_dtype, se_memory_format, device, residual, activation, gate)
+    check_backend(inputs, backend, request=request)
+
+
+# On the stage shapes the whole product would cost ~4x this file's budget on a
+# 2-core CPU; dtype x memory format is kept complete (that is where kernels
+# branch), and three (residual, activation, gate) variants cover the SE-ResNet
+# tail, the plain block and the other activation/gate pair. The odd shapes above
+# run every combination.
+STAGE_VARIANTS = [(False, "relu", "sigmoid"), (True, "relu", "sigmoid"), (True, "silu", "hardsigmoid")]
+
+
+@pytest.mark.parametrize("residual,activation,gate", STAGE_VARIANTS,
+                         ids=[f"{'residual' if r else 'plain'}-{a}-{g}" for r, a, g in STAGE_VARIANTS])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "sliced_nhwc"])
+def test_stage_shapes(se_device_backend, se_stage_shape, se_dtype, memory_format, residual, activation, gate,
+                      se_inputs, request):
+    """SE-ResNet-50's four stage shapes (SPEC §3) at batch 2."""
+    device, backend = se_device_backend
+    inputs = se_inputs(se_stage_shape, se_dtype, memory_format, device, residual, activation, gate)
+    check_backend(inputs, backend, request=request)
+
+
+SUM_SHAPES = [ODD_SHAPES[1], STAGE_SHAPES[3]]
+
+
+@pytest.mark.parametrize("shape", SUM_SHAPES, ids=[s.id for s in SUM_SHAPES])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_backward_through_sum(se_device_backend, shape, se_dtype, memory_format, residual, se_inputs):
+    """``out.sum().backward()``: the incoming gradient is an expanded, stride-0 tensor.
+
+    A kernel that assumes a contiguous gradient reads garbage here without an
+    error (KERNEL-NOTES), so this runs on every backend and dtype.
+    """
+    device, backend = se_device_backend
+    inputs = se_inputs(shape, se_dtype, memory_format, device, residual, "silu", "sigmoid")
+    check_backend(inputs, backend, grad="sum")
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "sliced_nchw", "sliced_nhwc"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_output_layout_follows_x(se_device_backend, memory_format, residual, se_inputs, request):
+    """Output and gradients of x/residual are in x's memory format (the closer one for a strided x)."""
+    device, backend = se_device_backend
+    if backend == "eager" and residual and _expected_channels_last(memory_format):
+        # Reported to the lead: eager_backward's `g.masked_fill(out <= 0, 0)` returns an
+        # NCHW-contiguous tensor for a channels_last g (out-of-place masked_fill does not
+        # keep the memory format), so grad_x and grad_residual come back NCHW and
+        # autograd copies them once more. `torch.where(out > 0, g, 0)` keeps the layout.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="eager backward: masked_fill drops channels_last"))
+    inputs = se_inputs(ODD_SHAPES[4], torch.float32, memory_format, device, residual)
+    _layout_checks(inputs, backend, memory_format)
+
+
+@pytest.mark.parametrize("x_format,grad_format", [("channels_last", "nchw"), ("nchw", "channels_last")])
+def test_grad_out_in_other_layout(se_device_backend, x_format, grad_format, se_inputs):
+    """A gradient arriving in the other memory format than x is read by its strides, not its bytes."""
+    device, backend = se_device_backend
+    inputs = se_inputs(ODD_SHAPES[4], torch.float32, x_format, device, True, "relu", "hardsigmoid")
+    grad_out = (inputs.grad_out.contiguous(memory_format=torch.channels_last) if grad_format != "nchw"
+                else inputs.grad_out.contiguous())
+    check_backend(inputs.with_(grad_out=grad_out), backend)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_two_dimensional_weights(se_device_backend, residual, se_inputs):
+    """``fc1_weight (R, C)`` / ``fc2_weight (C, R)`` (nn.Linear style) give the 4-D results, grads shaped 2-D."""
+    device, backend = se_device_backend
+    inputs = se_inputs(ODD_SHAPES[1], torch.float32, "channels_last", device, residual, "silu", "hardsigmoid")
+    four_d = backend_se(inputs, backend)
+    r, c = inputs.fc1_weight.shape[:2]
+    two_d = backend_se(inputs.with_(fc1_weight=inputs.fc1_weight.reshape(r, c),
+                                    fc2_weight=inputs.fc2_weight.reshape(c, r)), backend)
+    assert two_d["fc1_weight"].shape == (r, c) and two_d["fc2_weight"].shape == (c, r)
+    for name, t in four_d.items():
+        # Same numbers in the same order: the result must not depend on how the weight is shaped.
+        torch.testing.assert_close(two_d[name].reshape(t.shape), t, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpu_backend_is_deterministic(dtype, memory_format, residual, se_inputs):
+    """Backend "cpu": the same inputs give bitwise the same output and gradients (run twice, all threads)."""
+    if "cpu" not in se_fused.available_backends():
+        pytest.skip("backend 'cpu' not built")
+    inputs = se_inputs(STAGE_SHAPES[0], dtype, memory_format, "cpu", residual)
+    first = backend_se(inputs, "cpu")
+    second = backend_se(inputs, "cpu")
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+def test_backends_under_test_include_eager_and_cpu():
+    """The product above is not silently empty: eager and cpu are usable on every machine this suite runs on."""
+    available = se_fused.available_backends()
+    assert "eager" in available and "cpu" in available, available
+
+
+@pytest.mark.parametrize("device_backend", SKIPPED_DEVICE_BACKENDS)
+def test_device_backend_not_run_here(device_backend):
+    """One skipped item per (device, backend) the products above leave out on this machine, with the reason."""
+    pytest.skip(why_not_run(*device_backend))
