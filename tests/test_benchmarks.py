@@ -1,0 +1,189 @@
+"""Smoke tests of the benchmarks (issue 6): they run on CPU in --quick mode and write sound records.
+
+The benchmarks run as a user runs them (a subprocess, into a temporary
+folder); the assertions are on the JSON they write, never on timings: every
+expected row is there, the SPEC §6 fields are present, the byte counts are
+SPEC §4's (recomputed here from the table, not from the benchmark's code),
+the derived numbers (GB/s, fraction of copy, speedup, SE overhead) agree
+with the measured ms, the fused CPU kernel agrees with eager, and the models
+have the parameter counts of SPEC §2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import se_fused
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+
+# SPEC §3 stage shapes and SPEC §4 minimum traffic in units of T, written out here independently.
+STAGE_SHAPES = {"conv2_x": (256, 56, 56), "conv3_x": (512, 28, 28), "conv4_x": (1024, 14, 14),
+                "conv5_x": (2048, 7, 7)}
+TRAFFIC_T = {("forward", False): 2, ("forward", True): 3, ("backward", False): 3, ("backward", True): 5,
+             ("forward+backward", False): 5, ("forward+backward", True): 8}
+SPEC_BLOCK_FIELDS = {"pass", "impl", "residual", "shape", "dtype", "memory_format", "ms", "bytes_min", "gbps",
+                     "fraction_of_copy"}
+SPEC_NETWORK_FIELDS = {"model", "se", "mode", "batch", "dtype", "memory_format", "ms", "overhead_vs_resnet50"}
+RESNET50_PARAMS, SE_RESNET50_PARAMS = 25_557_032, 28_088_024  # SPEC §2
+
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in se_fused.available_backends(),
+                                      reason="the C++ CPU kernel (se_fused._C) is not built")
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` on the CPU with ``args``; the progress bar is off."""
+    cmd = [sys.executable, str(BENCH / script), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def written(stdout: str, kind: str) -> Path:
+    """The path a benchmark announced with ``wrote <kind>: <path>``."""
+    match = re.search(rf"^wrote {kind}: (.+)$", stdout, flags=re.MULTILINE)
+    assert match, f"no 'wrote {kind}:' line in the output:\n{stdout[-3000:]}"
+    return Path(match.group(1).strip())
+
+
+def close(a: float, b: float, rel: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+
+
+def check_header(record: dict) -> None:
+    assert record["device"] == "cpu"
+    assert record["torch"] == torch.__version__
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", record["commit"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", record["date"])
+    assert record["copy_bandwidth_gbps"] > 0
+
+
+@pytest.fixture(scope="module")
+def block_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("block")
+    proc = run_script("bench_block.py", "--quick", "--device", "cpu", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(written(proc.stdout, "json").read_text())
+
+
+@pytest.fixture(scope="module")
+def network_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("network")
+    proc = run_script("bench_network.py", "--quick", "--device", "cpu", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(written(proc.stdout, "json").read_text())
+
+
+@needs_cpu_kernel
+def test_block_quick_rows(block_run):
+    proc, record = block_run
+    check_header(record)
+    rows = record["block"]
+    batch = record["settings"]["batch"]
+    # --quick on CPU: every stage, NCHW, float32, with and without residual, cpu and eager, three passes.
+    expected = {(stage, residual, p, impl) for stage in STAGE_SHAPES for residual in (False, True)
+                for p in ("forward", "backward", "forward+backward") for impl in ("cpu", "eager")}
+    got = [(r["stage"], r["residual"], r["pass"], r["impl"]) for r in rows]
+    assert sorted(got) == sorted(expected)
+    for r in rows:
+        assert SPEC_BLOCK_FIELDS <= set(r), r
+        assert "error" not in r, r
+        c, h, w = STAGE_SHAPES[r["stage"]]
+        assert r["shape"] == [batch, c, h, w]
+        assert r["dtype"] == "float32" and r["memory_format"] == "nchw"
+        assert r["bytes_min"] == TRAFFIC_T[(r["pass"], r["residual"])] * batch * c * h * w * 4
+        assert r["ms"] > 0 and r["ms_q25"] <= r["ms"] <= r["ms_q75"]
+        assert close(r["gbps"], r["bytes_min"] / (r["ms"] * 1e-3) / 1e9)
+        assert close(r["fraction_of_copy"], r["gbps"] / record["copy_bandwidth_gbps"])
+
+
+@needs_cpu_kernel
+def test_block_quick_speedups_and_agreement(block_run):
+    proc, record = block_run
+    rows = record["block"]
+    eager = {(r["stage"], r["residual"], r["pass"]): r["ms"] for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        expected = eager[(r["stage"], r["residual"], r["pass"])] / r["ms"]
+        assert close(r["speedup_vs_eager"], expected)
+        if r["impl"] == "cpu" and r["pass"] in ("forward", "backward"):
+            # float32 kernel vs float32 eager: different summation order only.
+            assert 0 <= r["rel_diff_vs_eager"] < 1e-5, r
+    # The cpu-vs-eager summary the foundation issue asks for is printed.
+    assert "cpu vs eager, measured side by side in this run" in proc.stdout
+    assert re.search(r"foundation requirement .*: (met|NOT met)", proc.stdout)
+    png = written(proc.stdout, "png")
+    assert png.exists() and png.stat().st_size > 1000
+
+
+@needs_cpu_kernel
+def test_network_quick_rows(network_run):
+    proc, record = network_run
+    check_header(record)
+    rows = record["network"]
+    assert {(r["se"], r["mode"]) for r in rows} == {(v, m) for v in ("none", "eager", "fused-cpu")
+                                                   for m in ("train", "inference")}
+    assert len(rows) == 6
+    base = {r["mode"]: r["ms"] for r in rows if r["se"] == "none"}
+    for r in rows:
+        assert SPEC_NETWORK_FIELDS <= set(r), r
+        assert "error" not in r, r
+        assert r["batch"] == 2 and r["image_size"] == 112  # what --quick on CPU states
+        assert r["dtype"] == "float32" and r["memory_format"] == "nchw"
+        assert r["ms"] > 0
+        assert close(r["overhead_vs_resnet50"], r["ms"] / base[r["mode"]] - 1)
+        assert r["model"] == ("resnet50" if r["se"] == "none" else "se_resnet50")
+        assert r["params"] == (RESNET50_PARAMS if r["se"] == "none" else SE_RESNET50_PARAMS)
+    assert record["paper"]["resnet50_ms"] == 190 and record["paper"]["se_resnet50_ms"] == 209
+    assert "paper (" in proc.stdout and "+10.0%" in proc.stdout
+    assert written(proc.stdout, "png").exists()
+
+
+@needs_cpu_kernel
+def test_make_record_merges_both_runs(block_run, network_run, tmp_path):
+    block_json = written(block_run[0].stdout, "json")
+    network_json = written(network_run[0].stdout, "json")
+    proc = run_script("make_record.py", "--block", str(block_json), "--network", str(network_json),
+                      "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    path = written(proc.stdout, "record")
+    assert path.parent == tmp_path
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-cpu-[0-9a-f]{7}(-dirty)?\.json", path.name)
+    record = json.loads(path.read_text())
+    check_header(record)
+    assert record["block"] == block_run[1]["block"]
+    assert record["network"] == network_run[1]["network"]
+    # A second merge of the same runs gets a new name instead of overwriting.
+    again = run_script("make_record.py", "--block", str(block_json), "--network", str(network_json),
+                       "--out", str(tmp_path))
+    assert written(again.stdout, "record") != path and path.exists()
+
+
+def test_failing_impl_is_recorded_and_fails_the_run(tmp_path):
+    """An impl that cannot run (CUDA on a CPU machine) gets error rows, the others still run, exit status 1."""
+    proc = run_script("bench_block.py", "--device", "cpu", "--impls", "eager,cuda", "--shapes", "conv5_x",
+                      "--residual", "no", "--passes", "forward", "--rounds", "2", "--min-round-ms", "1",
+                      "--no-progress", "--no-plot", "--out", str(tmp_path))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(written(proc.stdout, "json").read_text())["block"]}
+    assert rows["eager"]["ms"] > 0 and "error" not in rows["eager"]
+    assert rows["cuda"]["ms"] is None and "cuda" in rows["cuda"]["error"]
+    assert "FAILED cuda forward" in proc.stderr
+
+
+def test_bytes_min_matches_spec_example():
+    """SPEC §6's example row: forward of 256x256x56x56 bfloat16 moves 822,083,584 bytes at least."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    assert _common.bytes_min("forward", False, (256, 256, 56, 56), torch.bfloat16) == 822_083_584
+    assert _common.bytes_min("backward", True, (2, 3, 4, 5), torch.float32) == 5 * 2 * 3 * 4 * 5 * 4
+    assert _common.slugify("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
