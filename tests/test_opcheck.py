@@ -1,0 +1,80 @@
+"""torch.library.opcheck on the two registered ops, with all of its default tests.
+
+opcheck's defaults are ``test_schema`` (the schema's aliasing/mutation claims
+hold), ``test_autograd_registration`` (autograd is registered the supported
+way), ``test_faketensor`` (the fake kernel's shapes, dtypes and strides match
+the real kernel's) and ``test_aot_dispatch_dynamic`` (the op traces with
+dynamic shapes under AOTAutograd, forward and backward). Together they are what
+``torch.compile(fullgraph=True)`` relies on.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SEShape, make_se_inputs
+from se_fused import _ops
+
+pytestmark = pytest.mark.skipif(not _ops.extension_loaded(), reason="se_fused._C not built")
+
+FORWARD = torch.ops.se_fused.squeeze_excitation_forward.default
+BACKWARD = torch.ops.se_fused.squeeze_excitation_backward.default
+
+SHAPE = SEShape(2, 37, 3, 5, 3)   # C not a multiple of 8, H·W = 15
+
+# (dtype, memory format, residual, activation, gate): NCHW, channels_last, strided views,
+# the residual form, float32/bfloat16 (and float16/float64 once each).
+SAMPLES = [
+    (torch.float32, "nchw", False, "relu", "sigmoid"),
+    (torch.float32, "channels_last", False, "silu", "hardsigmoid"),
+    (torch.float32, "nchw", True, "relu", "sigmoid"),
+    (torch.float32, "channels_last", True, "silu", "sigmoid"),
+    (torch.bfloat16, "nchw", False, "relu", "hardsigmoid"),
+    (torch.bfloat16, "channels_last", True, "relu", "sigmoid"),
+    (torch.float16, "channels_last", False, "silu", "sigmoid"),
+    (torch.float64, "nchw", True, "silu", "hardsigmoid"),
+    (torch.float32, "sliced_nchw", True, "relu", "sigmoid"),
+    (torch.float32, "sliced_nhwc", False, "relu", "sigmoid"),
+]
+SAMPLE_IDS = [f"{str(d).replace('torch.', '')}-{f}-{'residual' if r else 'plain'}-{a}-{g}"
+              for d, f, r, a, g in SAMPLES]
+
+
+def _forward_args(dtype, memory_format, residual, activation, gate, requires_grad: bool):
+    inputs = make_se_inputs(SHAPE, dtype, memory_format, "cpu", residual, activation, gate)
+    # detach(): fresh tensors over the same storage and strides (strided views stay strided).
+    tensors = [None if t is None else t.detach() for t in inputs.tensors()]
+    if requires_grad:
+        tensors = [None if t is None else t.requires_grad_() for t in tensors]
+    return inputs, (*tensors, activation, gate)
+
+
+@pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
+def test_opcheck_forward(dtype, memory_format, residual, activation, gate, requires_grad):
+    """``se_fused::squeeze_excitation_forward``: all default opcheck tests."""
+    _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad)
+    torch.library.opcheck(FORWARD, args)
+
+
+@pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
+def test_opcheck_backward(dtype, memory_format, residual, activation, gate):
+    """``se_fused::squeeze_excitation_backward`` with the forward's saved tensors: all default opcheck tests.
+
+    The backward op is not itself differentiable (no double backward), so its
+    inputs do not require grad.
+    """
+    inputs, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad=False)
+    x, w1, b1, w2, b2, res = args[:6]
+    out, pooled, hidden, scale = FORWARD(*args)
+    torch.library.opcheck(BACKWARD, (inputs.grad_out, x, out if residual else None, w1, w2, pooled, hidden, scale,
+                                     activation, gate))
+
+
+def test_opcheck_backward_with_expanded_grad():
+    """The backward op given a stride-0 (expanded) gradient, as ``out.sum().backward()`` produces."""
+    _, args = _forward_args(torch.float32, "channels_last", True, "relu", "sigmoid", requires_grad=False)
+    x, w1, b1, w2, b2, res = args[:6]
+    out, pooled, hidden, scale = FORWARD(*args)
+    grad_out = torch.ones((), dtype=x.dtype).expand_as(x)
+    torch.library.opcheck(BACKWARD, (grad_out, x, out, w1, w2, pooled, hidden, scale, "relu", "sigmoid"))
