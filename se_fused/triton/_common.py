@@ -37,13 +37,47 @@ DEFAULT_CHUNK_BYTES = 25 << 20
 # Tests set this to force small chunks (and so exercise the chunk loop) on small tensors.
 CHUNK_BYTES_OVERRIDE: Optional[int] = None
 
-# Elements each program of a channel reduction sums (over its tile loop) before
-# the sample's work is split over more programs along H·W.
-REDUCE_ELEMENTS_PER_PROGRAM = 16384
-REDUCE_TILE = 2048
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Block shapes of the kernels whose results depend on them (the reductions).
+
+    Chosen from the problem shape only, never by timing, so results are
+    bitwise reproducible. ``reduce_tile``: elements of one channel-reduction
+    tile, at most ``reduce_block_inner`` of them along the contiguous axis;
+    ``reduce_elements_per_program``: a sample's ``H·W`` is split over
+    programs until each sums about this many elements; ``linear_*``: the MLP
+    kernel's samples × outputs × reduction tile; ``linear_k_per_split``: the MLP's
+    long reduction (over C) is split over programs in pieces this long (a
+    multiple of ``linear_block_k``); ``weight_grad_*``: batch × rows × columns
+    tile of the weight-gradient kernel.
+    """
+    reduce_tile: int
+    reduce_block_inner: int
+    reduce_elements_per_program: int
+    linear_block_n: int
+    linear_block_j: int
+    linear_block_k: int
+    linear_k_per_split: int
+    weight_grad_block_n: int
+    weight_grad_block_i: int
+    weight_grad_block_j: int
+
+
+# GPU: ~16 elements per thread per tile at 4 warps; enough programs per chunk to fill 132 SMs.
+# 128 along the contiguous axis wastes little on SE-ResNet's H·W (3136 = 24.5·128, 784 = 6.1·128).
+GPU_BLOCKS = BlockSizes(reduce_tile=2048, reduce_block_inner=128, reduce_elements_per_program=16384,
+                        linear_block_n=16, linear_block_j=32, linear_block_k=16, linear_k_per_split=256,
+                        weight_grad_block_n=16, weight_grad_block_i=32, weight_grad_block_j=32)
+# Interpreter: its cost is per program and per operation, hardly per element, so the
+# tiles are large and the programs few (the kernels' code is the same).
+INTERPRETER_BLOCKS = BlockSizes(reduce_tile=8192, reduce_block_inner=256, reduce_elements_per_program=1 << 20,
+                                linear_block_n=32, linear_block_j=64, linear_block_k=64, linear_k_per_split=256,
+                                weight_grad_block_n=64, weight_grad_block_i=64, weight_grad_block_j=64)
+# Read at every launch (tests swap it to run the GPU shapes in the interpreter).
+BLOCKS: BlockSizes = INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS
 REDUCE_MAX_SPLITS = 64
-# The MLP's long reduction (over C) is split into pieces of this many channels.
-LINEAR_K_PER_SPLIT = 256
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,24 +159,28 @@ class ReduceConfig:
     p_per_split: int
 
 
-@functools.lru_cache(maxsize=None)
 def reduce_config(c: int, p: int, channels_last: bool) -> ReduceConfig:
     """Block shape for summing ``(C=c, H·W=p)`` per channel; depends on the shape only.
 
-    NCHW: a tile is ``block_c`` channel rows of up to 256 contiguous pixels.
-    NHWC: a tile is up to 128 contiguous channels for ``block_p`` pixel rows.
+    NCHW: a tile is ``block_c`` channel rows of up to ``reduce_block_inner`` contiguous pixels.
+    NHWC: a tile is up to ``reduce_block_inner`` contiguous channels for ``block_p`` pixel rows.
     A sample's pixels are split across programs until each has about
-    :data:`REDUCE_ELEMENTS_PER_PROGRAM` elements, so a chunk has enough programs
-    to fill the GPU.
+    ``BLOCKS.reduce_elements_per_program`` elements, so a chunk has enough
+    programs to fill the GPU.
     """
+    return _reduce_config(int(c), int(p), bool(channels_last), BLOCKS)
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_config(c: int, p: int, channels_last: bool, blocks: BlockSizes) -> ReduceConfig:
     if channels_last:
-        block_c = min(next_power_of_2(c), 128)
-        block_p = min(max(1, REDUCE_TILE // block_c), next_power_of_2(p))
+        block_c = min(next_power_of_2(c), blocks.reduce_block_inner)
+        block_p = min(max(1, blocks.reduce_tile // block_c), next_power_of_2(p))
     else:
-        block_p = min(next_power_of_2(p), 256)
-        block_c = min(max(1, REDUCE_TILE // block_p), next_power_of_2(c))
+        block_p = min(next_power_of_2(p), blocks.reduce_block_inner)
+        block_c = min(max(1, blocks.reduce_tile // block_p), next_power_of_2(c))
     tiles_p = triton.cdiv(p, block_p)
-    wanted = round(block_c * p / REDUCE_ELEMENTS_PER_PROGRAM)
+    wanted = round(block_c * p / blocks.reduce_elements_per_program)
     splits = max(1, min(wanted, tiles_p, REDUCE_MAX_SPLITS))
     tiles_per_split = triton.cdiv(tiles_p, splits)
     splits = triton.cdiv(tiles_p, tiles_per_split)  # no empty split
@@ -151,7 +189,7 @@ def reduce_config(c: int, p: int, channels_last: bool) -> ReduceConfig:
 
 def linear_k_splits(k: int) -> int:
     """How many programs share one MLP reduction of length ``k``."""
-    return triton.cdiv(k, LINEAR_K_PER_SPLIT)
+    return triton.cdiv(k, BLOCKS.linear_k_per_split)
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,7 +224,7 @@ def elementwise_configs():
     would otherwise time every config on the CPU.
     """
     if INTERPRETED:
-        return [triton.Config({"TILE": 1024}, num_warps=4)]
+        return [triton.Config({"TILE": 8192}, num_warps=4)]
     return [triton.Config({"TILE": tile}, num_warps=warps)
             for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
 
@@ -194,6 +232,6 @@ def elementwise_configs():
 def elementwise_inner_block(c: int, p: int, channels_last: bool) -> int:
     """Block along the contiguous axis (``H·W`` for NCHW, ``C`` for NHWC) of an element-wise tile.
 
-    At most 256 (the smallest autotuned ``TILE`` is 1024, so a tile has at least 4 rows).
+    At most 256 (the smallest autotuned ``TILE`` is 2048, so a tile has at least 8 rows).
     """
     return min(next_power_of_2(c if channels_last else p), 256)

@@ -28,15 +28,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import _common
 from ._common import activation, activation_grad, gate, gate_grad_from_output, linear_k_splits
 
 FACTOR_NONE = 0
 FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v)
 FACTOR_ACTIVATION_GRAD = 2  # a · act'(u) from the saved pre-activation u
-
-BLOCK_N = 16
-BLOCK_J = 32
-BLOCK_K = 16
 
 
 @triton.jit
@@ -128,9 +125,11 @@ def launch_batched_linear(a_part: torch.Tensor, a_divisor: int, weight: torch.Te
         raise ValueError(f"out has {k_splits} k-splits; expected {linear_k_splits(k)} for K={k}")
     if out.dim() == 3 and (bias is not None or out_gate):
         raise ValueError("a split reduction cannot apply the output bias or gate")
-    k_per_split = triton.cdiv(triton.cdiv(k, k_splits), BLOCK_K) * BLOCK_K
+    blocks = _common.BLOCKS
+    block_n, block_j, block_k = blocks.linear_block_n, blocks.linear_block_j, blocks.linear_block_k
+    k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
     stride_wj, stride_wk = (1, j) if weight_transposed else (k, 1)
-    grid = (triton.cdiv(count, BLOCK_N), triton.cdiv(j, BLOCK_J), k_splits)
+    grid = (triton.cdiv(count, block_n), triton.cdiv(j, block_j), k_splits)
     # Unused pointer arguments get a read-only input (never dereferenced: the constexpr flags remove them).
     wrap_triton(batched_linear_kernel)[grid](
         a_part, a_splits, a_divisor, a_part if a_bias is None else a_bias, a_part if aux is None else aux,
@@ -138,4 +137,4 @@ def launch_batched_linear(a_part: torch.Tensor, a_divisor: int, weight: torch.Te
         n0, count, n, j, k, k_per_split,
         A_BIAS=a_bias is not None, A_FACTOR=a_factor, A_STORE=a_store is not None, A_ACTIVATE=a_activate,
         OUT_BIAS=bias is not None, OUT_GATE=out_gate, ACTIVATION=activation_code, GATE=gate_code,
-        ACC_FP64=out.dtype == torch.float64, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K, num_warps=4)
+        ACC_FP64=out.dtype == torch.float64, BLOCK_N=block_n, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)

@@ -15,11 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import _common
 from ._common import activation
-
-BLOCK_N = 16
-BLOCK_I = 32
-BLOCK_J = 32
 
 
 @triton.jit
@@ -67,7 +64,10 @@ def launch_weight_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias
     """
     n, i = a.shape
     j = b.shape[1]
-    grid = (triton.cdiv(i, BLOCK_I), triton.cdiv(j, BLOCK_J))
+    blocks = _common.BLOCKS
+    block_i, block_j = blocks.weight_grad_block_i, blocks.weight_grad_block_j
+    grid = (triton.cdiv(i, block_i), triton.cdiv(j, block_j))
     wrap_triton(weight_grad_kernel)[grid](
         a, b, out, bias_out, n, i, j, B_ACTIVATE=activate_b, ACTIVATION=activation_code,
-        ACC_FP64=a.dtype == torch.float64, BLOCK_N=BLOCK_N, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, num_warps=4)
+        ACC_FP64=a.dtype == torch.float64, BLOCK_N=blocks.weight_grad_block_n, BLOCK_I=block_i, BLOCK_J=block_j,
+        num_warps=4)

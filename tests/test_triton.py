@@ -1,0 +1,387 @@
+"""The Triton backend (se_fused/triton/) against the float64 reference.
+
+Runs in one of two modes, decided when triton is imported:
+
+* ``TRITON_INTERPRET=1`` (CI, no GPU): the kernels run in Triton's interpreter on
+  CPU tensors. The interpreter costs ~10 ms per kernel launch and more per
+  program, so the shapes are SPEC §3's small odd shapes.
+* a CUDA GPU without the interpreter: the same tests on CUDA tensors, plus the
+  SE-ResNet-50 stage shapes, a tensor of more than 2^31 elements, and the
+  ``torch.compile`` / ``opcheck`` tests of the ``triton_op`` registration
+  (which cannot run under the interpreter, see there).
+
+Neither: every test is skipped with the reason.
+
+The bound is the suite's one table (tests/tolerances.py): the Triton result's
+max-abs error against the float64 reference may be at most twice the error of
+the ``"eager"`` backend in the same dtype plus a floor. Inputs come from
+conftest.make_se_inputs (kinks of relu/hardsigmoid kept away from the data).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import pytest
+import torch
+
+import se_fused
+import se_fused.triton as se_triton
+from conftest import (CUDA_PRESENT, ODD_SHAPES, STAGE_SHAPES, SEShape, backend_se, make_se_inputs,
+                      reference_se, run_se)
+from se_fused._reference import eager_backward, eager_forward, excitation
+from tolerances import FLOOR, assert_close_to_reference
+
+Tensor = torch.Tensor
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else ("cuda" if CUDA_PRESENT else None)
+
+
+def _skip_reason():
+    if DEVICE is None:
+        return ("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 exported before triton is imported "
+                "to run them on CPU tensors; this machine has neither")
+    usable, why = se_triton.availability()
+    return None if usable else f"Triton backend not usable: {why}"
+
+
+SKIP_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU with Triton compiling natively "
+                                                       "(TRITON_INTERPRET unset)")
+
+ACT_GATES = [("relu", "sigmoid"), ("relu", "hardsigmoid"), ("silu", "sigmoid"), ("silu", "hardsigmoid")]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPE_IDS = ["float32", "float16", "bfloat16", "float64"]
+# The interpreter runs the odd shapes only; a GPU adds SE-ResNet-50's stage shapes (batch 2).
+SHAPES = ODD_SHAPES + (STAGE_SHAPES if DEVICE == "cuda" else ())
+
+
+def check_against_reference(inputs, grad: str = "random") -> Dict[str, Tensor]:
+    """Public API with backend "triton": forward and every gradient within the suite's bound.
+
+    Returns the Triton results (``{"out": ..., "x": grad, ...}``).
+    """
+    dtype = inputs.x.dtype
+    reference = reference_se(inputs, grad)
+    got = backend_se(inputs, "triton", grad)
+    baseline = backend_se(inputs, "eager", grad)
+    assert set(got) == set(reference)
+    for name, ref in reference.items():
+        assert got[name].dtype == dtype and got[name].device == inputs.x.device, name
+        label = "out" if name == "out" else f"grad of {name}"
+        assert_close_to_reference(f"triton: {label}", got[name], baseline[name], ref, dtype)
+    return got
+
+
+# The activation and gate are computed in the accumulation dtype whatever x's dtype, so
+# the dtype product runs two complementary (activation, gate) pairs and
+# test_activation_gate_product crosses all four with the layouts and the residual form.
+DTYPE_ACT_GATES = [("relu", "sigmoid"), ("silu", "hardsigmoid")]
+
+
+@pytest.mark.parametrize("activation,gate", DTYPE_ACT_GATES, ids=[f"{a}-{g}" for a, g in DTYPE_ACT_GATES])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+def test_matches_reference(shape, dtype, memory_format, residual, activation, gate):
+    """Forward and every gradient on SPEC §3's odd shapes (C = 7/33/37/40/64, R = 1, H·W ∈ {1, 3, 49, 3136},
+    N = 1; on a GPU also the stage shapes), every dtype, both layouts, plain and residual form."""
+    inputs = make_se_inputs(shape, dtype, memory_format, DEVICE, residual, activation, gate)
+    got = check_against_reference(inputs)
+    n, c, h, w = inputs.x.shape
+    if memory_format == "channels_last" and min(c, h * w) > 1:
+        assert got["out"].is_contiguous(memory_format=torch.channels_last), "out left x's layout"
+        assert got["x"].is_contiguous(memory_format=torch.channels_last), "grad of x left x's layout"
+
+
+ACT_GATE_SHAPES = (ODD_SHAPES[1], ODD_SHAPES[6])  # H·W = 49 with C = 37; R = C = 33
+
+
+@pytest.mark.parametrize("activation,gate", ACT_GATES, ids=[f"{a}-{g}" for a, g in ACT_GATES])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", ACT_GATE_SHAPES, ids=[s.id for s in ACT_GATE_SHAPES])
+def test_activation_gate_product(shape, dtype, memory_format, residual, activation, gate):
+    """All four (activation, gate) pairs in both layouts and both forms; float64 checks the formulas to
+    ~1e-15 (an error in a derivative cannot hide behind float32 rounding there)."""
+    inputs = make_se_inputs(shape, dtype, memory_format, DEVICE, residual, activation, gate)
+    check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("memory_format", ["sliced_nchw", "sliced_nhwc"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_strided_input(memory_format, residual):
+    """A non-contiguous x (a slice of a larger tensor) is brought to a dense layout, never read wrongly."""
+    inputs = make_se_inputs(ODD_SHAPES[1], torch.float32, memory_format, DEVICE, residual, "silu", "hardsigmoid")
+    check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_backward_through_sum(dtype, memory_format, residual):
+    """``out.sum().backward()`` hands the backward an expanded, stride-0 gradient (KERNEL-NOTES)."""
+    inputs = make_se_inputs(ODD_SHAPES[1], dtype, memory_format, DEVICE, residual, "silu", "sigmoid")
+    check_against_reference(inputs, grad="sum")
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_non_contiguous_grad_out(residual):
+    """A gradient that is a strided view (every other column of a wider tensor) is read by its strides."""
+    inputs = make_se_inputs(ODD_SHAPES[4], torch.float32, "channels_last", DEVICE, residual, "relu", "sigmoid")
+    n, c, h, w = inputs.grad_out.shape
+    wide = torch.zeros(n, c, h, 2 * w, dtype=inputs.grad_out.dtype, device=DEVICE)
+    wide[..., ::2] = inputs.grad_out
+    inputs = inputs.with_(grad_out=wide[..., ::2])
+    assert not inputs.grad_out.is_contiguous()
+    check_against_reference(inputs)
+
+
+def _backend_interface_run(inputs, residual_form: bool):
+    """Forward + backward through the backend interface (what FusedSEFunction calls) of triton and eager."""
+    args = inputs.tensors()[:5] + (inputs.residual, inputs.activation, inputs.gate)
+    results = {}
+    for name, module_forward, module_backward in (("triton", se_triton.forward, se_triton.backward),
+                                                  ("eager", eager_forward, eager_backward)):
+        out, pooled, hidden, scale = module_forward(*args)
+        grads = module_backward(inputs.grad_out, inputs.x, out if residual_form else None, inputs.fc1_weight,
+                                inputs.fc2_weight, pooled, hidden, scale, inputs.activation, inputs.gate)
+        results[name] = (out, pooled, hidden, scale) + tuple(grads)
+    return results
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_saved_intermediates(dtype, residual):
+    """``pooled``, ``hidden`` (pre-activation) and ``scale``: float32 (float64 for float64 x), shaped
+    (N, C)/(N, R)/(N, C), close to the float64 values; weight/bias gradients typed like the weights."""
+    shape = ODD_SHAPES[1]
+    inputs = make_se_inputs(shape, dtype, "channels_last", DEVICE, residual, "silu", "hardsigmoid")
+    results = _backend_interface_run(inputs, residual)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x64 = inputs.x.to(torch.float64)
+    pooled64 = x64.mean(dim=(2, 3))
+    hidden64, scale64 = excitation(pooled64, *(t.to(torch.float64) for t in inputs.tensors()[1:5]),
+                                   inputs.activation, inputs.gate)
+    expected_shapes = [(shape.n, shape.c), (shape.n, shape.r), (shape.n, shape.c)]
+    for index, name, ref in ((1, "pooled", pooled64), (2, "hidden", hidden64), (3, "scale", scale64)):
+        got, base = results["triton"][index], results["eager"][index]
+        assert got.dtype == acc and tuple(got.shape) == expected_shapes[index - 1], (name, got.dtype, got.shape)
+        # These are computed in the accumulation dtype, so its floor applies.
+        assert_close_to_reference(f"triton: {name}", got, base, ref, acc)
+    grad_residual = results["triton"][5]
+    assert (grad_residual is not None) == residual
+    for index, like in ((6, inputs.fc1_weight), (8, inputs.fc2_weight)):
+        weight_grad, bias_grad = results["triton"][index], results["triton"][index + 1]
+        assert weight_grad.shape == like.shape and weight_grad.dtype == like.dtype
+        assert bias_grad.shape == (like.shape[0],) and bias_grad.dtype == like.dtype
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_float32_weights_with_bfloat16_x(residual):
+    """Parameters may keep another float dtype than x (no autocast): gradients come back in theirs."""
+    inputs = make_se_inputs(ODD_SHAPES[4], torch.bfloat16, "channels_last", DEVICE, residual, "relu", "sigmoid")
+    inputs = inputs.with_(**{name: getattr(inputs, name).to(torch.float32)
+                             for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")})
+    results = _backend_interface_run(inputs, residual)
+    reference = reference_se(inputs)
+    triton_out, eager_out = results["triton"], results["eager"]
+    assert_close_to_reference("triton: out", triton_out[0], eager_out[0], reference["out"], torch.bfloat16)
+    assert_close_to_reference("triton: grad of x", triton_out[4], eager_out[4], reference["x"], torch.bfloat16)
+    for index, name in ((6, "fc1_weight"), (7, "fc1_bias"), (8, "fc2_weight"), (9, "fc2_bias")):
+        assert triton_out[index].dtype == torch.float32, name
+        # The weight gradients are float32 sums of bfloat16 products: float32's floor.
+        assert_close_to_reference(f"triton: grad of {name}", triton_out[index].reshape(reference[name].shape),
+                                  eager_out[index].reshape(reference[name].shape), reference[name], torch.float32)
+
+
+# Block shapes far smaller than any real configuration: a sample's H·W is split over
+# several programs (partial sums), the MLP's C-reduction over several programs
+# (K splits), and every chunk holds one sample, all on shapes the interpreter runs quickly.
+TINY_BLOCKS = dict(reduce_tile=256, reduce_block_inner=32, reduce_elements_per_program=128, linear_block_n=2,
+                   linear_block_j=8, linear_block_k=8, linear_k_per_split=16, weight_grad_block_n=2,
+                   weight_grad_block_i=8, weight_grad_block_j=8)
+
+
+# Per block set, a shape on which it splits the MLP's C-reduction (C > linear_k_per_split).
+SPLIT_CASES = {"tiny": SEShape(3, 40, 5, 9, 7), "gpu": SEShape(2, 260, 17, 3, 3)}
+
+
+@pytest.fixture(params=sorted(SPLIT_CASES))
+def split_case(request, monkeypatch):
+    """``(block set name, shape)``: runs a test with TINY_BLOCKS, and with the GPU's block shapes
+    (in the interpreter too, so that CI runs the reductions exactly as a GPU would order them)."""
+    from se_fused.triton import _common
+    blocks = _common.BlockSizes(**TINY_BLOCKS) if request.param == "tiny" else _common.GPU_BLOCKS
+    monkeypatch.setattr(_common, "BLOCKS", blocks)
+    return request.param, SPLIT_CASES[request.param]
+
+
+# float32 only: the split and chunk logic does not depend on the dtype (test_matches_reference covers
+# the dtypes), and each case costs seconds in the interpreter.
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_split_reductions_and_chunks(split_case, memory_format, residual, monkeypatch):
+    """Partial sums over H·W splits and C splits, and a batch in one-sample chunks, give the reference's
+    results; and chunking does not change a single bit (every sample's arithmetic is the same)."""
+    from se_fused.triton import _common
+    blocks_name, shape = split_case
+    inputs = make_se_inputs(shape, torch.float32, memory_format, DEVICE, residual, "silu", "sigmoid")
+    assert _common.linear_k_splits(shape.c) > 1, "the MLP's split reduction is not exercised"
+    if blocks_name == "tiny":
+        cfg = _common.reduce_config(shape.c, shape.h * shape.w, memory_format == "channels_last")
+        assert cfg.splits > 1, "the H·W split of the channel sums is not exercised"
+    whole_batch = check_against_reference(inputs)
+    monkeypatch.setattr(_common, "CHUNK_BYTES_OVERRIDE", 1)
+    assert _common.samples_per_chunk(shape.n, 1000, inputs.x.device) == 1
+    chunked = backend_se(inputs, "triton")
+    for name, t in whole_batch.items():
+        assert torch.equal(chunked[name], t), f"{name} changed when the batch was processed in chunks"
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_deterministic(dtype, memory_format, residual):
+    """The same inputs give bitwise the same output and gradients (no atomics, fixed summation order)."""
+    shape = STAGE_SHAPES[1] if DEVICE == "cuda" else ODD_SHAPES[3]
+    inputs = make_se_inputs(shape, dtype, memory_format, DEVICE, residual, "relu", "sigmoid")
+    first = backend_se(inputs, "triton")
+    second = backend_se(inputs, "triton")
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_empty_batch(residual):
+    """N = 0: empty output and input gradients, zero weight gradients (SPEC §2)."""
+    inputs = make_se_inputs(SEShape(1, 13, 3, 4, 5), torch.float32, "nchw", DEVICE, residual)
+    inputs = inputs.with_(**{name: getattr(inputs, name)[:0] for name in ("x", "residual", "grad_out")
+                             if getattr(inputs, name) is not None})
+    got = backend_se(inputs, "triton")
+    assert got["out"].shape == (0, 13, 4, 5) and got["x"].shape == (0, 13, 4, 5)
+    for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+        assert torch.count_nonzero(got[name]) == 0, name
+
+
+def test_nan_propagates_like_eager():
+    """A NaN in one sample makes that sample's output NaN where PyTorch's ops do, and no other sample's."""
+    inputs = make_se_inputs(ODD_SHAPES[1], torch.float32, "nchw", DEVICE, True, "relu", "hardsigmoid")
+    x = inputs.x.clone()
+    x[1, 3, 0, 2] = float("nan")
+    inputs = inputs.with_(x=x)
+    args = inputs.tensors() + (inputs.activation, inputs.gate)
+    got = se_fused.squeeze_excitation(*args, backend="triton")
+    expected = se_fused.squeeze_excitation(*args, backend="eager")
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert not torch.isnan(got[0]).any()
+    torch.testing.assert_close(got[0], expected[0])
+
+
+def test_available_and_listed():
+    """The backend reports itself usable, and se_fused lists it."""
+    usable, reason = se_triton.availability()
+    assert usable and reason
+    assert ("interpreter" in reason) == INTERPRETED
+    assert "triton" in se_fused.available_backends()
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    """Kernels compiled for the GPU refuse CPU tensors with a clear error (never a crash)."""
+    from se_fused.triton import _common
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    inputs = make_se_inputs(ODD_SHAPES[0], torch.float32, "nchw", "cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        se_triton.forward(*inputs.tensors(), "relu", "sigmoid")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The torch.library registration
+# ---------------------------------------------------------------------------------------------------------------
+
+INTERPRETER_COMPILE_REASON = (
+    "torch.compile and opcheck's test_faketensor/test_aot_dispatch_dynamic trace a triton_op's body, which "
+    "under TRITON_INTERPRET=1 enters the kernel with fake tensors and fails ('Attempted to access the data "
+    "pointer on an invalid python storage', KERNEL-NOTES); this runs on a GPU only")
+
+
+def _op_args(residual: bool, requires_grad: bool):
+    inputs = make_se_inputs(ODD_SHAPES[1], torch.float32, "channels_last", DEVICE, residual, "silu", "sigmoid")
+    tensors = [None if t is None else t.detach().requires_grad_(requires_grad) for t in inputs.tensors()]
+    return inputs, tuple(tensors) + ("silu", "sigmoid")
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_opcheck_schema_and_autograd_registration(residual):
+    """The ops' schemas and autograd registration are sound (the parts of opcheck the interpreter runs)."""
+    se_triton._load()
+    _, args = _op_args(residual, True)
+    torch.library.opcheck(torch.ops.se_fused.triton_squeeze_excitation_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.skipif(INTERPRETED, reason=INTERPRETER_COMPILE_REASON)
+@GPU_ONLY
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_opcheck_full(residual):
+    """All of opcheck (schema, autograd registration, fake tensors, AOT dispatch) on both ops."""
+    se_triton._load()
+    inputs, args = _op_args(residual, True)
+    torch.library.opcheck(torch.ops.se_fused.triton_squeeze_excitation_forward.default, args)
+    out, pooled, hidden, scale = torch.ops.se_fused.triton_squeeze_excitation_forward(
+        *(a.detach() if isinstance(a, Tensor) else a for a in args))
+    backward_args = (inputs.grad_out, inputs.x, out if residual else None, inputs.fc1_weight, inputs.fc2_weight,
+                     pooled, hidden, scale, "silu", "sigmoid")
+    torch.library.opcheck(torch.ops.se_fused.triton_squeeze_excitation_backward.default, backward_args)
+
+
+@pytest.mark.skipif(INTERPRETED, reason=INTERPRETER_COMPILE_REASON)
+@GPU_ONLY
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_torch_compile_sees_the_kernels(residual):
+    """``torch.compile(fullgraph=True)`` of the public API with backend "triton": no graph break, the
+    generated code launches the Triton kernels itself (the op is not opaque), same results as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    inputs = make_se_inputs(STAGE_SHAPES[3], torch.bfloat16, "channels_last", DEVICE, residual, "relu", "sigmoid")
+
+    def se(*tensors):
+        return se_fused.squeeze_excitation(*tensors, activation="relu", gate="sigmoid", backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(se, fullgraph=True)
+    eager = run_se(se, inputs)
+    result, code = run_and_get_code(lambda: run_se(compiled, inputs))
+    generated = "\n".join(code)
+    for kernel in ("channel_reduce_kernel", "batched_linear_kernel", "excite_forward_kernel"):
+        assert kernel in generated, f"{kernel} not in the compiled code: the op was not traced into"
+    for name, t in eager.items():
+        # Same kernels, same block shapes for the reductions: bitwise equal is expected, but Inductor may
+        # pick another autotune config for the element-wise kernels, which changes nothing numerically.
+        torch.testing.assert_close(result[name], t, rtol=0, atol=0, msg=name)
+
+
+@GPU_ONLY
+def test_more_than_two_to_the_31_elements():
+    """x of 2,149,580,800 elements (> 2^31): the last sample, whose offsets pass 2^31, matches eager on it alone."""
+    n, c, h, w, r = 2, 1024, 1024, 1025, 4
+    assert n * c * h * w > 2 ** 31
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
+    weights = (torch.randn(r, c, 1, 1, device="cuda") * c ** -0.5, torch.randn(r, device="cuda"),
+               torch.randn(c, r, 1, 1, device="cuda") * r ** -0.5, torch.randn(c, device="cuda"))
+    out, pooled, hidden, scale = se_triton.forward(x, *weights, None, "relu", "sigmoid")
+    expected = eager_forward(x[1:], *weights, None, "relu", "sigmoid")
+    torch.testing.assert_close(scale[1:], expected[3], rtol=1e-5, atol=1e-6)
+    # The same float32 scale rounded once: at most one bfloat16 ulp apart.
+    torch.testing.assert_close(out[1:], expected[0], rtol=2 ** -7, atol=0)
+    grad_out = torch.randn_like(x)
+    grads = se_triton.backward(grad_out, x, None, weights[0], weights[2], pooled, hidden, scale, "relu", "sigmoid")
+    expected_grads = eager_backward(grad_out[1:], x[1:], None, weights[0], weights[2], pooled[1:], hidden[1:],
+                                    scale[1:], "relu", "sigmoid")
+    torch.testing.assert_close(grads[0][1:], expected_grads[0], rtol=2 ** -7, atol=FLOOR[torch.bfloat16])
