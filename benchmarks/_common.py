@@ -121,7 +121,13 @@ def bytes_min(pass_name: str, residual: bool, shape: Sequence[int], dtype: torch
 # ----------------------------------------------------------------------------- environment
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of this checkout, with ``-dirty`` when tracked files differ from it."""
+    """``git rev-parse HEAD`` of this checkout, with ``-dirty`` when tracked files differ from it.
+
+    ``SE_FUSED_COMMIT`` overrides it: a copy of the tree without its ``.git``
+    (the GPU machine's) is told the commit by the caller.
+    """
+    if os.environ.get("SE_FUSED_COMMIT"):
+        return os.environ["SE_FUSED_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -91,8 +91,8 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nhwc_kernel(
     acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor) {
   __shared__ acc_t partial[kNhwcPixelLanes][kNhwcChannels];
   const int tx = threadIdx.x % kNhwcChannels, ty = threadIdx.x / kNhwcChannels;
-  const int64_t n = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kNhwcChannels + tx;
+  const int64_t n = blockIdx.x;  // x: up to 2^31-1 samples; y holds the channel tiles
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kNhwcChannels + tx;
   acc_t acc = 0;
   if (c < C) {
     for (int64_t p = ty; p < P; p += kNhwcPixelLanes) acc += sum_term<scalar_t, acc_t>(a, b, mask_by, (n * P + p) * C + c);
@@ -163,7 +163,7 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
     channel_sums_nchw_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor);
   } else {
-    const dim3 grid(static_cast<unsigned>((p.C + kNhwcChannels - 1) / kNhwcChannels), static_cast<unsigned>(p.N));
+    const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>((p.C + kNhwcChannels - 1) / kNhwcChannels));
     channel_sums_nhwc_kernel<scalar_t, acc_t><<<grid, kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, p.C, p.P,
                                                                                    factor);
   }

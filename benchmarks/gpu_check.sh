@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The one script a lent GPU machine runs (README: "Running on a GPU machine").
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repo root
+#   bash benchmarks/gpu_check.sh --dry-run  # rehearsal on a CPU-only machine
+#
+# Steps, each with its own time limit so the whole run ends inside ~8 minutes on
+# an H100/H200: build the extension (sm_90), print the installation, run the GPU
+# tests, the block and network benchmarks (quick), merge them into the SPEC §6
+# record, run compute-sanitizer (memcheck, racecheck) over every kernel path,
+# and, with the time left, sweep the cluster geometries of the stage shapes.
+# Files come back in $OUT (the device tool's folder; benchmarks/results/ when
+# unset): the record <date>-<gpu>-<commit>.json, the two benchmark JSONs and
+# PNGs, and gpu_check.log. A summary table is printed last. Exit status: 0 only
+# when every step passed.
+set -uo pipefail
+
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+if [[ $DRY_RUN -eq 1 ]]; then OUT_DIR=${OUT:-$ROOT/benchmarks/out/dry-run}; else OUT_DIR=${OUT:-$ROOT/benchmarks/results}; fi
+WORK=$(mktemp -d)
+LOG="$OUT_DIR/gpu_check.log"
+mkdir -p "$OUT_DIR"
+: > "$LOG"
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-470}   # leave room under the device call's limit
+SUMMARY=()
+FAILED=0
+export PYTHONUNBUFFERED=1 SE_FUSED_CUDA_VERBOSE=${SE_FUSED_CUDA_VERBOSE:-0}
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# step NAME LIMIT_S COMMAND...: run with a time limit, log everything, record status.
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s)
+  echo "=== [$name] (limit ${limit}s, at $(elapsed)s) $*" | tee -a "$LOG"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local status=ok
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then status="TIMEOUT"; FAILED=1
+  elif [[ $rc -ne 0 ]]; then status="FAIL(rc=$rc)"; FAILED=1; fi
+  SUMMARY+=("$(printf '%-12s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
+  echo "=== [$name] $status" | tee -a "$LOG"
+  return 0
+}
+
+# skip NAME REASON: record a step that did not run.
+skip() { SUMMARY+=("$(printf '%-12s %-14s %s' "$1" "skipped" "$2")"); echo "=== [$1] skipped: $2" | tee -a "$LOG"; }
+
+left() { echo $(( BUDGET - $(elapsed) )); }
+
+if [[ $DRY_RUN -eq 1 ]]; then
+  DEVICE_ARGS=(--device cpu)
+  SANITIZE=()
+  EXERCISE_ARGS=(--cpu-dry-run --quick)
+  TEST_SELECT=(tests/test_cuda.py tests/test_correctness.py -k "cuda or (cpu-cpu and 2048)")
+else
+  DEVICE_ARGS=(--device cuda)
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
+  SANITIZE=("$SANITIZER" --error-exitcode 1 --print-limit 20)
+  EXERCISE_ARGS=(--quick)
+  TEST_SELECT=(tests/test_cuda.py tests/test_correctness.py tests/test_triton.py tests/test_compile.py
+               tests/test_opcheck.py -k "cuda or triton")
+fi
+
+# --- 1. environment and build -------------------------------------------------
+# The commit measured: SE_FUSED_COMMIT when the caller knows it (a tree copied without .git), else git's.
+if [[ -z "${SE_FUSED_COMMIT:-}" ]] && git rev-parse HEAD >/dev/null 2>&1; then
+  SE_FUSED_COMMIT=$(git rev-parse HEAD)$([[ -n "$(git status --porcelain --untracked-files=no)" ]] && echo -dirty)
+fi
+export SE_FUSED_COMMIT=${SE_FUSED_COMMIT:-unknown}
+step env 30 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'; echo commit \$SE_FUSED_COMMIT"
+if [[ $DRY_RUN -eq 1 ]]; then
+  step build 60 "$PY" -c "import se_fused._C, se_fused._ops as o; print('extension present; CUDA kernels built:', o.cuda_kernels_built())"
+else
+  step build 240 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -q -e .
+fi
+step info 60 "$PY" -m se_fused
+if [[ $DRY_RUN -eq 0 ]]; then
+  step usable 30 "$PY" -c "import se_fused, sys; b = se_fused.available_backends(); print(b); sys.exit(0 if 'cuda' in b else 1)"
+fi
+
+# --- 2. GPU tests -------------------------------------------------------------
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN -eq 0 ]]; then XDIST=(-n 6); fi
+step tests 200 "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_SELECT[@]}"
+
+# --- 3. benchmarks and the record ---------------------------------------------
+step bench-block 130 "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" --out "$WORK" --json-name block.json --no-progress
+step bench-net 130 "$PY" benchmarks/bench_network.py --quick "${DEVICE_ARGS[@]}" --out "$WORK" --json-name network.json --no-progress
+if [[ -f "$WORK/block.json" && -f "$WORK/network.json" ]]; then
+  step record 30 "$PY" benchmarks/make_record.py --block "$WORK/block.json" --network "$WORK/network.json" --out "$OUT_DIR" --markdown "$WORK/summary.md"
+else
+  skip record "a benchmark wrote no JSON"
+  FAILED=1
+fi
+for f in "$WORK"/*.json "$WORK"/*.png; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
+
+# --- 4. compute-sanitizer over every kernel path --------------------------------
+for tool in memcheck racecheck; do
+  if (( $(left) > 60 )); then
+    if [[ ${#SANITIZE[@]} -gt 0 ]]; then
+      step "$tool" $(( $(left) < 120 ? $(left) - 20 : 100 )) "${SANITIZE[@]}" --tool "$tool" "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
+    else
+      step "$tool" 120 "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
+    fi
+  else
+    skip "$tool" "out of time budget ($(elapsed)s used)"
+  fi
+done
+
+# --- 5. with the time left: cluster geometry sweep ------------------------------
+if [[ $DRY_RUN -eq 0 && $(left) -gt 45 ]]; then
+  step tune $(( $(left) - 15 )) "$PY" benchmarks/tune_cluster.py --max-seconds $(( $(left) - 25 ))
+fi
+
+# --- summary (printed last) -----------------------------------------------------
+{
+  echo
+  echo "==================== gpu_check summary ($(elapsed)s, dry-run=$DRY_RUN) ===================="
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  [[ -f "$WORK/summary.md" ]] && cat "$WORK/summary.md"
+  echo "files in $OUT_DIR:"; ls -1 "$OUT_DIR" | head -20
+  [[ $FAILED -eq 0 ]] && echo "RESULT: all steps passed" || echo "RESULT: SOME STEPS FAILED (see above and gpu_check.log)"
+} 2>&1 | tee -a "$LOG"
+rm -rf "$WORK"
+exit $FAILED

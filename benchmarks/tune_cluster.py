@@ -1,0 +1,107 @@
+"""Sweep the cluster path's geometries (M CTAs per sample, G samples per cluster) on a GPU.
+
+For each SE-ResNet-50 stage shape (batch 256, bfloat16 by default), layout and
+pass, times the raw forward/backward op under every geometry the planner can
+launch (``SE_FUSED_CUDA_PLAN=M,G``), the automatic choice and the two-pass path,
+and prints them as GB/s of the pass's minimum traffic (SPEC §4). It tells
+whether the planner's cost model picks the fastest geometry.
+
+Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import se_fused  # noqa: F401  (loads the ops)
+
+STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x": (1024, 64, 14, 14),
+          "conv5_x": (2048, 128, 7, 7)}
+PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
+
+
+def time_ms(fn, reps: int = 10) -> float:
+    """Median of ``reps`` timed calls (CUDA events) after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def set_path(path: str, plan: str = "") -> None:
+    os.environ["SE_FUSED_CUDA_PATH"] = path
+    if plan:
+        os.environ["SE_FUSED_CUDA_PLAN"] = plan
+    else:
+        os.environ.pop("SE_FUSED_CUDA_PLAN", None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-seconds", type=float, default=120.0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("tune_cluster: needs a GPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    ops = torch.ops.se_fused
+    deadline = time.time() + args.max_seconds
+    print(f"device {torch.cuda.get_device_name()}, batch {args.batch}, {args.dtype}; GB/s of minimum traffic")
+    print(f"{'stage':8s} {'layout':6s} {'pass':8s} {'auto':>7s} {'2-pass':>7s}  best plan (GB/s)  all plans")
+    for stage, (c, r, h, w) in STAGES.items():
+        for layout in ("NHWC", "NCHW"):
+            if time.time() > deadline:
+                print("tune_cluster: time budget used up")
+                return 0
+            fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+            x = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            g = torch.randn_like(x)
+            w1 = torch.randn(r, c, 1, 1, device="cuda") * 0.05
+            b1 = torch.zeros(r, device="cuda")
+            w2 = torch.randn(c, r, 1, 1, device="cuda") * 0.1
+            b2 = torch.zeros(c, device="cuda")
+            t_bytes = x.numel() * x.element_size()
+            set_path("auto")
+            _, pooled, hidden, scale = ops.squeeze_excitation_forward(x, w1, b1, w2, b2, None, "relu", "sigmoid")
+            passes = {
+                "forward": (2 * t_bytes, lambda: ops.squeeze_excitation_forward(x, w1, b1, w2, b2, None, "relu",
+                                                                                "sigmoid")),
+                "backward": (3 * t_bytes, lambda: ops.squeeze_excitation_backward(g, x, None, w1, w2, pooled, hidden,
+                                                                                  scale, "relu", "sigmoid")),
+            }
+            for name, (nbytes, fn) in passes.items():
+                results = {}
+                for label, path, plan in [("auto", "auto", ""), ("2-pass", "two_pass", "")] + \
+                        [(p, "cluster", p) for p in PLANS]:
+                    set_path(path, plan)
+                    try:
+                        results[label] = nbytes / time_ms(fn) / 1e6
+                    except RuntimeError:
+                        continue  # this geometry does not fit the shape
+                set_path("auto")
+                plans = {k: v for k, v in results.items() if k not in ("auto", "2-pass")}
+                best = max(plans, key=plans.get) if plans else "-"
+                listing = " ".join(f"{k}:{v:.0f}" for k, v in sorted(plans.items()))
+                print(f"{stage:8s} {layout:6s} {name:8s} {results.get('auto', 0):7.0f} {results.get('2-pass', 0):7.0f}"
+                      f"  {best} ({plans.get(best, 0):.0f})  {listing}")
+            del x, g
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
