@@ -269,6 +269,8 @@ def run_config(args, device, stage, dtype, memory_format, residual, impls, passe
             rows.append(row)
         bar.update(1)
     del blocks, sets, eager_reference
+    if "compile" in impls:
+        torch._dynamo.reset()  # drop this configuration's compiled graphs (and the tensors they hold)
     common.free_memory(device)
     return rows
 
