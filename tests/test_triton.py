@@ -367,6 +367,21 @@ def test_torch_compile_sees_the_kernels(residual):
 
 
 @GPU_ONLY
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_autotuned_elementwise_kernels_give_the_same_bits(memory_format, residual, monkeypatch):
+    """SE_FUSED_TRITON_AUTOTUNE=1 (tile chosen by timing; needs a GPU to time) changes no result:
+    the tuned kernels are element-wise, the reductions keep their shape-only blocks."""
+    from se_fused.triton import _common
+    inputs = make_se_inputs(STAGE_SHAPES[2], torch.bfloat16, memory_format, DEVICE, residual, "relu", "sigmoid")
+    default = backend_se(inputs, "triton")
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    tuned = backend_se(inputs, "triton")
+    for name, t in default.items():
+        assert torch.equal(tuned[name], t), name
+
+
+@GPU_ONLY
 def test_more_than_two_to_the_31_elements():
     """x of 2,149,580,800 elements (> 2^31): the last sample, whose offsets pass 2^31, matches eager on it alone."""
     n, c, h, w, r = 2, 1024, 1024, 1025, 4

@@ -8,14 +8,15 @@ valid for triton 3.6 (the GPU machine) and 3.8 (the CPU interpreter).
 Determinism: the kernels that reduce (channel sums, the MLP, the weight
 gradients) use block shapes chosen here from the problem shape alone, never by
 timing, so their summation order and therefore their bits are reproducible
-across runs and processes. Only the element-wise kernels are autotuned.
+across runs and processes. Only the element-wise kernels may be autotuned
+(``SE_FUSED_TRITON_AUTOTUNE=1``), which cannot change their results.
 """
 from __future__ import annotations
 
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -36,6 +37,9 @@ CHUNK_L2_FRACTION = 0.5
 DEFAULT_CHUNK_BYTES = 25 << 20
 # Tests set this to force small chunks (and so exercise the chunk loop) on small tensors.
 CHUNK_BYTES_OVERRIDE: Optional[int] = None
+# SE_FUSED_TRITON_AUTOTUNE=1: the element-wise kernels pick their tile by timing
+# (see elementwise_autotune_configs); never under the interpreter.
+AUTOTUNE: bool = os.environ.get("SE_FUSED_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETED
 
 
 
@@ -69,7 +73,7 @@ class BlockSizes:
 # 128 along the contiguous axis wastes little on SE-ResNet's H·W (3136 = 24.5·128, 784 = 6.1·128).
 GPU_BLOCKS = BlockSizes(reduce_tile=2048, reduce_block_inner=128, reduce_elements_per_program=16384,
                         linear_block_n=16, linear_block_j=32, linear_block_k=16, linear_k_per_split=256,
-                        weight_grad_block_n=16, weight_grad_block_i=32, weight_grad_block_j=32)
+                        weight_grad_block_n=8, weight_grad_block_i=32, weight_grad_block_j=32)
 # Interpreter: its cost is per program and per operation, hardly per element, so the
 # tiles are large and the programs few (the kernels' code is the same).
 INTERPRETER_BLOCKS = BlockSizes(reduce_tile=8192, reduce_block_inner=256, reduce_elements_per_program=1 << 20,
@@ -138,7 +142,8 @@ def gate_grad_from_output(s, GATE: tl.constexpr):
     if GATE == 0:
         return s * (1.0 - s)
     else:
-        return tl.where((s > 0.0) & (s < 1.0), 1.0 / 6.0, 0.0)
+        # Divide in s's dtype: a literal 1/6 would be a float32 constant, wrong in the 7th digit for float64.
+        return tl.where((s > 0.0) & (s < 1.0), 1.0, 0.0).to(s.dtype) / 6.0
 
 
 # ---------------------------------------------------------------------------
@@ -215,16 +220,27 @@ def samples_per_chunk(n: int, pass1_bytes_per_sample: int, device: torch.device)
     return max(1, min(n, budget // max(1, pass1_bytes_per_sample)))
 
 
-def elementwise_configs():
-    """Autotune configurations of the element-wise kernels (excite forward/backward).
+def elementwise_config(c: int, p: int) -> Tuple[int, int]:
+    """``(TILE, num_warps)`` of the element-wise kernels (excite forward/backward) without autotuning.
 
-    ``TILE`` elements per program, split into ``TILE // BLOCK_INNER`` rows of
-    the contiguous axis. On an H100 a program should move 8–32 KB (16 B vector
-    loads, several in flight per thread). The interpreter gets one config: it
-    would otherwise time every config on the CPU.
+    ``TILE`` elements per program, split into ``TILE // BLOCK_INNER`` rows of the
+    contiguous axis. On an H100 a program of 4096 elements at 8 warps moves 8–16 KB
+    per tensor with two 16-byte loads per thread in flight; a chunk of ~25 MB then
+    has thousands of programs. The interpreter's cost is per program: one large tile.
     """
     if INTERPRETED:
-        return [triton.Config({"TILE": 8192}, num_warps=4)]
+        return 8192, 4
+    return 4096, 8
+
+
+def elementwise_autotune_configs():
+    """Autotune candidates of the element-wise kernels (used with ``SE_FUSED_TRITON_AUTOTUNE=1``).
+
+    Off by default: tuning times every candidate on the first call of each
+    shape, which costs seconds in a test run of many small shapes. Whether it
+    beats :func:`elementwise_config` on an H100 is for the benchmark to say.
+    The result never depends on the configuration (there is no reduction).
+    """
     return [triton.Config({"TILE": tile}, num_warps=warps)
             for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
 
@@ -232,6 +248,6 @@ def elementwise_configs():
 def elementwise_inner_block(c: int, p: int, channels_last: bool) -> int:
     """Block along the contiguous axis (``H·W`` for NCHW, ``C`` for NHWC) of an element-wise tile.
 
-    At most 256 (the smallest autotuned ``TILE`` is 2048, so a tile has at least 8 rows).
+    At most 256 (every ``TILE`` is at least 2048, so a tile has at least 8 rows).
     """
     return min(next_power_of_2(c if channels_last else p), 256)

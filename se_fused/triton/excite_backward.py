@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import elementwise_configs, elementwise_inner_block
+from . import _common
+from ._common import elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
-@triton.autotune(configs=elementwise_configs(), key=["C", "P", "HAS_OUT", "CHANNELS_LAST", "BLOCK_INNER"])
 @triton.jit
 def excite_backward_kernel(grad_out_ptr, out_ptr, scale_ptr, dz_ptr, grad_x_ptr, grad_residual_ptr, n0, C, P,
                            HAS_OUT: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -26,7 +26,7 @@ def excite_backward_kernel(grad_out_ptr, out_ptr, scale_ptr, dz_ptr, grad_x_ptr,
     ``grad_out``/``out``/``grad_x``/``grad_residual (N, C, H, W)`` in one layout;
     ``scale``/``dz (N, C)`` in the accumulation dtype.
     """
-    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER
+    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER  # TILE, BLOCK_INNER: powers of two
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
@@ -66,6 +66,12 @@ def excite_backward_kernel(grad_out_ptr, out_ptr, scale_ptr, dz_ptr, grad_x_ptr,
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+# The same kernel choosing TILE/num_warps by timing (SE_FUSED_TRITON_AUTOTUNE=1); the key
+# holds everything the best tile can depend on (tensor dtypes are added by Triton).
+excite_backward_kernel_autotuned = triton.autotune(configs=elementwise_autotune_configs(),
+                                                  key=["C", "P", "HAS_OUT", "CHANNELS_LAST", "BLOCK_INNER"])(excite_backward_kernel)
+
+
 def launch_excite_backward(grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,
                            dz: torch.Tensor, grad_x: torch.Tensor, grad_residual: torch.Tensor,
                            n0: int, count: int, channels_last: bool) -> None:
@@ -82,7 +88,12 @@ def launch_excite_backward(grad_out: torch.Tensor, out: Optional[torch.Tensor], 
     def grid(meta):
         return (count * triton.cdiv(outer_size, meta["TILE"] // block_inner) * triton.cdiv(inner_size, block_inner),)
 
-    wrap_triton(excite_backward_kernel)[grid](
+    if _common.AUTOTUNE:
+        launch, options = wrap_triton(excite_backward_kernel_autotuned), {}
+    else:
+        tile, warps = elementwise_config(c, p)
+        launch, options = wrap_triton(excite_backward_kernel), dict(TILE=tile, num_warps=warps)
+    launch[grid](
         grad_out, grad_out if out is None else out, scale, dz, grad_x, grad_residual, n0, c, p,
         HAS_OUT=out is not None, CHANNELS_LAST=channels_last,
-        ACC_FP64=scale.dtype == torch.float64, BLOCK_INNER=block_inner)
+        ACC_FP64=scale.dtype == torch.float64, BLOCK_INNER=block_inner, **options)

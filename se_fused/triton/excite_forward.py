@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import elementwise_configs, elementwise_inner_block
+from . import _common
+from ._common import elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
-@triton.autotune(configs=elementwise_configs(), key=["C", "P", "HAS_RESIDUAL", "CHANNELS_LAST", "BLOCK_INNER"])
 @triton.jit
 def excite_forward_kernel(x_ptr, scale_ptr, residual_ptr, out_ptr, n0, C, P,
                           HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -27,7 +27,7 @@ def excite_forward_kernel(x_ptr, scale_ptr, residual_ptr, out_ptr, n0, C, P,
     ``x``/``residual``/``out (N, C, H, W)`` in one layout; ``scale (N, C)`` in
     the accumulation dtype. The product is formed in that dtype and rounded once.
     """
-    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER
+    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER  # TILE, BLOCK_INNER: powers of two
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
@@ -64,6 +64,12 @@ def excite_forward_kernel(x_ptr, scale_ptr, residual_ptr, out_ptr, n0, C, P,
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The same kernel choosing TILE/num_warps by timing (SE_FUSED_TRITON_AUTOTUNE=1); the key
+# holds everything the best tile can depend on (tensor dtypes are added by Triton).
+excite_forward_kernel_autotuned = triton.autotune(configs=elementwise_autotune_configs(),
+                                                 key=["C", "P", "HAS_RESIDUAL", "CHANNELS_LAST", "BLOCK_INNER"])(excite_forward_kernel)
+
+
 def launch_excite_forward(x: torch.Tensor, scale: torch.Tensor, residual: Optional[torch.Tensor],
                           out: torch.Tensor, n0: int, count: int, channels_last: bool) -> None:
     """Write ``out[n0:n0+count]``: ``x·scale`` or ``relu(x·scale + residual)``.
@@ -78,7 +84,12 @@ def launch_excite_forward(x: torch.Tensor, scale: torch.Tensor, residual: Option
     def grid(meta):
         return (count * triton.cdiv(outer_size, meta["TILE"] // block_inner) * triton.cdiv(inner_size, block_inner),)
 
-    wrap_triton(excite_forward_kernel)[grid](
+    if _common.AUTOTUNE:
+        launch, options = wrap_triton(excite_forward_kernel_autotuned), {}
+    else:
+        tile, warps = elementwise_config(c, p)
+        launch, options = wrap_triton(excite_forward_kernel), dict(TILE=tile, num_warps=warps)
+    launch[grid](
         x, scale, x if residual is None else residual, out, n0, c, p,
         HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last,
-        ACC_FP64=scale.dtype == torch.float64, BLOCK_INNER=block_inner)
+        ACC_FP64=scale.dtype == torch.float64, BLOCK_INNER=block_inner, **options)

@@ -119,14 +119,14 @@ def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tenso
     pooled, hidden, scale = pooled.contiguous(), hidden.contiguous(), scale.contiguous()
     grad_x = torch.empty_like(x)
     grad_residual = torch.empty_like(x) if out is not None else x.new_empty((0,))
+    # Weight gradients shaped and typed like the weights (bias gradients typed like their weight).
     grad_w1 = torch.empty_like(fc1_weight, memory_format=torch.contiguous_format)
     grad_b1 = fc1_weight.new_empty((r,))
     grad_w2 = torch.empty_like(fc2_weight, memory_format=torch.contiguous_format)
     grad_b2 = fc2_weight.new_empty((c,))
-    if n == 0:
-        for t in (grad_w1, grad_b1, grad_w2, grad_b2):
-            t.zero_()
-        return grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2
+    if n == 0:  # no samples: the sums over the batch are zero
+        return (grad_x, grad_residual, torch.zeros_like(grad_w1), torch.zeros_like(grad_b1),
+                torch.zeros_like(grad_w2), torch.zeros_like(grad_b2))
 
     act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
     cfg = reduce_config(c, p, channels_last)
