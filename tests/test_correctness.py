@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import se_fused
-from se_fused._reference import gate_fn
+from se_fused._reference import excitation, gate_fn
+from se_fused._validation import validate_se_inputs
+from se_fused.backends import resolve_backend
 from conftest import ODD_SHAPES, SKIPPED_DEVICE_BACKENDS, STAGE_SHAPES, backend_se, cached_run, why_not_run
 from tolerances import assert_close_to_reference
 
@@ -117,6 +119,54 @@ def test_stage_shapes(se_device_backend, se_stage_shape, se_dtype, memory_format
     device, backend = se_device_backend
     inputs = se_inputs(se_stage_shape, se_dtype, memory_format, device, residual, activation, gate)
     check_backend(inputs, backend, request=request)
+
+
+INTERMEDIATE_SHAPES = list(ODD_SHAPES) + [STAGE_SHAPES[0], STAGE_SHAPES[3]]
+INTERMEDIATE_ACT_GATES = [("relu", "sigmoid"), ("silu", "hardsigmoid")]
+
+
+def _intermediates_reference(inputs):
+    """float64 ``(pooled (N, C), hidden (N, R) pre-activation, scale (N, C))`` from the reference math."""
+    f64 = [t.detach().to(torch.float64) for t in inputs.tensors()[:5]]
+    pooled = f64[0].mean(dim=(2, 3))
+    hidden, scale = excitation(pooled, *f64[1:], inputs.activation, inputs.gate)
+    return pooled, hidden, scale
+
+
+def _intermediates_plain(inputs):
+    """The same three in the storage dtype with plain PyTorch ops (the baseline for the eager backend)."""
+    x, w1, b1, w2, b2 = (t.detach() for t in inputs.tensors()[:5])
+    pooled = x.mean(dim=(2, 3))
+    hidden, scale = excitation(pooled, w1, b1, w2, b2, inputs.activation, inputs.gate)
+    return pooled, hidden, scale
+
+
+@pytest.mark.parametrize("activation,gate", INTERMEDIATE_ACT_GATES,
+                         ids=[f"{a}-{g}" for a, g in INTERMEDIATE_ACT_GATES])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", INTERMEDIATE_SHAPES, ids=[s.id for s in INTERMEDIATE_SHAPES])
+def test_saved_intermediates(se_device_backend, shape, se_dtype, memory_format, activation, gate, se_inputs):
+    """The forward's saved pooled means, pre-activations and scales: float32 (float64 for float64 x), accurate.
+
+    SPEC §1 requires float32 accumulation whatever the storage dtype. The
+    output of a bfloat16 call cannot show a pooled mean rounded to bfloat16 (the
+    error stays under one bfloat16 ulp of the output), but the saved float32
+    intermediates can: they are held to the float32 floor, with the eager
+    backend (or for eager itself the plain ops in the storage dtype) as baseline.
+    """
+    device, backend = se_device_backend
+    inputs = se_inputs(shape, se_dtype, memory_format, device, False, activation, gate)
+    x, w1, b1, w2, b2, res = validate_se_inputs(*inputs.tensors(), activation, gate)
+    _, *got = resolve_backend(backend, x.device).forward(x, w1, b1, w2, b2, res, activation, gate)
+    if backend == "eager":
+        baseline = _intermediates_plain(inputs)
+    else:
+        _, *baseline = resolve_backend("eager", x.device).forward(x, w1, b1, w2, b2, res, activation, gate)
+    acc = torch.float64 if se_dtype == torch.float64 else torch.float32
+    for name, g, b, ref in zip(("pooled", "hidden", "scale"), got, baseline, _intermediates_reference(inputs)):
+        assert g.dtype == acc and g.device == x.device, f"{name}: {g.dtype} on {g.device}"
+        assert g.is_contiguous(), f"{name}: strides {g.stride()}"
+        assert_close_to_reference(f"backend {backend!r}: saved {name}", g, b, ref, acc)
 
 
 SUM_SHAPES = [ODD_SHAPES[1], STAGE_SHAPES[3]]
