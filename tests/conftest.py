@@ -6,17 +6,21 @@ whatever machine it is on:
 
 * ``se_device_backend`` -> ``(device, backend)``: ``("cpu", "eager")``, ``("cpu", "cpu")``,
   and with a CUDA GPU ``("cuda", "eager")``, ``("cuda", "cuda")``, ``("cuda", "triton")``.
-  Cases that cannot run here are collected and skipped with the reason.
-  ``("cpu", "triton")`` is always skipped here: under ``TRITON_INTERPRET=1`` the
-  Triton kernels run on CPU tensors but about 1000x slower, and
-  ``tests/test_triton.py`` covers that path on small shapes; repeating this
-  file's product there would cost more than the rest of the suite.
+  Only runnable cases enter the products; each one left out appears once as a
+  skipped test with its reason (test_correctness.py::test_device_backend_not_run_here).
+  ``("cpu", "triton")`` is always left out: under ``TRITON_INTERPRET=1`` the
+  Triton kernels run on CPU tensors, but their programs run one after another
+  in Python, and ``tests/test_triton.py`` covers that path on small shapes;
+  repeating these products there would cost more than the rest of the suite.
 * ``se_stage_shape`` / ``se_odd_shape`` -> :class:`SEShape` (SPEC §3).
 * ``se_dtype`` -> float32, float16, bfloat16, float64.
 * ``se_memory_format`` -> ``"nchw"``, ``"channels_last"``, ``"sliced_nchw"``, ``"sliced_nhwc"``.
 
-and the fixtures :func:`se_inputs` (a factory for deterministic inputs) and
-:func:`se_run` (forward + backward of one implementation, gradients collected).
+Inputs come from :func:`make_se_inputs` (also the fixture ``se_inputs``);
+:func:`run_se` runs one implementation forward and backward and collects every
+gradient; :func:`reference_se` is the float64 ground truth, :func:`backend_se`
+the public API with a named backend, :func:`plain_se` the textbook SE in the
+storage dtype, and :func:`cached_run` computes references/baselines once per case.
 """
 from __future__ import annotations
 
@@ -95,8 +99,8 @@ SE_MEMORY_FORMATS = ("nchw", "channels_last", "sliced_nchw", "sliced_nhwc")
 
 CUDA_PRESENT = torch.cuda.is_available() and torch.cuda.device_count() > 0
 NO_GPU_REASON = "needs an NVIDIA GPU; torch.cuda.is_available() is False on this machine"
-CPU_TRITON_REASON = ("Triton on CPU tensors runs only under TRITON_INTERPRET=1 (~1000x slower); "
-                     "tests/test_triton.py covers that path on small shapes")
+CPU_TRITON_REASON = ("Triton on CPU tensors runs only under TRITON_INTERPRET=1 (one program at a time, "
+                     "in Python); tests/test_triton.py covers that path on small shapes")
 
 ALL_DEVICE_BACKENDS = (("cpu", "eager"), ("cpu", "cpu"), ("cpu", "triton"),
                        ("cuda", "eager"), ("cuda", "cuda"), ("cuda", "triton"))

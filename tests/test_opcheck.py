@@ -12,10 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SEShape, make_se_inputs
+from conftest import CUDA_PRESENT, NO_GPU_REASON, SEShape, make_se_inputs
 from se_fused import _ops
 
 pytestmark = pytest.mark.skipif(not _ops.extension_loaded(), reason="se_fused._C not built")
+
+# The CPU kernels everywhere; the CUDA kernels where a GPU is present (the fake kernel
+# must describe both: same shapes, dtypes and strides).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not (CUDA_PRESENT and _ops.cuda_kernels_built()), reason=NO_GPU_REASON + " or CUDA kernels not built")])]
 
 FORWARD = torch.ops.se_fused.squeeze_excitation_forward.default
 BACKWARD = torch.ops.se_fused.squeeze_excitation_backward.default
@@ -40,8 +45,8 @@ SAMPLE_IDS = [f"{str(d).replace('torch.', '')}-{f}-{'residual' if r else 'plain'
               for d, f, r, a, g in SAMPLES]
 
 
-def _forward_args(dtype, memory_format, residual, activation, gate, requires_grad: bool):
-    inputs = make_se_inputs(SHAPE, dtype, memory_format, "cpu", residual, activation, gate)
+def _forward_args(dtype, memory_format, residual, activation, gate, requires_grad: bool, device: str = "cpu"):
+    inputs = make_se_inputs(SHAPE, dtype, memory_format, device, residual, activation, gate)
     # detach(): fresh tensors over the same storage and strides (strided views stay strided).
     tensors = [None if t is None else t.detach() for t in inputs.tensors()]
     if requires_grad:
@@ -51,29 +56,32 @@ def _forward_args(dtype, memory_format, residual, activation, gate, requires_gra
 
 @pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
-def test_opcheck_forward(dtype, memory_format, residual, activation, gate, requires_grad):
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_forward(device, dtype, memory_format, residual, activation, gate, requires_grad):
     """``se_fused::squeeze_excitation_forward``: all default opcheck tests."""
-    _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad)
+    _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad, device)
     torch.library.opcheck(FORWARD, args)
 
 
 @pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
-def test_opcheck_backward(dtype, memory_format, residual, activation, gate):
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward(device, dtype, memory_format, residual, activation, gate):
     """``se_fused::squeeze_excitation_backward`` with the forward's saved tensors: all default opcheck tests.
 
     The backward op is not itself differentiable (no double backward), so its
     inputs do not require grad.
     """
-    inputs, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad=False)
+    inputs, args = _forward_args(dtype, memory_format, residual, activation, gate, False, device)
     x, w1, b1, w2, b2, res = args[:6]
     out, pooled, hidden, scale = FORWARD(*args)
     torch.library.opcheck(BACKWARD, (inputs.grad_out, x, out if residual else None, w1, w2, pooled, hidden, scale,
                                      activation, gate))
 
 
-def test_opcheck_backward_with_expanded_grad():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_with_expanded_grad(device):
     """The backward op given a stride-0 (expanded) gradient, as ``out.sum().backward()`` produces."""
-    _, args = _forward_args(torch.float32, "channels_last", True, "relu", "sigmoid", requires_grad=False)
+    _, args = _forward_args(torch.float32, "channels_last", True, "relu", "sigmoid", False, device)
     x, w1, b1, w2, b2, res = args[:6]
     out, pooled, hidden, scale = FORWARD(*args)
     grad_out = torch.ones((), dtype=x.dtype).expand_as(x)
