@@ -13,6 +13,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 #include <cstdio>
@@ -214,6 +215,67 @@ void check_case(const Case& c, at::ScalarType dtype, uint64_t seed, at::Device d
   }
 }
 
+// The ops as a differentiable function for C++ training code (the example of docs/cpp.md):
+// forward saves x, the weights, the small per-sample intermediates and, in the residual form,
+// the output; backward calls the backward op.
+struct SqueezeExcitationFunction : public torch::autograd::Function<SqueezeExcitationFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w1,
+                        const Tensor& b1, const Tensor& w2, const Tensor& b2, const std::optional<Tensor>& residual,
+                        const std::string& act, const std::string& gt) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
+                         .typed<ForwardSig>();
+    auto [out, pooled, hidden, scale] = op.call(x, w1, b1, w2, b2, residual, act, gt);
+    ctx->save_for_backward({x, residual ? out : Tensor(), w1, w2, pooled, hidden, scale});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["gate"] = gt;
+    ctx->saved_data["residual"] = residual.has_value();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("se_fused::squeeze_excitation_backward", "")
+                         .typed<BackwardSig>();
+    auto s = ctx->get_saved_variables();
+    const bool has_residual = ctx->saved_data["residual"].toBool();
+    std::optional<Tensor> out;
+    if (has_residual) out = s[1];
+    auto [gx, gres, gw1, gb1, gw2, gb2] =
+        op.call(grads[0], s[0], out, s[2], s[3], s[4], s[5], s[6], ctx->saved_data["act"].toStringRef(),
+                ctx->saved_data["gate"].toStringRef());
+    // One gradient per forward input: x, w1, b1, w2, b2, residual, act, gate.
+    return {gx, gw1, gb1, gw2, gb2, has_residual ? gres : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// The autograd wrapper gives the reference's gradients (float64, so the bound is the floor).
+void check_autograd_function() {
+  for (bool residual : {false, true}) {
+    const Case c{2, 24, 3, 5, 5, true, residual, "silu", "sigmoid"};
+    const Inputs in = make_inputs(c, at::kDouble, 1000 + residual);
+    const Result truth = run_reference(in, c);
+    std::vector<Tensor> leaves = {in.x, in.w1, in.b1, in.w2, in.b2};
+    if (in.residual) leaves.push_back(*in.residual);
+    for (auto& t : leaves) t = t.detach().requires_grad_(true);
+    std::optional<Tensor> res;
+    if (residual) res = leaves[5];
+    Tensor out = SqueezeExcitationFunction::apply(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], res,
+                                                  c.act, c.gate);
+    out.backward(in.grad_out);
+    std::vector<Tensor> got = {out.detach()};
+    for (auto& t : leaves) got.push_back(t.grad());
+    const double floor = 512.0 * eps_of(at::kDouble);
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double err = max_abs_error(got[i], truth.tensors[i]);
+      const double bound = floor * truth.tensors[i].abs().max().item<double>();
+      EXPECT(err <= bound, "autograd function (residual=%d): %s max-abs error %.3e > %.3e", residual, kNames[i],
+             err, bound);
+    }
+  }
+}
+
 // An error case must raise c10::Error with a message, never crash.
 void check_rejects_bad_input() {
   auto forward = c10::Dispatcher::singleton()
@@ -284,6 +346,7 @@ int main() {
     }
   }
   check_rejects_bad_input();
+  check_autograd_function();
   // The CUDA kernels, when this library has them and a GPU is present.
   const bool cuda_kernels = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
