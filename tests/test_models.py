@@ -202,12 +202,10 @@ def test_bottleneck_calls_se_in_residual_form():
 # Against timm / torchvision
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("se", ["fused", "eager"])
+@pytest.mark.parametrize("se, backend", [("fused", "cpu"), ("fused", "eager"), ("eager", "auto")])
 def test_timm_weights_give_timm_outputs_and_gradients(se, backend):
-    """timm seresnet50's state dict loads strict; output and every gradient match timm (float64 truth)."""
-    if se == "eager" and backend != "eager":
-        pytest.skip("se='eager' has no backend")
+    """timm seresnet50's state dict loads strict; output and every gradient match timm (float64 truth).
+    (se="eager" ignores the backend.)"""
     timm_model, baseline, reference, x, grad_out = timm_seresnet50_case()
     model = deterministic_train_mode(se_resnet50(se=se, backend=backend))
     model.load_state_dict(timm_model.state_dict(), strict=True)
