@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from .backends import BACKEND_NAMES
 from .modules import FusedSEBlock, SEBlock, reduced_channels
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,12 @@ def convert_se_blocks(model: nn.Module, backend: str = "auto", fuse_residual: bo
     to a subclass (``FusedResidualBottleneck`` / ``FusedResidualBasicBlock``) whose
     forward calls ``se(x, shortcut)``, so the scale, the residual add and the
     ReLU happen in the SE kernel. Parameters and state-dict keys do not change.
+
+    Hooks registered on a replaced module are not carried over to its fused
+    replacement.
     """
+    if backend not in ("auto",) + BACKEND_NAMES:
+        raise ValueError(f"se_fused: unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
     kinds = _source_kinds()
     replaced: Dict[int, FusedSEBlock] = {}
     unsupported: Dict[int, str] = {}

@@ -180,8 +180,9 @@ def test_single_module_and_bad_input():
         to_fused_se_block(SEModule(32, add_maxpool=True))
     with pytest.warns(UserWarning, match="model itself"):
         assert se_fused.convert_se_blocks(SEModule(32)) == 0
-    with pytest.raises(ValueError, match="unknown backend"):
-        se_fused.convert_se_blocks(nn.Sequential(SEModule(32)), backend="tpu")
+    for model in (nn.Sequential(SEModule(32)), nn.Sequential(nn.ReLU())):  # checked with or without SE modules
+        with pytest.raises(ValueError, match="unknown backend"):
+            se_fused.convert_se_blocks(model, backend="tpu")
 
 
 DEVICES = [pytest.param("cpu"),
