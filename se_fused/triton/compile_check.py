@@ -1,0 +1,152 @@
+"""Compile the Triton kernels for a GPU architecture without a GPU (ahead of time, through ptxas).
+
+    python -m se_fused.triton.compile_check [--arch 90] [--all]
+
+The interpreter (``TRITON_INTERPRET=1``) runs the kernels' Python on NumPy and
+never meets the compiler, so a kernel that the interpreter accepts can still
+fail to compile for a GPU (a non-constexpr block shape, a type the lowering
+lacks, a float64 math call). This compiles each kernel for the variants the
+launchers use (dtypes, layouts, modes, block shapes) to a cubin, and prints
+each kernel's register use and any spills reported by ptxas. Must run without
+``TRITON_INTERPRET=1`` (the kernels would be interpreted objects). Exit status
+0 when everything compiled, 1 when something did not, 2 when this triton
+cannot compile ahead of time (its NVIDIA backend or compile API is missing).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from typing import Dict, Iterator, List, Tuple
+
+Variant = Tuple[object, Dict[str, str], Dict[str, object], int]  # kernel, pointer types, constexprs, num_warps
+
+PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}
+
+
+def _acc(dtype: str) -> str:
+    return "*fp64" if dtype == "float64" else "*fp32"
+
+
+def variants(everything: bool) -> Iterator[Variant]:
+    """The kernel instances to compile: a representative set, or with ``everything`` the full product."""
+    from . import _common, batched_linear, channel_reduce, excite_backward, excite_forward, weight_grad
+
+    blocks = _common.GPU_BLOCKS
+    # Representative: every constexpr branch once (the storage dtype only changes loads and stores;
+    # float64 takes other math lowerings), the block shapes the launchers pick for SE-ResNet shapes.
+    dtypes = list(PTR) if everything else ["bfloat16", "float64"]
+    for dtype, mode, channels_last in itertools.product(dtypes, (0, 1, 2), (False, True)):
+        cfg = _common._reduce_config(256, 3136, channels_last, blocks)
+        yield (channel_reduce.channel_reduce_kernel,
+               dict(x_ptr=PTR[dtype], g_ptr=PTR[dtype], o_ptr=PTR[dtype], partial_ptr=_acc(dtype)),
+               dict(MODE=mode, CHANNELS_LAST=channels_last, ACC_FP64=dtype == "float64",
+                    BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p), 4)
+    steps = [  # the four MLP steps of ops.py: (A_BIAS, A_FACTOR, A_ACTIVATE, OUT_BIAS, OUT_GATE)
+        (False, 0, False, False, False), (True, 0, True, True, True), (False, 1, False, False, False),
+        (False, 2, False, False, False)]
+    for (acc, weight), step, (act, gate) in itertools.product(
+            (("float32", "bfloat16"), ("float64", "float64")) if not everything else
+            (("float32", "float32"), ("float32", "bfloat16"), ("float64", "float64")), steps,
+            ((0, 0), (1, 1)) if not everything else ((0, 0), (0, 1), (1, 0), (1, 1))):
+        a_bias, a_factor, a_activate, out_bias, out_gate = step
+        yield (batched_linear.batched_linear_kernel,
+               dict(a_part_ptr=_acc(acc), a_bias_ptr=PTR[weight], aux_ptr=_acc(acc), a_store_ptr=_acc(acc),
+                    w_ptr=PTR[weight], bias_ptr=PTR[weight], out_ptr=_acc(acc)),
+               dict(A_BIAS=a_bias, A_FACTOR=a_factor, A_STORE=True, A_ACTIVATE=a_activate, OUT_BIAS=out_bias,
+                    OUT_GATE=out_gate, ACTIVATION=act, GATE=gate, ACC_FP64=acc == "float64",
+                    BLOCK_N=blocks.linear_block_n, BLOCK_J=blocks.linear_block_j, BLOCK_K=blocks.linear_block_k), 4)
+    configs = [(c.kwargs["TILE"], c.num_warps) for c in _common.elementwise_autotune_configs()]
+    if not everything:
+        configs = [_common.elementwise_config(256, 3136)]
+    for dtype, flag, channels_last, inner, (tile, warps) in itertools.product(
+            dtypes, (False, True), (False, True), (1, 64, 128, 256) if everything else (1, 256), configs):
+        yield (excite_forward.excite_forward_kernel,
+               dict(x_ptr=PTR[dtype], scale_ptr=_acc(dtype), residual_ptr=PTR[dtype], out_ptr=PTR[dtype]),
+               dict(HAS_RESIDUAL=flag, CHANNELS_LAST=channels_last, ACC_FP64=dtype == "float64",
+                    BLOCK_INNER=inner, TILE=tile), warps)
+        yield (excite_backward.excite_backward_kernel,
+               dict(grad_out_ptr=PTR[dtype], out_ptr=PTR[dtype], scale_ptr=_acc(dtype), dz_ptr=_acc(dtype),
+                    grad_x_ptr=PTR[dtype], grad_residual_ptr=PTR[dtype]),
+               dict(HAS_OUT=flag, CHANNELS_LAST=channels_last, ACC_FP64=dtype == "float64",
+                    BLOCK_INNER=inner, TILE=tile), warps)
+    for (acc, weight), activate in itertools.product(
+            (("float32", "bfloat16"), ("float64", "float64")) if not everything else
+            (("float32", "float32"), ("float32", "bfloat16"), ("float32", "float16"), ("float64", "float64")),
+            (False, True)):
+        yield (weight_grad.weight_grad_kernel,
+               dict(a_ptr=_acc(acc), b_ptr=_acc(acc), out_ptr=PTR[weight], bias_out_ptr=PTR[weight]),
+               dict(B_ACTIVATE=activate, ACTIVATION=1, ACC_FP64=acc == "float64", BLOCK_N=blocks.weight_grad_block_n,
+                    BLOCK_I=blocks.weight_grad_block_i, BLOCK_J=blocks.weight_grad_block_j), 4)
+
+
+def _ptxas_report(ptx: str, arch: int) -> List[str]:
+    """ptxas -v lines (registers, spills) for ``ptx``, using the ptxas that ships with triton."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return []
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        suffix = "a" if arch >= 90 else ""
+        run = subprocess.run([ptxas, f"--gpu-name=sm_{arch}{suffix}", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+        return [line.strip() for line in run.stderr.splitlines() if "registers" in line or "spill" in line]
+    finally:
+        os.unlink(f.name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90 = Hopper)")
+    parser.add_argument("--all", action="store_true", help="every dtype/option/config, not a representative set")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the kernels are interpreted objects under it)")
+        return 2
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        print(f"compile_check: this triton cannot compile ahead of time ({exc})")
+        return 2
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = compiled = 0
+    for kernel, pointer_types, constexprs, num_warps in variants(args.all):
+        signature, attrs = {}, {}
+        for index, name in enumerate(kernel.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            else:
+                signature[name] = pointer_types.get(name, "i32")
+                attrs[(index,)] = [["tt.divisibility", 16]]  # the common, vectorised specialisation
+        types = ",".join(sorted(set(pointer_types.values())))
+        label = f"{kernel.__name__} [{types}] {constexprs} num_warps={num_warps}"
+        try:
+            source = ASTSource(kernel, signature, constexprs, attrs)
+        except TypeError as exc:
+            print(f"compile_check: triton {triton.__version__}'s ASTSource differs ({exc})")
+            return 2
+        try:
+            binary = triton.compile(source, target=target, options={"num_warps": num_warps})
+        except Exception as exc:  # noqa: BLE001 (report every failure, then exit 1)
+            failures += 1
+            print(f"FAILED {label}\n{''.join(traceback.format_exception_only(exc))}")
+            continue
+        compiled += 1
+        report = _ptxas_report(binary.asm["ptx"], args.arch)
+        spills = [line for line in report if "spill" in line and " 0 bytes spill stores" not in line]
+        registers = next((line for line in report if "registers" in line), "")
+        print(f"ok {label}: {registers.split(',')[0] if registers else ''}{' SPILLS ' + '; '.join(spills) if spills else ''}")
+    print(f"compile_check: triton {triton.__version__}, sm_{args.arch}: {compiled} compiled, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
