@@ -29,14 +29,18 @@ INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACTIVATION_CODES = {"relu": 0, "silu": 1}
 GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 
-# Batch chunking (two-pass path): the samples whose pass-1 bytes fit in this
+# Batch chunking (two-pass path): the samples whose re-read bytes fit in this
 # fraction of L2 are processed together, so that pass 2 re-reads them from L2.
 CHUNK_L2_FRACTION = 0.5
 # L2 size assumed when the device does not report one, and the budget used by the
 # interpreter (its "cache" is host memory; a large budget keeps CPU runs to few launches).
 DEFAULT_CHUNK_BYTES = 25 << 20
-# Tests set this to force small chunks (and so exercise the chunk loop) on small tensors.
-CHUNK_BYTES_OVERRIDE: Optional[int] = None
+# Replaces the L2-derived chunk budget (re-read bytes per chunk); 0 or less: the
+# whole batch in one chunk. From SE_FUSED_TRITON_CHUNK_BYTES, for measuring the trade-off
+# on a GPU (each chunk costs four kernel launches, see ops.py); tests set it to force
+# one-sample chunks on small tensors.
+CHUNK_BYTES_OVERRIDE: Optional[int] = (int(os.environ["SE_FUSED_TRITON_CHUNK_BYTES"])
+                                       if os.environ.get("SE_FUSED_TRITON_CHUNK_BYTES") else None)
 # SE_FUSED_TRITON_AUTOTUNE=1: the element-wise kernels pick their tile by timing
 # (see elementwise_autotune_configs); never under the interpreter.
 AUTOTUNE: bool = os.environ.get("SE_FUSED_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETED
@@ -203,21 +207,24 @@ def _l2_bytes(device_index: int) -> int:
     return int(getattr(props, "L2_cache_size", 0) or (2 * DEFAULT_CHUNK_BYTES))
 
 
-def samples_per_chunk(n: int, pass1_bytes_per_sample: int, device: torch.device) -> int:
+def samples_per_chunk(n: int, reread_bytes_per_sample: int, device: torch.device) -> int:
     """Samples processed together by the two-pass path (at least 1, at most ``n``).
 
-    ``pass1_bytes_per_sample``: the bytes of one sample that pass 1 reads (x in
-    the forward; g, x and the saved output in the backward). A chunk's pass-1
-    bytes fit in :data:`CHUNK_L2_FRACTION` of L2, so pass 2 finds its data there.
+    ``reread_bytes_per_sample``: the bytes of one sample that pass 2 reads again
+    (x in the forward; grad_out, and the saved output in the residual form, in
+    the backward, where pass 1 streams x with an evict-first hint). A chunk's
+    re-read bytes fit in :data:`CHUNK_L2_FRACTION` of L2, so pass 2 finds them there.
     """
     if CHUNK_BYTES_OVERRIDE is not None:
+        if CHUNK_BYTES_OVERRIDE <= 0:
+            return max(1, n)
         budget = CHUNK_BYTES_OVERRIDE
-    elif device.type == "cuda" and not INTERPRETED:
+    elif device.type == "cuda" and not INTERPRETED and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
         budget = int(_l2_bytes(index) * CHUNK_L2_FRACTION)
     else:
         budget = DEFAULT_CHUNK_BYTES
-    return max(1, min(n, budget // max(1, pass1_bytes_per_sample)))
+    return max(1, min(n, budget // max(1, reread_bytes_per_sample)))
 
 
 def elementwise_config(c: int, p: int) -> Tuple[int, int]:

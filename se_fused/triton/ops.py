@@ -135,8 +135,8 @@ def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tenso
     dh_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
     du = x.new_empty((n, r), dtype=acc)
     dz = x.new_empty((n, c), dtype=acc)
-    streams = 3 if out is not None else 2  # pass 1 reads grad_out, x (and out)
-    chunk = _common.samples_per_chunk(n, streams * c * p * x.element_size(), x.device)
+    reread = 2 if out is not None else 1  # pass 2 reads grad_out (and out) again, not x
+    chunk = _common.samples_per_chunk(n, reread * c * p * x.element_size(), x.device)
     for n0 in range(0, n, chunk):
         count = min(chunk, n - n0)
         launch_channel_reduce(x, grad_out, out, ds_partial, n0, count, cfg, channels_last)
