@@ -93,6 +93,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side launch arithmetic (``triton.cdiv`` costs microseconds per call)."""
+    return (a + b - 1) // b
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= ``max(n, 1)`` (Triton block shapes must be powers of two)."""
     return 1 << max(0, (max(1, n) - 1).bit_length())
@@ -188,17 +193,17 @@ def _reduce_config(c: int, p: int, channels_last: bool, blocks: BlockSizes) -> R
     else:
         block_p = min(next_power_of_2(p), blocks.reduce_block_inner)
         block_c = min(max(1, blocks.reduce_tile // block_p), next_power_of_2(c))
-    tiles_p = triton.cdiv(p, block_p)
+    tiles_p = cdiv(p, block_p)
     wanted = round(block_c * p / blocks.reduce_elements_per_program)
     splits = max(1, min(wanted, tiles_p, REDUCE_MAX_SPLITS))
-    tiles_per_split = triton.cdiv(tiles_p, splits)
-    splits = triton.cdiv(tiles_p, tiles_per_split)  # no empty split
+    tiles_per_split = cdiv(tiles_p, splits)
+    splits = cdiv(tiles_p, tiles_per_split)  # no empty split
     return ReduceConfig(block_c, block_p, splits, tiles_per_split * block_p)
 
 
 def linear_k_splits(k: int) -> int:
     """How many programs share one MLP reduction of length ``k``."""
-    return triton.cdiv(k, BLOCKS.linear_k_per_split)
+    return cdiv(k, BLOCKS.linear_k_per_split)
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation, activation_grad, gate, gate_grad_from_output, linear_k_splits
+from ._common import activation, activation_grad, cdiv, gate, gate_grad_from_output, linear_k_splits
 
 FACTOR_NONE = 0
 FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v)
@@ -127,9 +127,9 @@ def launch_batched_linear(a_part: torch.Tensor, a_divisor: int, weight: torch.Te
         raise ValueError("a split reduction cannot apply the output bias or gate")
     blocks = _common.BLOCKS
     block_n, block_j, block_k = blocks.linear_block_n, blocks.linear_block_j, blocks.linear_block_k
-    k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
+    k_per_split = cdiv(cdiv(k, k_splits), block_k) * block_k
     stride_wj, stride_wk = (1, j) if weight_transposed else (k, 1)
-    grid = (triton.cdiv(count, block_n), triton.cdiv(j, block_j), k_splits)
+    grid = (cdiv(count, block_n), cdiv(j, block_j), k_splits)
     # Unused pointer arguments get a read-only input (never dereferenced: the constexpr flags remove them).
     wrap_triton(batched_linear_kernel)[grid](
         a_part, a_splits, a_divisor, a_part if a_bias is None else a_bias, a_part if aux is None else aux,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import ReduceConfig
+from ._common import ReduceConfig, cdiv
 
 MODE_SUM_X = 0
 MODE_SUM_G_X = 1
@@ -89,7 +89,7 @@ def launch_channel_reduce(x: torch.Tensor, g: Optional[torch.Tensor], o: Optiona
     """
     n, c, h, w = x.shape
     mode = MODE_SUM_X if g is None else (MODE_SUM_G_X if o is None else MODE_SUM_MASKED_G_X)
-    c_blocks = triton.cdiv(c, cfg.block_c)
+    c_blocks = cdiv(c, cfg.block_c)
     grid = (count * c_blocks * cfg.splits,)
     # Unused pointers get x (never dereferenced: MODE removes those loads at compile time).
     wrap_triton(channel_reduce_kernel)[grid](

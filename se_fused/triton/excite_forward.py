@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import elementwise_autotune_configs, elementwise_config, elementwise_inner_block
+from ._common import cdiv, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def launch_excite_forward(x: torch.Tensor, scale: torch.Tensor, residual: Option
     outer_size, inner_size = (p, c) if channels_last else (c, p)
 
     def grid(meta):
-        return (count * triton.cdiv(outer_size, meta["TILE"] // block_inner) * triton.cdiv(inner_size, block_inner),)
+        return (count * cdiv(outer_size, meta["TILE"] // block_inner) * cdiv(inner_size, block_inner),)
 
     if _common.AUTOTUNE:
         launch, options = wrap_triton(excite_forward_kernel_autotuned), {}

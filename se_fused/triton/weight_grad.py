@@ -16,7 +16,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation
+from ._common import activation, cdiv
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def launch_weight_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias
     j = b.shape[1]
     blocks = _common.BLOCKS
     block_i, block_j = blocks.weight_grad_block_i, blocks.weight_grad_block_j
-    grid = (triton.cdiv(i, block_i), triton.cdiv(j, block_j))
+    grid = (cdiv(i, block_i), cdiv(j, block_j))
     wrap_triton(weight_grad_kernel)[grid](
         a, b, out, bias_out, n, i, j, B_ACTIVATE=activate_b, ACTIVATION=activation_code,
         ACC_FP64=a.dtype == torch.float64, BLOCK_N=blocks.weight_grad_block_n, BLOCK_I=block_i, BLOCK_J=block_j,
