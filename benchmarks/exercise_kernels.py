@@ -66,7 +66,12 @@ def main() -> int:
         os.environ["SE_FUSED_CUDA_PLAN"] = plan
         if not plan:
             del os.environ["SE_FUSED_CUDA_PLAN"]
-        diff = run_case(device, backend, shape, dtype, cl, residual)
+        try:
+            diff = run_case(device, backend, shape, dtype, cl, residual)
+        except RuntimeError as exc:
+            if "does not fit this call" in str(exc):
+                continue  # this forced geometry is not valid for this shape (e.g. more samples per cluster than N)
+            raise
         tol = 0.1 if dtype == torch.bfloat16 else 1e-3
         count += 1
         if not diff <= tol:

@@ -169,18 +169,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> excitation_backward(const at::Ten
                                                                    const at::Tensor& fc1_weight,
                                                                    const at::Tensor& fc2_weight, const SEProblem& p) {
   const auto acc = ds.scalar_type();
-  // gate'(v) from s = gate(v): sigmoid s(1-s); hardsigmoid 1/6 exactly where 0 < s < 1.
-  at::Tensor gate_grad = p.gate == Gate::Sigmoid ? scale * (1 - scale)
-                                                 : at::logical_and(scale > 0, scale < 1).to(acc) / 6.0;
-  at::Tensor dv = ds * gate_grad;
-  at::Tensor act_grad;
+  // gate'(v) from s = gate(v): sigmoid s(1-s); hardsigmoid 1/6 exactly where 0 < s < 1. The masked
+  // cases select rather than multiply, so an infinite ds does not turn into NaN where the slope is 0
+  // (as PyTorch's own hardsigmoid and relu backwards behave).
+  at::Tensor dv = p.gate == Gate::Sigmoid ? ds * (scale * (1 - scale))
+                                          : at::where(at::logical_and(scale > 0, scale < 1), ds / 6.0,
+                                                      at::zeros_like(ds));
+  at::Tensor dh = at::mm(dv, as_matrix(fc2_weight, p.C, p.R, acc));
+  at::Tensor du;
   if (p.activation == Activation::ReLU) {
-    act_grad = (hidden > 0).to(acc);
+    du = at::where(hidden > 0, dh, at::zeros_like(dh));
   } else {
     at::Tensor sig = at::sigmoid(hidden);
-    act_grad = sig * (1 + hidden * (1 - sig));
+    du = dh * (sig * (1 + hidden * (1 - sig)));
   }
-  at::Tensor du = at::mm(dv, as_matrix(fc2_weight, p.C, p.R, acc)) * act_grad;
   at::Tensor dz = at::mm(du, as_matrix(fc1_weight, p.R, p.C, acc));
   return {dv, du, dz};
 }

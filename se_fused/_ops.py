@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import same_layout_as
+from ._validation import same_layout_as, validate_se_inputs
 
 _LOAD_ERROR: Optional[str] = None
 try:
@@ -67,6 +67,8 @@ def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, ac
 if extension_loaded():
     @torch.library.register_fake(FORWARD_OP)
     def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
+        # The same checks as the real kernels, so tracing (or a stray meta tensor) fails like a real call.
+        validate_se_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate)
         n, c = x.shape[0], x.shape[1]
         r = fc1_weight.shape[0]
         acc = acc_dtype(x.dtype)
@@ -75,6 +77,12 @@ if extension_loaded():
 
     @torch.library.register_fake(BACKWARD_OP)
     def _backward_fake(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):
+        for name, t in (("grad_out", grad_out), ("out", out), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight),
+                        ("pooled", pooled), ("hidden", hidden), ("scale", scale)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"se_fused: {name} is on {t.device} but x is on {x.device}")
+        if grad_out.shape != x.shape:
+            raise ValueError(f"se_fused: grad_out must have x's shape {tuple(x.shape)}; got {tuple(grad_out.shape)}")
         grad_res = torch.empty_like(x) if out is not None else x.new_empty((0,))
         r = fc1_weight.shape[0]
         return (torch.empty_like(x), grad_res, torch.empty_like(fc1_weight),

@@ -37,27 +37,32 @@ def gate_fn(v: Tensor, gate: str) -> Tensor:
     if gate == "sigmoid":
         return torch.sigmoid(v)
     if gate == "hardsigmoid":
-        return F.hardsigmoid(v)
+        # Not F.hardsigmoid: its backward multiplies by 1/6 rounded to float32, which would make the
+        # float64 ground truth itself off by 3e-8.
+        return (v + 3).clamp(0, 6) / 6
     raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
 
 
-def activation_grad(u: Tensor, activation: str) -> Tensor:
-    """``act'(u)``: relu -> ``[u > 0]``; silu -> ``σ(u)(1 + u(1 − σ(u)))``."""
+def activation_backward(grad: Tensor, u: Tensor, activation: str) -> Tensor:
+    """``grad · act'(u)``: relu selects ``grad`` where ``u > 0`` (so an Inf/NaN gradient
+    is dropped where the unit is off, as PyTorch's relu backward does); silu multiplies
+    by ``σ(u)(1 + u(1 − σ(u)))``."""
     if activation == "relu":
-        return (u > 0).to(u.dtype)
+        return torch.where(u > 0, grad, torch.zeros_like(grad))
     sig = torch.sigmoid(u)
-    return sig * (1 + u * (1 - sig))
+    return grad * (sig * (1 + u * (1 - sig)))
 
 
-def gate_grad_from_output(s: Tensor, gate: str) -> Tensor:
-    """``gate'(v)`` written in terms of the gate's output ``s = gate(v)``.
+def gate_backward_from_output(grad: Tensor, s: Tensor, gate: str) -> Tensor:
+    """``grad · gate'(v)`` written in terms of the gate's output ``s = gate(v)``.
 
-    sigmoid: ``s(1 − s)``; hardsigmoid: ``1/6`` where ``−3 < v < 3``, which is
-    exactly where ``0 < s < 1``, so the backward needs only the saved scale.
+    sigmoid: ``grad · s(1 − s)``; hardsigmoid: ``grad / 6`` selected where
+    ``−3 < v < 3``, which is exactly where ``0 < s < 1`` (so the backward needs
+    only the saved scale), and 0 elsewhere even for an infinite ``grad``.
     """
     if gate == "sigmoid":
-        return s * (1 - s)
-    return ((s > 0) & (s < 1)).to(s.dtype) / 6.0
+        return grad * (s * (1 - s))
+    return torch.where((s > 0) & (s < 1), grad / 6.0, torch.zeros_like(grad))
 
 
 def excitation(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
@@ -120,17 +125,17 @@ def eager_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weigh
     acc = pooled.dtype
     g = grad_out.to(acc)
     if out is not None:
-        g = g.masked_fill(out <= 0, 0)
+        g = torch.where(out <= 0, torch.zeros_like(g), g)  # keeps x's memory format, unlike masked_fill
     p = x.shape[2] * x.shape[3]
     r, c = fc1_weight.shape[0], fc1_weight.shape[1]
     w1 = fc1_weight.reshape(r, c).to(acc)
     w2 = fc2_weight.reshape(c, r).to(acc)
     ds = (g * x.to(acc)).sum(dim=(2, 3))
-    dv = ds * gate_grad_from_output(scale, gate)
+    dv = gate_backward_from_output(ds, scale, gate)
     h = activation_fn(hidden, activation)
     grad_w2 = dv.t() @ h
     grad_b2 = dv.sum(0)
-    du = (dv @ w2) * activation_grad(hidden, activation)
+    du = activation_backward(dv @ w2, hidden, activation)
     grad_w1 = du.t() @ pooled
     grad_b1 = du.sum(0)
     dz = du @ w1

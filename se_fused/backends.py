@@ -16,6 +16,7 @@ another device.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -77,8 +78,19 @@ def _status_cuda() -> BackendStatus:
     return BackendStatus("cuda", True, True, f"CUDA kernels on {torch.cuda.get_device_name()}")
 
 
+_triton = None
+
+
 def _triton_module():
-    return importlib.import_module("se_fused.triton")
+    """``se_fused.triton``, imported once.
+
+    Cached in a global so that calls traced by ``torch.compile`` read a module
+    attribute instead of calling ``importlib`` (which Dynamo refuses to trace).
+    """
+    global _triton
+    if _triton is None:
+        _triton = importlib.import_module("se_fused.triton")
+    return _triton
 
 
 def _status_triton() -> BackendStatus:
@@ -174,3 +186,10 @@ def reset_status_cache(name: Optional[str] = None) -> None:
         _status_cache.clear()
     else:
         _status_cache.pop(name, None)
+
+
+if importlib.util.find_spec("triton") is not None:
+    try:  # a first call inside torch.compile must not be the one that imports it
+        _triton_module()
+    except Exception:  # noqa: BLE001  (a broken Triton install: the status reports it later)
+        pass

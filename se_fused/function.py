@@ -1,6 +1,7 @@
 """The differentiable fused SE op: :class:`FusedSEFunction` and :func:`squeeze_excitation`."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ class FusedSEFunction(torch.autograd.Function):
                                                          residual, activation, gate)
         impl = resolve_backend(backend, x.device)
         # Autocast must not re-type the backend's float32 MLP; inputs were cast by the caller.
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             out, pooled, hidden, scale = impl.forward(x, w1, b1, w2, b2, residual, activation, gate)
         ctx.save_for_backward(x, out if residual is not None else None, w1, w2, pooled, hidden, scale)
         ctx.impl = impl
@@ -44,11 +45,19 @@ class FusedSEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, out, w1, w2, pooled, hidden, scale = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             grad_x, grad_res, gw1, gb1, gw2, gb2 = ctx.impl.backward(
                 same_layout_as(grad_out, x), x, out, w1, w2, pooled, hidden, scale, *ctx.options)
         param_grads = [g.to(dtype).reshape(shape) for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
         return (grad_x, *param_grads, grad_res, None, None, None)
+
+
+def _autocast_off(device_type: str):
+    """A context with autocast disabled for ``device_type`` (a no-op for devices autocast does not know)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
@@ -58,8 +67,14 @@ def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
     input and parameters are computed in the low-precision dtype (the casts are
     recorded by autograd, so float32 parameters still get float32 gradients).
     """
+    if not isinstance(x, torch.Tensor):
+        return (x,) + tensors  # validation reports the TypeError
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...): nothing to cast
+        enabled = False
+    if not enabled:
         return (x,) + tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x,) + tensors)

@@ -25,27 +25,6 @@ def _expected_channels_last(memory_format: str) -> bool:
     return memory_format in ("channels_last", "sliced_nhwc")
 
 
-# Known defect of the float64 ground truth, reported to the lead (not a backend bug):
-# PyTorch's CPU hardsigmoid_backward multiplies by 1/6 rounded to float32
-# (0.1666666716), so autograd through F.hardsigmoid in float64 — used by
-# _reference.gate_fn — is off by 3e-8 relative. The eager backend (exact 1/6) is
-# measured against the textbook SE in float64, which is the reference itself
-# (error 0), so its bound is the floor (1e-13) and it fails. Other backends pass
-# because their baseline (eager) carries the same 3e-8. The marker applies only
-# while the probe below still sees the defect on that device, so fixing gate_fn
-# (e.g. `(v + 3).clamp(0, 6) / 6`) turns these cases back into ordinary tests.
-def reference_hardsigmoid_grad_is_inexact(device: str) -> bool:
-    """True when autograd through the reference's hardsigmoid in float64 does not give exactly 1/6."""
-    v = torch.tensor([0.5], dtype=torch.float64, device=device, requires_grad=True)
-    (grad,) = torch.autograd.grad(gate_fn(v, "hardsigmoid").sum(), v)
-    return grad.item() != 1 / 6
-
-
-REFERENCE_HARDSIGMOID_F64 = pytest.mark.xfail(
-    strict=True, reason="float64 reference: torch's hardsigmoid_backward uses a float32 1/6 (3e-8 relative); "
-                        "se_fused._reference.gate_fn inherits it")
-
-
 def check_backend(inputs, backend: str, grad: str = "random", request=None) -> None:
     """Forward and all gradients of ``backend`` within tolerance of the float64 reference.
 
@@ -55,9 +34,6 @@ def check_backend(inputs, backend: str, grad: str = "random", request=None) -> N
     the backend under test runs afresh.
     """
     dtype = inputs.x.dtype
-    if (request is not None and backend == "eager" and dtype == torch.float64 and inputs.gate == "hardsigmoid"
-            and reference_hardsigmoid_grad_is_inexact(inputs.x.device.type)):
-        request.applymarker(REFERENCE_HARDSIGMOID_F64)
     reference = cached_run("reference", inputs, grad)
     got = backend_se(inputs, backend, grad)
     baseline = cached_run("plain" if backend == "eager" else "eager", inputs, grad)
@@ -186,24 +162,11 @@ def test_backward_through_sum(se_device_backend, shape, se_dtype, memory_format,
     check_backend(inputs, backend, grad="sum")
 
 
-def _masked_fill_drops_channels_last(device: str) -> bool:
-    """True when out-of-place ``masked_fill`` returns NCHW for a channels_last tensor on ``device``."""
-    g = torch.ones(1, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
-    return not g.masked_fill(g < 0, 0).is_contiguous(memory_format=torch.channels_last)
-
-
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "sliced_nchw", "sliced_nhwc"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_output_layout_follows_x(se_device_backend, memory_format, residual, se_inputs, request):
     """Output and gradients of x/residual are in x's memory format (the closer one for a strided x)."""
     device, backend = se_device_backend
-    if (backend == "eager" and residual and _expected_channels_last(memory_format)
-            and _masked_fill_drops_channels_last(device)):
-        # Reported to the lead: eager_backward's `g.masked_fill(out <= 0, 0)` returns an
-        # NCHW-contiguous tensor for a channels_last g (out-of-place masked_fill does not
-        # keep the memory format), so grad_x and grad_residual come back NCHW and
-        # autograd copies them once more. `torch.where(out > 0, g, 0)` keeps the layout.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="eager backward: masked_fill drops channels_last"))
     inputs = se_inputs(ODD_SHAPES[4], torch.float32, memory_format, device, residual)
     _layout_checks(inputs, backend, memory_format)
 

@@ -82,6 +82,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual,activation,gate", VARIANTS, ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS])
 def test_cluster_path(cuda_path, shape, dtype, memory_format, residual, activation, gate):
+    if dtype == torch.float32 and shape.c * shape.h * shape.w * 4 * 2 > 16 * 227 * 1024:
+        pytest.skip("the backward keeps g and x of a sample on chip: 6.3 MB at float32 56x56 exceeds a "
+                    "16-CTA cluster's shared memory; the two-pass path serves it (test_two_pass_path)")
     cuda_path("cluster")
     check_against_reference(make_se_inputs(shape, dtype, memory_format, "cuda", residual, activation, gate))
 
@@ -128,7 +131,7 @@ def test_more_than_2_pow_31_elements(cuda_path, path, memory_format):
         pytest.skip("thread-block clusters need sm_90")
     free, _ = torch.cuda.mem_get_info()
     c, r, h, w = 2048, 128, 7, 7
-    n = (2 ** 31) // (c * h * w) + 3
+    n = (2 ** 31) // (c * h * w) + 4  # the last 3 samples start past element 2^31
     if free < 6 * n * c * h * w * 2:
         pytest.skip(f"needs ~{6 * n * c * h * w * 2 / 2**30:.0f} GiB of free GPU memory")
     cuda_path(path)

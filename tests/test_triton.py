@@ -302,6 +302,13 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         se_triton.forward(*inputs.tensors(), "relu", "sigmoid")
 
 
+def test_unknown_option_is_a_value_error():
+    """Called directly (not through the validated public API), the ops still name a bad option."""
+    inputs = make_se_inputs(ODD_SHAPES[0], torch.float32, "nchw", DEVICE)
+    with pytest.raises(ValueError, match="gelu"):
+        se_triton.forward(*inputs.tensors(), "gelu", "sigmoid")
+
+
 def test_kernels_compile_for_hopper():
     """The interpreter never runs Triton's compiler, so CI compiles every kernel's constexpr branches for
     sm_90 here (ptxas ships with triton; no GPU needed), in a subprocess without TRITON_INTERPRET."""

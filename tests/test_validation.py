@@ -107,16 +107,6 @@ BAD_INPUTS = [
     BadInput("residual_on_meta", _with("residual", lambda a: a["x"].to("meta")), ValueError, r"residual.*meta"),
     BadInput("x_on_meta", _with("x", lambda a: a["x"].to("meta")), ValueError, r"meta"),
 ]
-# Reported to the lead: function.autocast_inputs asks torch.is_autocast_enabled(x.device.type)
-# before any validation, and torch raises "unknown device type for autocast" for "meta"
-# (and reads x.device of non-tensors: AttributeError). So an x on the meta device gets an
-# error that names no tensor/device, and meta tensors (shape inference, e.g. models built
-# under `with torch.device("meta")`) cannot go through the eager backend although it
-# serves every device. Fix: validate first, and skip the autocast query for device types
-# autocast does not know.
-META_AUTOCAST_XFAIL = pytest.mark.xfail(strict=True, raises=(RuntimeError, AttributeError),
-                                        reason="autocast_inputs runs before validation; fails on meta/non-tensors")
-
 # With a GPU: the real thing, a weight on the CPU while x is on the GPU.
 CROSS_DEVICE = BadInput("fc2_bias_on_cpu", _with("fc2_bias", lambda a: a["fc2_bias"].cpu()), ValueError,
                         r"fc2_bias.*cpu")
@@ -139,8 +129,6 @@ def _call_op(args):
 def test_bad_input_public_api(device_backend, bad, request):
     """``se_fused.squeeze_excitation`` rejects the bad input with a message naming what is wrong."""
     device, backend = device_backend
-    if bad.name == "x_on_meta":
-        request.applymarker(META_AUTOCAST_XFAIL)
     args = bad.change(valid_args(device))
     with pytest.raises(bad.error, match=re.compile(bad.message, re.S)):
         _call_api(args, backend)
@@ -150,12 +138,6 @@ def test_bad_input_public_api(device_backend, bad, request):
 @pytest.mark.parametrize("device", OP_DEVICES)
 def test_bad_input_registered_op(device, bad, request):
     """The compiled op called directly (no Python validation in front) rejects the bad input too."""
-    if bad.name in ("fc1_weight_on_meta", "residual_on_meta", "x_on_meta"):
-        # Reported to the lead: one meta input makes the dispatcher pick the op's Meta
-        # (fake) kernel, which does not check devices: the op returns an uninitialised
-        # output (on x's device) instead of raising. Fix: the fake kernel should run
-        # the same device/shape checks (e.g. _validation.validate_se_inputs).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="fake kernel answers mixed-device calls"))
     args = bad.change(valid_args(device))
     with pytest.raises(bad.error, match=re.compile(bad.message, re.S)):
         _call_op(args)
@@ -166,14 +148,12 @@ def test_bad_input_registered_op(device, bad, request):
 def test_x_not_a_tensor(device_backend, not_a_tensor, request):
     """x that is not a tensor: TypeError naming its type (not an AttributeError from inside)."""
     device, backend = device_backend
-    request.applymarker(META_AUTOCAST_XFAIL)
     args = {**valid_args(device), "x": not_a_tensor}
     with pytest.raises(TypeError, match=rf"x.*{type(not_a_tensor).__name__}"):
         _call_api(args, backend)
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager"])
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="autocast_inputs fails on meta (see META_AUTOCAST_XFAIL)")
 def test_meta_tensors_through_backends_that_serve_them(backend):
     """All inputs on "meta": "auto"/"eager" (which serve every device) give a meta output of the right shape."""
     args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in valid_args("cpu").items()}
@@ -182,8 +162,6 @@ def test_meta_tensors_through_backends_that_serve_them(backend):
 
 
 @pytest.mark.skipif("cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="autocast_inputs fails on meta before backend resolution (see META_AUTOCAST_XFAIL)")
 def test_meta_tensors_with_cpu_backend():
     """All inputs on "meta" with backend "cpu": RuntimeError naming the device, nothing computed elsewhere."""
     args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in valid_args("cpu").items()}
@@ -301,13 +279,5 @@ def test_nonfinite_forward(se_device_backend, dtype, memory_format, residual, ac
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_nonfinite_backward(se_device_backend, residual, activation, gate, request):
     """NaN/±Inf in x: grad of x has NaN/Inf where autograd through PyTorch's ops has them."""
-    if activation == "relu" and gate == "hardsigmoid" and se_device_backend[1] in ("eager", "cpu"):
-        # Reported to the lead: where an Inf in x saturates the hardsigmoid, PyTorch's
-        # hardsigmoid_backward *selects* 0 (finite gradient for that sample), but the
-        # fused backwards multiply ds·gate'(v) = Inf·0 = NaN (eager_backward and the
-        # CPU kernel alike), so that sample's whole grad of x is NaN instead of finite.
-        # (With silu, silu(-Inf) = NaN makes both paths NaN for these inputs, so only
-        # relu shows it. The GPU backends are held to PyTorch's behaviour as they are.)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Inf·0 in dv = ds·gate'(v) (see comment)"))
     want, got = _nonfinite_case(se_device_backend, torch.float32, "nchw", residual, activation, gate)
     _assert_same_nonfinite("grad of x", got[1], want[1])

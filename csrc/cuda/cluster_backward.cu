@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kClusterThreads) se_backward_cluster_kernel(
     const int c = pl.m * geo.own_share + j;
     float dv = 0.f;
     if (pl.real && c < geo.C) {
-      dv = sm.own[j] * gate_grad_from_output(scale[pl.n * geo.C + c], geo.gate);
+      dv = gate_backward_from_output(sm.own[j], scale[pl.n * geo.C + c], geo.gate);
       dv_out[pl.n * geo.C + c] = dv;
     }
     sm.own[j] = dv;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kClusterThreads) se_backward_cluster_kernel(
   hidden_layer(geo, pl, w2t, sm, [&](int g, int r, float acc) {
     const int64_t n = pl.group_n0 + g;
     if (n >= geo.N) return 0.f;
-    const float du = acc * activation_grad(hidden[n * geo.R + r], geo.activation);
+    const float du = activation_backward(acc, hidden[n * geo.R + r], geo.activation);
     du_out[n * geo.R + r] = du;
     return du;
   });

@@ -34,17 +34,19 @@ __device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + __expf
 __device__ __forceinline__ float apply_activation(float u, int activation) {
   return activation == 0 ? relu_nan(u) : u * sigmoidf_(u);
 }
-__device__ __forceinline__ float activation_grad(float u, int activation) {
-  if (activation == 0) return u > 0.f ? 1.f : 0.f;
+// grad * act'(u); relu selects (an infinite grad stays out where the unit is off).
+__device__ __forceinline__ float activation_backward(float grad, float u, int activation) {
+  if (activation == 0) return u > 0.f ? grad : 0.f;
   const float s = sigmoidf_(u);
-  return s * (1.f + u * (1.f - s));
+  return grad * (s * (1.f + u * (1.f - s)));
 }
 __device__ __forceinline__ float apply_gate(float v, int gate) {
   return gate == 0 ? sigmoidf_(v) : fminf(fmaxf(v / 6.f + 0.5f, 0.f), 1.f);
 }
-// gate'(v) in terms of s = gate(v); hardsigmoid's slope is 1/6 exactly where 0 < s < 1.
-__device__ __forceinline__ float gate_grad_from_output(float s, int gate) {
-  return gate == 0 ? s * (1.f - s) : ((s > 0.f && s < 1.f) ? (1.f / 6.f) : 0.f);
+// grad * gate'(v) in terms of s = gate(v); hardsigmoid's slope is 1/6 exactly where 0 < s < 1
+// and is selected, not multiplied, so an infinite grad gives 0 outside.
+__device__ __forceinline__ float gate_backward_from_output(float grad, float s, int gate) {
+  return gate == 0 ? grad * (s * (1.f - s)) : ((s > 0.f && s < 1.f) ? grad / 6.f : 0.f);
 }
 
 // Butterfly sum over a warp: every lane ends with the same, order-fixed total.

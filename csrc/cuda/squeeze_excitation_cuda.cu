@@ -147,6 +147,177 @@ __global__ void __launch_bounds__(kTwoPassThreads) scale_backward_kernel(
   }
 }
 
+// --- 16-byte vectorised forms of the kernels above, used when the tensor's
+// rows (NCHW: P elements; NHWC: C elements) and pointers are 16-byte aligned.
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename scalar_t>
+__device__ __forceinline__ Vec16<scalar_t> load16(const scalar_t* p) {
+  return *reinterpret_cast<const Vec16<scalar_t>*>(p);
+}
+template <typename scalar_t>
+__device__ __forceinline__ void store16(scalar_t* p, const Vec16<scalar_t>& v) {
+  *reinterpret_cast<Vec16<scalar_t>*>(p) = v;
+}
+
+// Element e of a vector term: a, masked by the ReLU output, times b.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t vec_term(const Vec16<scalar_t>& a, const Vec16<scalar_t>& b,
+                                          const Vec16<scalar_t>& m, bool has_b, bool has_m, int e) {
+  acc_t v = static_cast<acc_t>(a.v[e]);
+  if (has_m && static_cast<acc_t>(m.v[e]) <= acc_t(0)) v = acc_t(0);
+  if (has_b) v *= static_cast<acc_t>(b.v[e]);
+  return v;
+}
+
+// NCHW, P a multiple of the vector: one warp per (n, c) row, 16-byte loads.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
+    acc_t* __restrict__ out, int64_t rows, int64_t P, acc_t factor) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (row >= rows) return;
+  const int64_t base = row * P, vectors = P / V;
+  acc_t acc0 = 0, acc1 = 0;
+  Vec16<scalar_t> bv{}, mv{};
+  for (int64_t j = lane; j < vectors; j += kWarp) {
+    const Vec16<scalar_t> av = load16(a + base + j * V);
+    if (b != nullptr) bv = load16(b + base + j * V);
+    if (mask_by != nullptr) mv = load16(mask_by + base + j * V);
+#pragma unroll
+    for (int e = 0; e < V; e += 2) {
+      acc0 += vec_term<scalar_t, acc_t>(av, bv, mv, b != nullptr, mask_by != nullptr, e);
+      if (e + 1 < V) acc1 += vec_term<scalar_t, acc_t>(av, bv, mv, b != nullptr, mask_by != nullptr, e + 1);
+    }
+  }
+  const acc_t total = warp_sum(acc0 + acc1);
+  if (lane == 0) out[row] = total * factor;
+}
+
+// NHWC, C a multiple of the vector: a block covers (sample n, 32 vectors of
+// channels); 16 pixel lanes stride over the pixels, combined in lane order.
+constexpr int kVecSumThreads = 512;
+constexpr int kVecSumLanes = kVecSumThreads / kWarp;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kVecSumThreads) channel_sums_nhwc_vec_kernel(
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
+    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  constexpr int kTile = kWarp * V;  // channels per block
+  __shared__ acc_t partial[kVecSumLanes][kTile];
+  const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
+  const int64_t n = blockIdx.x;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile + tx * V;
+  acc_t acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0;
+  if (c0 < C) {
+    Vec16<scalar_t> bv{}, mv{};
+    for (int64_t p = ty; p < P; p += kVecSumLanes) {
+      const int64_t i = (n * P + p) * C + c0;
+      const Vec16<scalar_t> av = load16(a + i);
+      if (b != nullptr) bv = load16(b + i);
+      if (mask_by != nullptr) mv = load16(mask_by + i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] += vec_term<scalar_t, acc_t>(av, bv, mv, b != nullptr, mask_by != nullptr, e);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) partial[ty][tx * V + e] = acc[e];
+  __syncthreads();
+  for (int j = threadIdx.x; j < kTile; j += blockDim.x) {
+    const int64_t c = static_cast<int64_t>(blockIdx.y) * kTile + j;
+    if (c < C) {
+      acc_t total = 0;
+#pragma unroll
+      for (int lane = 0; lane < kVecSumLanes; ++lane) total += partial[lane][j];
+      out[n * C + c] = total * factor;
+    }
+  }
+}
+
+// Channel of consecutive elements of one sample, advanced element by element.
+template <typename index_t, bool kChannelsLast>
+struct ElementChannel {
+  index_t c, pos;
+  __device__ __forceinline__ ElementChannel(index_t within_sample, index_t C, index_t P) {
+    if (kChannelsLast) {
+      c = within_sample % C;
+      pos = 0;
+    } else {
+      c = within_sample / P;
+      pos = within_sample - c * P;
+    }
+  }
+  __device__ __forceinline__ void advance(index_t C, index_t P) {
+    if (kChannelsLast) {
+      if (++c == C) c = 0;
+    } else if (++pos == P) {
+      pos = 0;
+      ++c;
+    }
+  }
+};
+
+// out = x * s (+ residual, ReLU), 16 bytes per thread and step; C*P is a
+// multiple of the vector, so a vector never spans two samples.
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kTwoPassThreads) scale_forward_vec_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, const acc_t* __restrict__ scale,
+    scalar_t* __restrict__ out, index_t vectors, index_t C, index_t P) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
+    const index_t e0 = i * V, n = e0 / (C * P);
+    ElementChannel<index_t, kChannelsLast> ch(e0 - n * C * P, C, P);
+    const acc_t* s = scale + n * C;
+    const Vec16<scalar_t> xv = load16(x + e0);
+    Vec16<scalar_t> rv{}, ov;
+    if (residual != nullptr) rv = load16(residual + e0);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      acc_t y = static_cast<acc_t>(xv.v[e]) * s[ch.c];
+      if (residual != nullptr) y = relu_keep_nan(y + static_cast<acc_t>(rv.v[e]));
+      ov.v[e] = static_cast<scalar_t>(y);
+      ch.advance(C, P);
+    }
+    store16(out + e0, ov);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kTwoPassThreads) scale_backward_vec_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out, const acc_t* __restrict__ scale,
+    const acc_t* __restrict__ dz_over_p, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_residual,
+    index_t vectors, index_t C, index_t P) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
+    const index_t e0 = i * V, n = e0 / (C * P);
+    ElementChannel<index_t, kChannelsLast> ch(e0 - n * C * P, C, P);
+    const acc_t* s = scale + n * C;
+    const acc_t* d = dz_over_p + n * C;
+    Vec16<scalar_t> gv = load16(grad_out + e0), dx;
+    if (out != nullptr) {
+      const Vec16<scalar_t> ov = load16(out + e0);
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (static_cast<acc_t>(ov.v[e]) <= acc_t(0)) gv.v[e] = static_cast<scalar_t>(acc_t(0));
+      store16(grad_residual + e0, gv);
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      dx.v[e] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[e]) * s[ch.c] + d[ch.c]);
+      ch.advance(C, P);
+    }
+    store16(grad_x + e0, dx);
+  }
+}
+
 int elementwise_blocks(int64_t total) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kTwoPassThreads - 1) / kTwoPassThreads,
@@ -157,7 +328,19 @@ int elementwise_blocks(int64_t total) {
 template <typename scalar_t, typename acc_t>
 void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
                          acc_t* sums, acc_t factor, cudaStream_t stream) {
-  if (!p.channels_last) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  const bool pointers_aligned = aligned16(a) && (b == nullptr || aligned16(b)) && (mask_by == nullptr || aligned16(mask_by));
+  if (pointers_aligned && !p.channels_last && p.P % V == 0) {
+    const int64_t rows = p.N * p.C;
+    const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
+    channel_sums_nchw_vec_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor);
+  } else if (pointers_aligned && p.channels_last && p.C % V == 0) {
+    const int64_t tile = kWarp * V;
+    const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>((p.C + tile - 1) / tile));
+    channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, sums, p.C,
+                                                                                      p.P, factor);
+  } else if (!p.channels_last) {
     const int64_t rows = p.N * p.C;
     const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
     channel_sums_nchw_kernel<scalar_t, acc_t>
@@ -245,8 +428,6 @@ PathChoice requested_path() {
   return PathChoice::Auto;
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Active clusters the device can hold for this kernel and geometry (0: cannot launch).
 int active_clusters(const void* kernel, const ClusterGeometry& geo, size_t smem) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -296,6 +477,12 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   for (const void* ptr : pointers)
     if (ptr != nullptr && !aligned16(ptr)) return refuse("a tensor is not 16-byte aligned");
   if ((p.C * p.P) % vec != 0) return refuse("C*H*W is not a multiple of the 16-byte vector");
+  // Measured on an H200 (benchmarks/results/2026-11-26-h200-19bb50a-dirty.json and the gpu_check
+  // geometry sweep, batch 256 bf16): the cluster path beat the two-pass path only in NCHW with
+  // H*W >= 784 (conv2_x, conv3_x). With fewer pixels its in-kernel MLP dominates, and in NHWC its
+  // per-chunk channel reduction does, so "auto" takes the two-pass path there.
+  if (choice == PathChoice::Auto && (p.channels_last || p.P < 784))
+    return refuse("auto: the two-pass path is faster for this layout and H*W (measured)");
 
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string>;
   static std::mutex mutex;
@@ -304,9 +491,15 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   const Key key{device, p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, elem, backward, kernel,
                 forced ? forced : ""};
   std::lock_guard<std::mutex> lock(mutex);
+  // The cache keys the geometry by shape; the activation and gate are this call's.
+  auto for_this_call = [&](ClusterPlan chosen) {
+    chosen.geo.activation = static_cast<int>(p.activation);
+    chosen.geo.gate = static_cast<int>(p.gate);
+    return chosen;
+  };
   if (auto it = cache.find(key); it != cache.end()) {
     if (!it->second.use) return refuse(it->second.reason);
-    return it->second;
+    return for_this_call(it->second);
   }
 
   const size_t smem_max = prop->sharedMemPerBlockOptin;
@@ -363,7 +556,7 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
     }
   }
   if (!found.use) return refuse(found.reason);
-  return found;
+  return for_this_call(found);
 }
 
 // Float32 weights for the kernels: W1 as (R, C) and W2 transposed to (R, C) so
@@ -411,13 +604,23 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
                                          pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(p.P), stream);
     std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
     const int64_t total = p.N * p.C * p.P;
+    constexpr int V = Vec16<scalar_t>::kSize;
+    const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const bool vectorised = (p.C * p.P) % V == 0 && aligned16(x.const_data_ptr()) &&
+                            aligned16(out.const_data_ptr()) && (res == nullptr || aligned16(res));
     with_index_type(p, [&](auto index_tag, auto cl) {
       using index_t = decltype(index_tag);
-      scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-          <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
-              scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), static_cast<index_t>(total),
-              static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+      if (vectorised) {
+        scale_forward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+            <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+                static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+      } else {
+        scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+            <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+                static_cast<index_t>(total), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -475,15 +678,27 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const int64_t total = p.N * p.C * p.P;
+        constexpr int V = Vec16<scalar_t>::kSize;
+        const scalar_t* o = out ? out->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gres = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+        const bool vectorised = (p.C * p.P) % V == 0 && aligned16(grad_out.const_data_ptr()) &&
+                                aligned16(grad_x.const_data_ptr()) && (o == nullptr || aligned16(o)) &&
+                                (gres == nullptr || aligned16(gres));
         with_index_type(p, [&](auto index_tag, auto cl) {
           using index_t = decltype(index_tag);
-          scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-              <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
-                  grad_out.const_data_ptr<scalar_t>(), out ? out->const_data_ptr<scalar_t>() : nullptr,
-                  scale.const_data_ptr<acc_t>(), dz_over_p.const_data_ptr<acc_t>(),
-                  grad_x.mutable_data_ptr<scalar_t>(),
-                  p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr, static_cast<index_t>(total),
-                  static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+          if (vectorised) {
+            scale_backward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+                <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
+                    grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
+                    dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
+                    static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+          } else {
+            scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+                <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+                    grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
+                    dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
+                    static_cast<index_t>(total), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

@@ -32,8 +32,8 @@ GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 # Batch chunking (two-pass path): the samples whose re-read bytes fit in this
 # fraction of L2 are processed together, so that pass 2 re-reads them from L2.
 CHUNK_L2_FRACTION = 0.5
-# L2 size assumed when the device does not report one, and the budget used by the
-# interpreter (its "cache" is host memory; a large budget keeps CPU runs to few launches).
+# The budget when the device reports no L2 size (half of an H100's 50 MB), and under the
+# interpreter (no cache to fit; a large budget keeps CPU runs to few launches).
 DEFAULT_CHUNK_BYTES = 25 << 20
 # Replaces the L2-derived chunk budget (re-read bytes per chunk); 0 or less: the
 # whole batch in one chunk. From SE_FUSED_TRITON_CHUNK_BYTES, for measuring the trade-off
@@ -44,7 +44,6 @@ CHUNK_BYTES_OVERRIDE: Optional[int] = (int(os.environ["SE_FUSED_TRITON_CHUNK_BYT
 # SE_FUSED_TRITON_AUTOTUNE=1: the element-wise kernels pick their tile by timing
 # (see elementwise_autotune_configs); never under the interpreter.
 AUTOTUNE: bool = os.environ.get("SE_FUSED_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETED
-
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,6 @@ INTERPRETER_BLOCKS = BlockSizes(reduce_tile=8192, reduce_block_inner=256, reduce
 # Read at every launch (tests swap it to run the GPU shapes in the interpreter).
 BLOCKS: BlockSizes = INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS
 REDUCE_MAX_SPLITS = 64
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / saved-intermediate dtype: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def cdiv(a: int, b: int) -> int:
@@ -209,7 +203,7 @@ def linear_k_splits(k: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _l2_bytes(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
-    return int(getattr(props, "L2_cache_size", 0) or (2 * DEFAULT_CHUNK_BYTES))
+    return int(getattr(props, "L2_cache_size", 0) or 0)
 
 
 def samples_per_chunk(n: int, reread_bytes_per_sample: int, device: torch.device) -> int:
@@ -226,7 +220,7 @@ def samples_per_chunk(n: int, reread_bytes_per_sample: int, device: torch.device
         budget = CHUNK_BYTES_OVERRIDE
     elif device.type == "cuda" and not INTERPRETED and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
-        budget = int(_l2_bytes(index) * CHUNK_L2_FRACTION)
+        budget = int(_l2_bytes(index) * CHUNK_L2_FRACTION) or DEFAULT_CHUNK_BYTES
     else:
         budget = DEFAULT_CHUNK_BYTES
     return max(1, min(n, budget // max(1, reread_bytes_per_sample)))

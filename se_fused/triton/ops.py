@@ -20,9 +20,10 @@ from typing import Optional, Tuple
 import torch
 from torch.library import triton_op
 
-from .._validation import canonical_layout, is_channels_last, same_layout_as
+from .._ops import acc_dtype
+from .._validation import canonical_layout, is_channels_last, same_layout_as, validate_options
 from . import _common
-from ._common import ACTIVATION_CODES, GATE_CODES, acc_dtype, linear_k_splits, reduce_config
+from ._common import ACTIVATION_CODES, GATE_CODES, linear_k_splits, reduce_config
 from .batched_linear import FACTOR_ACTIVATION_GRAD, FACTOR_GATE_GRAD, launch_batched_linear
 from .channel_reduce import launch_channel_reduce
 from .excite_backward import launch_excite_backward
@@ -35,7 +36,9 @@ FORWARD_OP = "se_fused::triton_squeeze_excitation_forward"
 BACKWARD_OP = "se_fused::triton_squeeze_excitation_backward"
 
 
-def _check_device(x: Tensor) -> None:
+def _check_call(x: Tensor, activation: str, gate: str) -> None:
+    """What the ops check themselves (the backend callers validated everything else already)."""
+    validate_options(activation, gate)
     if x.device.type == "cpu" and not _common.INTERPRETED:
         raise RuntimeError("se_fused: the Triton kernels got CPU tensors but were not loaded under "
                            "TRITON_INTERPRET=1 (set it before importing triton to run them on CPU)")
@@ -51,7 +54,7 @@ def squeeze_excitation_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, 
     ``pooled``, ``hidden`` (pre-activation) and ``scale`` are float32 (float64 for
     float64 ``x``). Weights ``(R, C[, 1, 1])``/``(C, R[, 1, 1])``, any float dtype.
     """
-    _check_device(x)
+    _check_call(x, activation, gate)
     x = canonical_layout(x)
     channels_last = is_channels_last(x)
     n, c, h, w = x.shape
@@ -103,7 +106,7 @@ def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tenso
     weight gradients shaped and typed like the weights (bias gradients typed
     like their weight).
     """
-    _check_device(x)
+    _check_call(x, activation, gate)
     x = canonical_layout(x)
     channels_last = is_channels_last(x)
     # An expanded or otherwise strided gradient (y.sum().backward()) is made dense in x's layout.
