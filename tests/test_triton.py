@@ -19,6 +19,7 @@ conftest.make_se_inputs (kinks of relu/hardsigmoid kept away from the data).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -257,6 +258,34 @@ def test_deterministic(dtype, memory_format, residual):
     second = backend_se(inputs, "triton")
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+GRADCHECK_CASES = [  # (shape, memory format, residual, activation, gate, fast_mode)
+    # Every Jacobian entry (seconds per case in the interpreter: tiny shapes) ...
+    (SEShape(1, 5, 2, 2, 2), "channels_last", True, "silu", "hardsigmoid", False),
+    (SEShape(1, 5, 1, 1, 3), "nchw", False, "relu", "sigmoid", False),
+] + [  # ... and random projections of it (fast mode) for every activation, gate and form.
+    (SEShape(2, 9, 3, 2, 2), layout, residual, activation, gate, True)
+    for (activation, gate), (residual, layout) in itertools.product(
+        ACT_GATES, ((False, "nchw"), (True, "channels_last")))
+]
+
+
+@pytest.mark.parametrize("shape,memory_format,residual,activation,gate,fast_mode", GRADCHECK_CASES,
+                         ids=[f"{c[0].id}-{c[1]}-{'residual' if c[2] else 'plain'}-{c[3]}-{c[4]}"
+                              f"{'-fast' if c[5] else ''}" for c in GRADCHECK_CASES])
+def test_gradcheck(shape, memory_format, residual, activation, gate, fast_mode):
+    """float64 finite differences of the Triton forward against the Triton backward (independent of the
+    reference). make_se_inputs keeps the kinks 1e-3 away, far beyond gradcheck's eps = 1e-6 (see
+    tests/test_gradcheck.py)."""
+    inputs = make_se_inputs(shape, torch.float64, memory_format, DEVICE, residual, activation, gate)
+    leaves = [t.detach().requires_grad_() for t in inputs.tensors() if t is not None]
+
+    def fn(*tensors):
+        res = tensors[5] if residual else None
+        return se_fused.squeeze_excitation(*tensors[:5], res, activation, gate, "triton")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])

@@ -118,13 +118,14 @@ def activation(u, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def activation_grad(u, ACTIVATION: tl.constexpr):
-    """``act'(u)``: relu -> ``[u > 0]``; silu -> ``σ(u)(1 + u(1 − σ(u)))``."""
+def activation_backward(grad, u, ACTIVATION: tl.constexpr):
+    """``grad · act'(u)``: relu selects ``grad`` where ``u > 0`` (an Inf/NaN ``grad`` is dropped
+    where the unit is off, as PyTorch's relu backward does); silu multiplies by ``σ(u)(1 + u(1 − σ(u)))``."""
     if ACTIVATION == 0:
-        return tl.where(u > 0.0, 1.0, 0.0)
+        return tl.where(u > 0.0, grad, 0.0)
     else:
         sig = sigmoid(u)
-        return sig * (1.0 + u * (1.0 - sig))
+        return grad * (sig * (1.0 + u * (1.0 - sig)))
 
 
 @triton.jit
@@ -140,13 +141,13 @@ def gate(v, GATE: tl.constexpr):
 
 
 @triton.jit
-def gate_grad_from_output(s, GATE: tl.constexpr):
-    """``gate'(v)`` from ``s = gate(v)``: sigmoid ``s(1 − s)``; hardsigmoid ``1/6`` where ``0 < s < 1``."""
+def gate_backward_from_output(grad, s, GATE: tl.constexpr):
+    """``grad · gate'(v)`` from ``s = gate(v)``: sigmoid ``grad · s(1 − s)``; hardsigmoid ``grad / 6``
+    selected where ``0 < s < 1`` (exactly where ``−3 < v < 3``), 0 elsewhere even for an infinite ``grad``."""
     if GATE == 0:
-        return s * (1.0 - s)
+        return grad * (s * (1.0 - s))
     else:
-        # Divide in s's dtype: a literal 1/6 would be a float32 constant, wrong in the 7th digit for float64.
-        return tl.where((s > 0.0) & (s < 1.0), 1.0, 0.0).to(s.dtype) / 6.0
+        return tl.where((s > 0.0) & (s < 1.0), grad / 6.0, 0.0)
 
 
 # ---------------------------------------------------------------------------

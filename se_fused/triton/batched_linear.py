@@ -2,7 +2,7 @@
 
 One kernel computes, for a block of samples ``n`` and outputs ``j``,
 
-    a[n, k]   = (Σ_{s < a_splits} a_part[s, n, k]) / a_divisor  (+ a_bias[k])  (· factor(aux[n, k]))
+    a[n, k]   = backward_factor( (Σ_{s < a_splits} a_part[s, n, k]) / a_divisor (+ a_bias[k]), aux[n, k] )
     out[n, j] = epilogue( Σ_k act?(a[n, k]) · W[j, k]  (+ bias[j]) )
 
 and optionally stores ``a`` (before the activation) for later use. The four MLP
@@ -29,11 +29,11 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation, activation_grad, cdiv, gate, gate_grad_from_output, linear_k_splits
+from ._common import activation, activation_backward, cdiv, gate, gate_backward_from_output, linear_k_splits
 
 FACTOR_NONE = 0
-FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v)
-FACTOR_ACTIVATION_GRAD = 2  # a · act'(u) from the saved pre-activation u
+FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v) (a select for hardsigmoid)
+FACTOR_ACTIVATION_GRAD = 2  # a · act'(u) from the saved pre-activation u (a select for relu)
 
 
 @triton.jit
@@ -82,10 +82,10 @@ def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, 
             a += tl.load(a_bias_ptr + k, mask=k_mask, other=0.0).to(acc_dtype)[None, :]
         if A_FACTOR == 1:
             s_saved = tl.load(aux_ptr + nk, mask=nk_mask, other=0.0).to(acc_dtype)
-            a = a * gate_grad_from_output(s_saved, GATE)
+            a = gate_backward_from_output(a, s_saved, GATE)
         if A_FACTOR == 2:
             u_saved = tl.load(aux_ptr + nk, mask=nk_mask, other=0.0).to(acc_dtype)
-            a = a * activation_grad(u_saved, ACTIVATION)
+            a = activation_backward(a, u_saved, ACTIVATION)
         if A_STORE:
             # Every j-block computes the same a; the first one stores it.
             tl.store(a_store_ptr + nk, a, mask=nk_mask & (pid_j == 0))
