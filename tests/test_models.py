@@ -23,7 +23,7 @@ from torch import nn
 
 import se_fused
 from se_fused.models import resnet50, se_resnet50
-from tolerances import assert_close_to_reference
+from tolerances import assert_close_to_reference, max_abs_error
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -108,13 +108,34 @@ def float64_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(torch.float64)
 
 
+# A gradient that is 0 in exact arithmetic is float32 rounding noise in both networks. In
+# training mode this happens structurally: a BN whose output reaches the next train-mode BN
+# through linear layers only (MobileNet/EfficientNet's linear bottleneck: bn3 -> 1x1 conv ->
+# next block's bn1) has a bias gradient of exactly 0, since the next BN subtracts the batch
+# mean again. Measured (timm mobilenetv3_small_050, blocks.1.0.bn3.bias): float64 truth 2e-15,
+# original float32 network off by 7.2e-7, converted network by 1.7e-6: two maxima of noise
+# from cancelling O(1) terms, whose ratio varies by a few, so tolerances.py's 2x does not
+# apply. Where the truth is smaller than the baseline's error (float32 cannot resolve the
+# value at all), the converted network may be off by this many times the baseline's error;
+# such a tensor carries no information about the SE blocks either way.
+UNRESOLVED_NOISE_FACTOR = 8.0
+
+
 def assert_network_matches(label: str, actual: Dict[str, Tensor], baseline: Dict[str, Tensor],
                            reference: Dict[str, Tensor], dtype: torch.dtype = torch.float32) -> None:
     """Every entry of ``actual`` within tests/tolerances.py's bound of the float64 ``reference``,
-    with ``baseline`` (the original network in ``dtype``) as the baseline."""
+    with ``baseline`` (the original network in ``dtype``) as the baseline; entries whose truth
+    the baseline cannot resolve get :data:`UNRESOLVED_NOISE_FACTOR` instead (see there)."""
     assert actual.keys() == reference.keys(), (
         f"{label}: gradients for {sorted(actual.keys() ^ reference.keys())} on one side only")
     for name in reference:
+        base_err = max_abs_error(baseline[name], reference[name])
+        if reference[name].abs().max().item() < base_err:
+            err = max_abs_error(actual[name], reference[name])
+            assert err <= UNRESOLVED_NOISE_FACTOR * base_err, (
+                f"{label}: {name}: max-abs error {err:.3e} exceeds {UNRESOLVED_NOISE_FACTOR} x the baseline's "
+                f"{base_err:.3e} (truth {reference[name].abs().max().item():.3e}, below float32 resolution)")
+            continue
         assert_close_to_reference(f"{label}: {name}", actual[name], baseline[name], reference[name], dtype)
 
 
