@@ -59,7 +59,8 @@ def availability() -> Tuple[bool, str]:
     if INTERPRETED:
         return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return True, f"Triton {triton.__version__} kernels on {torch.cuda.get_device_name()}"
+        # No device name here: asking for it initialises CUDA, and statuses are computed at import.
+        return True, f"Triton {triton.__version__} kernels on the CUDA GPU"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return False, "TRITON_INTERPRET=1 was set after triton's kernels were loaded; set it before importing"
     return False, "no CUDA GPU is present (set TRITON_INTERPRET=1 before importing to run the kernels on CPU)"
