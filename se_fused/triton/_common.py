@@ -93,8 +93,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= ``max(n, 1)`` (Triton block shapes must be powers of two)."""
-    return 1 << max(0, (max(1, n) - 1).bit_length())
+    """Smallest power of two >= ``max(n, 1)`` (Triton block shapes must be powers of two).
+
+    ``int(n)``: under ``torch.compile`` a shape may be symbolic; a block shape specialises it.
+    """
+    return 1 << max(0, (max(1, int(n)) - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------
