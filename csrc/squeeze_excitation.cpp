@@ -1,7 +1,6 @@
 // Argument checks and the excitation MLP shared by the CPU and CUDA ops.
 #include "squeeze_excitation.h"
 
-#include <ATen/ops/hardsigmoid.h>
 #include <ATen/ops/silu.h>
 
 namespace se_fused {
@@ -160,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> excitation_forward(const at::Tensor& pooled, 
   at::Tensor hidden = at::addmm(fc1_bias.to(acc), pooled, as_matrix(fc1_weight, p.R, p.C, acc).t());
   at::Tensor v = at::addmm(fc2_bias.to(acc), apply_activation(hidden, p.activation),
                            as_matrix(fc2_weight, p.C, p.R, acc).t());
-  at::Tensor scale = p.gate == Gate::Sigmoid ? at::sigmoid(v) : at::hardsigmoid(v);
+  // Not at::hardsigmoid: on CUDA it multiplies by 1/6 rounded to float32 even for float64.
+  at::Tensor scale = p.gate == Gate::Sigmoid ? at::sigmoid(v) : (v + 3).clamp(0, 6) / 6;
   return {hidden.contiguous(), scale.contiguous()};
 }
 

@@ -75,7 +75,8 @@ def _status_cuda() -> BackendStatus:
         return BackendStatus("cuda", False, False, "se_fused._C was built without CUDA sources; " + REBUILD_HINT)
     if not _cuda_device_present():
         return BackendStatus("cuda", True, False, "CUDA kernels built, but no GPU is present")
-    return BackendStatus("cuda", True, True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+    # No device name here: asking for it initialises CUDA, and statuses are computed at import.
+    return BackendStatus("cuda", True, True, "CUDA kernels; a GPU is present")
 
 
 _triton = None
@@ -96,7 +97,7 @@ def _triton_module():
 def _status_triton() -> BackendStatus:
     try:
         module = _triton_module()
-    except ImportError as exc:  # triton missing or the kernels not present
+    except Exception as exc:  # noqa: BLE001  (triton missing, broken, or the kernels not present)
         return BackendStatus("triton", False, False, f"cannot import the Triton kernels: {exc}")
     usable, reason = module.availability()
     return BackendStatus("triton", True, usable, reason)
@@ -181,15 +182,19 @@ def all_statuses() -> Tuple[BackendStatus, ...]:
 
 
 def reset_status_cache(name: Optional[str] = None) -> None:
-    """Forget cached statuses (tests that toggle ``TRITON_INTERPRET`` use this)."""
-    if name is None:
-        _status_cache.clear()
-    else:
-        _status_cache.pop(name, None)
+    """Compute the statuses again (tests that toggle ``TRITON_INTERPRET`` use this).
+
+    The cache is refilled at once rather than left empty, so that no status is
+    first computed inside a region ``torch.compile`` traces.
+    """
+    for n in (BACKEND_NAMES if name is None else (name,)):
+        _status_cache.pop(n, None)
+        backend_status(n)
 
 
-if importlib.util.find_spec("triton") is not None:
-    try:  # a first call inside torch.compile must not be the one that imports it
-        _triton_module()
-    except Exception:  # noqa: BLE001  (a broken Triton install: the status reports it later)
-        pass
+# Statuses are computed now, at import, not on a first call: a first call inside torch.compile would
+# fill the cache (and import se_fused.triton) inside the traced region, which Dynamo treats as a side
+# effect (an aliasing error in the autograd.Function subgraph, and a guard that recompiles later).
+# None of them initialises CUDA (torch.cuda.is_available() does not).
+for _name in BACKEND_NAMES:
+    backend_status(_name)

@@ -477,12 +477,14 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   for (const void* ptr : pointers)
     if (ptr != nullptr && !aligned16(ptr)) return refuse("a tensor is not 16-byte aligned");
   if ((p.C * p.P) % vec != 0) return refuse("C*H*W is not a multiple of the 16-byte vector");
-  // Measured on an H200 (benchmarks/results/2026-11-26-h200-19bb50a-dirty.json and the gpu_check
-  // geometry sweep, batch 256 bf16): the cluster path beat the two-pass path only in NCHW with
-  // H*W >= 784 (conv2_x, conv3_x). With fewer pixels its in-kernel MLP dominates, and in NHWC its
-  // per-chunk channel reduction does, so "auto" takes the two-pass path there.
-  if (choice == PathChoice::Auto && (p.channels_last || p.P < 784))
-    return refuse("auto: the two-pass path is faster for this layout and H*W (measured)");
+  // "auto" does not take the cluster path: measured on an H200 (2026-11-26, batch 256 bf16, all four
+  // stage shapes, both layouts, forward and backward) the vectorised two-pass path is faster
+  // everywhere (e.g. conv2_x NCHW forward 2234 vs 1382 GB/s of minimum traffic). ncu shows the
+  // cluster kernel latency-bound: 29.5% of DRAM bandwidth, 2 CTAs (16 warps) per SM, 38% of stalls
+  // at barriers, as each CTA loads, waits for the cluster, runs the MLP and only then stores.
+  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested until a persistent, double-buffered
+  // version overlaps the next group's loads with this group's stores.
+  if (choice == PathChoice::Auto) return refuse("auto: the two-pass path measured faster on every shape");
 
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string>;
   static std::mutex mutex;
