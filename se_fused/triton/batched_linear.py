@@ -36,7 +36,8 @@ FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v) (a select
 FACTOR_ACTIVATION_GRAD = 2  # a · act'(u) from the saved pre-activation u (a select for relu)
 
 
-@triton.jit
+# Counts and sizes are not specialised (only the weight strides decide vectorised loads).
+@triton.jit(do_not_specialize=["a_splits", "a_divisor", "n0", "count", "N", "J", "K", "k_per_split"])
 def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, a_store_ptr,
                           w_ptr, stride_wj, stride_wk, bias_ptr, out_ptr,
                           n0, count, N, J, K, k_per_split,
@@ -136,5 +137,8 @@ def launch_batched_linear(a_part: torch.Tensor, a_divisor: int, weight: torch.Te
         a_part if a_store is None else a_store, weight, stride_wj, stride_wk, weight if bias is None else bias, out,
         n0, count, n, j, k, k_per_split,
         A_BIAS=a_bias is not None, A_FACTOR=a_factor, A_STORE=a_store is not None, A_ACTIVATE=a_activate,
-        OUT_BIAS=bias is not None, OUT_GATE=out_gate, ACTIVATION=activation_code, GATE=gate_code,
+        OUT_BIAS=bias is not None, OUT_GATE=out_gate,
+        # Options a step does not use are passed as 0, so that they do not multiply the compiled variants.
+        ACTIVATION=activation_code if (a_activate or a_factor == FACTOR_ACTIVATION_GRAD) else 0,
+        GATE=gate_code if (out_gate or a_factor == FACTOR_GATE_GRAD) else 0,
         ACC_FP64=out.dtype == torch.float64, BLOCK_N=block_n, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)

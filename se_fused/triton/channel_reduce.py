@@ -24,7 +24,9 @@ MODE_SUM_G_X = 1
 MODE_SUM_MASKED_G_X = 2
 
 
-@triton.jit
+# Sample/split counts are not specialised (divisible by 16, equal to 1): that only multiplies the
+# compiled variants; C and P are, since they are the strides that decide vectorised loads.
+@triton.jit(do_not_specialize=["n0", "N", "p_per_split", "n_splits", "c_blocks"])
 def channel_reduce_kernel(x_ptr, g_ptr, o_ptr, partial_ptr, n0, N, C, P, p_per_split, n_splits, c_blocks,
                           MODE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):

@@ -17,7 +17,7 @@ from . import _common
 from ._common import cdiv, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n0"])
 def excite_backward_kernel(grad_out_ptr, out_ptr, scale_ptr, dz_ptr, grad_x_ptr, grad_residual_ptr, n0, C, P,
                            HAS_OUT: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr,
                            BLOCK_INNER: tl.constexpr, TILE: tl.constexpr):

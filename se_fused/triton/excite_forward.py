@@ -18,7 +18,7 @@ from . import _common
 from ._common import cdiv, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n0"])
 def excite_forward_kernel(x_ptr, scale_ptr, residual_ptr, out_ptr, n0, C, P,
                           HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr,
                           BLOCK_INNER: tl.constexpr, TILE: tl.constexpr):

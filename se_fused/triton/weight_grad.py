@@ -19,7 +19,7 @@ from . import _common
 from ._common import activation, cdiv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def weight_grad_kernel(a_ptr, b_ptr, out_ptr, bias_out_ptr, N, I, J,
                        B_ACTIVATE: tl.constexpr, ACTIVATION: tl.constexpr, ACC_FP64: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -68,6 +68,6 @@ def launch_weight_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias
     block_i, block_j = blocks.weight_grad_block_i, blocks.weight_grad_block_j
     grid = (cdiv(i, block_i), cdiv(j, block_j))
     wrap_triton(weight_grad_kernel)[grid](
-        a, b, out, bias_out, n, i, j, B_ACTIVATE=activate_b, ACTIVATION=activation_code,
+        a, b, out, bias_out, n, i, j, B_ACTIVATE=activate_b, ACTIVATION=activation_code if activate_b else 0,
         ACC_FP64=a.dtype == torch.float64, BLOCK_N=blocks.weight_grad_block_n, BLOCK_I=block_i, BLOCK_J=block_j,
         num_warps=4)
