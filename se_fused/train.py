@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda:LOCAL_RANK if a GPU")
     system.add_argument("--dist-backend", choices=DIST_BACKEND_CHOICES, default="auto",
                         help="auto: nccl on GPUs, gloo on CPUs")
+    system.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch's intra-op pool for this run (default: torch's choice)")
     system.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for GPUs, off for CPUs)")
     system.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -163,6 +165,8 @@ def check_args(args: argparse.Namespace, env: LaunchEnv) -> None:
         raise SetupError("need 0 < --crop-scale-min <= 1 and 0 <= --hflip <= 1")
     if any(value <= 0 for value in args.std):
         raise SetupError(f"--std must be positive, got {args.std}")
+    if args.threads is not None and args.threads < 1:
+        raise SetupError(f"--threads must be at least 1, got {args.threads}")
     if args.num_classes is not None and args.num_classes < 1:
         raise SetupError(f"--num-classes must be at least 1, got {args.num_classes}")
 
@@ -425,8 +429,11 @@ class Trainer:
             self._restore(checkpoint, checkpoint_path)
 
         self.sampler = ResumableDistributedSampler(data.train, ctx.world_size, ctx.rank, args.seed)
+        # The loaders draw their workers' base seeds from their own generator, not from the global RNG, whose
+        # stream then depends on nothing but the training itself (augmentation is seeded per sample anyway).
         loader_options = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                              persistent_workers=args.workers > 0)
+                              persistent_workers=args.workers > 0,
+                              generator=torch.Generator().manual_seed(args.seed))
         self.train_loader = DataLoader(data.train, batch_size=self.local_batch, sampler=self.sampler,
                                        drop_last=True, **loader_options)
         self.val_loader = DataLoader(data.val, batch_size=self.local_batch,
@@ -581,7 +588,10 @@ def train(args: argparse.Namespace) -> TrainResult:
         check_same_run(checkpoint["run"], run_identity(args, data), checkpoint_path)
 
     ctx = None
+    threads_before = torch.get_num_threads()
     try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         ctx = init_distributed(env, device, dist_backend)
         if ctx.is_main:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -599,6 +609,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         return trainer.run()
     finally:
         shutdown_distributed(ctx)
+        torch.set_num_threads(threads_before)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
