@@ -44,7 +44,7 @@ from .training import SetupError
 from .training.checkpoint import (CheckpointError, capture_rng_state, check_same_run, find_resume_checkpoint,
                                   load_checkpoint, restore_rng_state, save_checkpoint)
 from .training.data import (IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_FRACTION, DataSets, ResumableDistributedSampler,
-                            ShardSampler, image_folder_datasets, synthetic_datasets)
+                            ShardSampler, ignore_sigterm, image_folder_datasets, synthetic_datasets)
 from .training.distributed import (DEVICE_CHOICES, DIST_BACKEND_CHOICES, DistributedContext, LaunchEnv,
                                    convert_sync_batchnorm, init_distributed, read_launch_env, resolve_device,
                                    resolve_dist_backend, shutdown_distributed)
@@ -305,17 +305,25 @@ class Progress:
 
 
 class EpochMeters:
-    """Running sums of one epoch on this rank: ``[loss · images, top-1 correct, images]`` and seconds."""
+    """Running sums of one epoch on this rank: ``[loss · images, top-1 correct]`` on the device (read only at
+    the epoch's end: no synchronisation per step), the image count and the seconds spent training."""
 
     def __init__(self, device: torch.device, totals: Optional[List[float]] = None, seconds: float = 0.0):
-        self.totals = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+        totals = totals or [0.0, 0.0, 0.0]
+        self.sums = torch.tensor(totals[:2], dtype=torch.float64, device=device)
+        self.images = totals[2]
         self.seconds = seconds
+
+    @property
+    def totals(self) -> Tensor:
+        """``[loss · images, top-1 correct, images]`` (float64, on the device)."""
+        return torch.cat([self.sums, self.sums.new_tensor([self.images])])
 
     def add(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
         count = labels.numel()
         correct = (logits.argmax(dim=1) == labels).sum()
-        self.totals += torch.stack([loss.double() * count, correct.double(),
-                                    torch.tensor(float(count), dtype=torch.float64, device=labels.device)])
+        self.sums += torch.stack([loss.double() * count, correct.double()])
+        self.images += count
 
 
 def top_k_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
@@ -339,17 +347,18 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistributedContext, amp:
     """
     ctx.broadcast_buffers(model)
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss sum, top-1, top-5, images
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, top-1 and top-5 correct
+    count = 0
     with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
         for images, labels in loader:
             images, labels = _to_device(images, labels, ctx.device, channels_last)
             logits = model(images).float()
-            totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                   top_k_correct(logits, labels, 1).double(),
-                                   top_k_correct(logits, labels, 5).double(),
-                                   torch.tensor(float(labels.numel()), dtype=torch.float64, device=ctx.device)])
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 top_k_correct(logits, labels, 1).double(),
+                                 top_k_correct(logits, labels, 5).double()])
+            count += labels.numel()
     model.train()
-    loss_sum, top1, top5, count = ctx.all_reduce_sum(totals).tolist()
+    loss_sum, top1, top5, count = ctx.all_reduce_sum(torch.cat([sums, sums.new_tensor([count])])).tolist()
     count = max(count, 1.0)
     return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count}
 
@@ -414,7 +423,7 @@ class Trainer:
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last
                               else torch.preserve_format)
         self.network = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
-                                                else None)
+                                                else None, gradient_as_bucket_view=True)
                         if ctx.distributed else self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=scaled_lr(args), momentum=args.momentum,
                                          weight_decay=args.weight_decay)
@@ -432,7 +441,7 @@ class Trainer:
         # The loaders draw their workers' base seeds from their own generator, not from the global RNG, whose
         # stream then depends on nothing but the training itself (augmentation is seeded per sample anyway).
         loader_options = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                              persistent_workers=args.workers > 0,
+                              persistent_workers=args.workers > 0, worker_init_fn=ignore_sigterm,
                               generator=torch.Generator().manual_seed(args.seed))
         self.train_loader = DataLoader(data.train, batch_size=self.local_batch, sampler=self.sampler,
                                        drop_last=True, **loader_options)

@@ -277,17 +277,18 @@ def test_rng_states_round_trip(tmp_path):
 
 
 def test_sigterm_checkpoints_and_the_run_resumes_exactly(tmp_path):
-    """SIGTERM to a running ``python -m se_fused.train``: it checkpoints where it is and exits with 143;
-    ``--resume`` then ends bitwise where an uninterrupted run ends."""
+    """SIGTERM to every process of a running ``python -m se_fused.train --workers 2`` (as a scheduler that
+    preempts a job sends it: loader workers included): it checkpoints where it is and exits with 143;
+    ``--resume`` then ends bitwise where an uninterrupted run (loading in-process) ends."""
     base = TINY + ["--synthetic-train-size", "640"]  # 40 steps per epoch: the signal lands inside a run
-    command = [sys.executable, "-m", "se_fused.train", *base, "--epochs", "20", "--progress", "print",
-               "--print-freq", "1", "--output-dir", str(tmp_path / "run")]
+    command = [sys.executable, "-m", "se_fused.train", *base, "--epochs", "20", "--workers", "2", "--progress",
+               "print", "--print-freq", "1", "--output-dir", str(tmp_path / "run")]
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=tmp_path)
+                               text=True, cwd=tmp_path, start_new_session=True)
     try:
         for line in process.stdout:
             if " step " in line:  # a step is done
-                process.send_signal(signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGTERM)
                 break
         stdout, stderr = process.communicate(timeout=120)
     finally:

@@ -17,6 +17,7 @@ Exact resumption rests on two choices made here:
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
@@ -32,6 +33,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's reference evaluation: resize the short side to 256 for a 224 crop (crop fraction 0.875).
 VAL_CROP_FRACTION = 224 / 256
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: loader workers ignore SIGTERM.
+
+    A scheduler that preempts a job (SLURM, Kubernetes) signals every process
+    of it; a worker that died of the signal would make the trainer's next
+    batch fail before it could write its checkpoint. The trainer's main process
+    handles SIGTERM and shuts its workers down itself (they also exit when it does).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SampleKey(NamedTuple):
