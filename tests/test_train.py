@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -395,7 +394,7 @@ def test_two_ranks_with_gloo_equal_one_process_on_the_global_batch(tmp_path):
     first step; both ranks stop together at a step where they poll for it, with a checkpoint, and
     ``torchrun ... --resume`` finishes that epoch. Then both ranks hold bitwise identical parameters and
     buffers, equal within float32 rounding to one process training as many steps on the same global batch
-    of 16, and the logged losses agree.
+    of 16, and the logged losses agree. The two-rank checkpoint also resumes in one process.
 
     Batch norm: under DDP each rank normalises with its own 8 images' statistics, one process with all 16's,
     so the two would compute different functions. ``--sync-bn`` makes both use the global batch's statistics
@@ -449,6 +448,13 @@ def test_two_ranks_with_gloo_equal_one_process_on_the_global_batch(tmp_path):
         if not rank0[name].is_floating_point():
             assert torch.equal(rank0[name], single_state[name]), name  # num_batches_tracked
     assert max_difference(rank0, stopped["model"], floats) > 100 * tolerance
+
+    # The global batches do not depend on the world size, so the two-rank SIGTERM checkpoint (now the previous
+    # one) also continues in one process, to the same result.
+    assert load_checkpoint(str(ddp_dir / PREV_NAME))["global_step"] == position
+    switched = run(tmp_path / "switched", "--synthetic-train-size", "320", "--sync-bn", "--epochs", str(epochs),
+                   "--resume", str(ddp_dir / PREV_NAME))
+    assert max_difference(state_of(switched), single_state, floats) < tolerance
 
     ddp_log = [json.loads(line) for line in (ddp_dir / "log.jsonl").read_text().splitlines()]
     assert len(ddp_log) == len(single.history) == epochs

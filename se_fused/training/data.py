@@ -244,7 +244,8 @@ def image_folder_datasets(root: str, image_size: int, val_resize: int, crop_scal
 
 def synthetic_datasets(train_size: int, val_size: int, num_classes: int, image_size: int, hflip: float,
                        seed: int) -> DataSets:
-    """:class:`SyntheticImages` train and val sets (same class patterns, other noise), train with a seeded horizontal flip."""
+    """:class:`SyntheticImages` train and val sets (same class patterns, other noise); the training set with a
+    seeded horizontal flip."""
     from torchvision import transforms
     train = SyntheticImages(train_size, num_classes, image_size, seed, split="train")
     val = SyntheticImages(val_size, num_classes, image_size, seed, split="val")
