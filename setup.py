@@ -7,10 +7,12 @@ checks) the CUDA code too. Environment switches:
 * ``SE_FUSED_CPU_ONLY=1``: skip the CUDA sources (a quick CPU-only build).
 * ``TORCH_CUDA_ARCH_LIST``: target GPUs; defaults to ``9.0`` when no GPU is visible.
 * ``CUDA_HOME``: the toolkit, when it is not where ``nvcc`` or ``/usr/local/cuda`` says.
+* ``SE_FUSED_NO_AVX2=1``: a portable CPU kernel (by default it uses AVX2/FMA when the building CPU has them).
 """
 import glob
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 
@@ -70,6 +72,27 @@ def wheel_cuda_includes():
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def cpu_vector_flags():
+    """Flags that let ATen's ``Vectorized`` use AVX2 in the CPU kernel.
+
+    An extension is compiled without ISA flags, so ``at::vec::Vectorized``
+    falls back to its generic scalar form (ATen itself dispatches at run time
+    between builds per ISA). When the building machine has AVX2 and FMA, the
+    extension is compiled for it, as a source build targets the machine it is
+    installed on; ``SE_FUSED_NO_AVX2=1`` builds the portable generic form.
+    """
+    if os.environ.get("SE_FUSED_NO_AVX2", "0") == "1" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return []
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+
 def extensions():
     import torch
 
@@ -84,7 +107,7 @@ def extensions():
 
     sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp", "squeeze_excitation.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3"]  # the C++ standard is torch's choice (C++20 from torch 2.13)
+    cxx_flags = ["-O3"] + cpu_vector_flags()  # the C++ standard is torch's choice (C++20 from torch 2.13)
     if not build_cuda:
         return [CppExtension("se_fused._C", sources, extra_compile_args={"cxx": cxx_flags})]
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -1,11 +1,16 @@
-// Fused SE forward and backward on the CPU.
+// Fused SE forward and backward on the CPU, one sample at a time.
 //
-// Forward, two sweeps over x: (1) pool every (sample, channel) in float32,
-// (2) after the batched MLP, write x*s (+ residual, ReLU) in one pass.
-// Backward, two sweeps: (1) ds = sum_p g*x with the ReLU mask applied on the
-// fly, (2) dx = g*s + dz/P (and dresidual = g) in one pass. No full-size
-// temporaries; rows are converted to float32 in small thread-local buffers.
-// NCHW rows are channels (P elements); NHWC rows are pixels (C elements).
+// A sample's slice (at most a few MB for SE-ResNet-50) stays in the last-level
+// cache between the two sweeps the math needs, so DRAM sees the minimum:
+// forward reads x once and writes out (2T; +T for the residual), backward reads
+// grad_out and x once and writes grad_x (3T; +2T for the residual). Per sample:
+//   forward:  channel sums -> MLP (vectorised dot products) -> x*s (+res, ReLU)
+//   backward: sum g'*x -> MLP backward -> g'*s + dz/P (and g' for the residual)
+// Samples run in parallel when there are at least as many as threads; otherwise
+// one sample at a time with the threads inside it. Work inside a sample is cut
+// into fixed blocks reduced in block order, so results do not depend on the
+// thread count and are bitwise reproducible. Weight gradients are reduced over
+// the batch afterwards by fixed-order GEMMs (weight_gradients).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,6 +18,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -69,143 +76,234 @@ class RowWriter {
   int64_t n_ = 0;
 };
 
-// Work items are (sample, channel block) for the reductions, so each item owns
-// its outputs: no atomics, a fixed summation order, bitwise reproducible.
-constexpr int64_t kChannelBlock = 64;
-
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_item));
+// The ReLU of the residual epilogue lets the gradient through wherever its
+// output is not <= 0 (NaN included), as PyTorch's threshold_backward does.
+template <typename Vec>
+Vec relu_mask(Vec g, Vec out) {
+  return Vec::blendv(g, Vec(0), out <= Vec(0));
 }
 
-// sum_p a[n,c,p] * (b ? b[n,c,p] : 1), the ReLU mask of `mask_by` applied to a,
-// into out[n,c] (accumulation type, (N, C) contiguous).
+// Pixels per block of the NHWC channel sums (fixed, so the summation order
+// does not depend on the number of threads).
+constexpr int64_t kPixelBlock = 64;
+
+// sums[c] = sum_p a[c, p] * (b ? b[c, p] : 1) over one sample, with a masked
+// by the ReLU output `mask_by` when given. Pointers are to the sample's slice.
 template <typename scalar_t>
-void channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
-                  opmath<scalar_t>* out) {
+void sample_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
+                         opmath<scalar_t>* sums) {
   using acc_t = opmath<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t N = p.N, C = p.C, P = p.P;
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  auto masked = [](Vec g, Vec o) { return Vec::blendv(g, Vec(0), o <= Vec(0)); };
-  at::parallel_for(0, N * blocks, grain_for(kChannelBlock * P), [&](int64_t begin, int64_t end) {
+  const int64_t C = p.C, P = p.P;
+  auto add = [](Vec x, Vec y) { return x + y; };
+  auto mul = [](Vec x, Vec y) { return x * y; };
+  if (!p.channels_last) {
+    at::parallel_for(0, C, std::max<int64_t>(1, 16384 / P), [&](int64_t begin, int64_t end) {
+      RowReader<scalar_t> ra, rb, rm;
+      std::vector<acc_t> masked;
+      for (int64_t c = begin; c < end; ++c) {
+        const acc_t* av = ra.read(a + c * P, P);
+        if (mask_by) {
+          masked.resize(P);
+          at::vec::map2<acc_t>(relu_mask<Vec>, masked.data(), av, rm.read(mask_by + c * P, P), P);
+          av = masked.data();
+        }
+        sums[c] = b ? at::vec::map2_reduce_all<acc_t>(mul, add, av, rb.read(b + c * P, P), P)
+                    : at::vec::reduce_all<acc_t>(add, av, P);
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
+  std::vector<acc_t> partial(blocks * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     RowReader<scalar_t> ra, rb, rm;
-    std::vector<acc_t> masked_row, sums(kChannelBlock);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks, c0 = (item % blocks) * kChannelBlock;
-      const int64_t cb = std::min(kChannelBlock, C - c0);
-      if (!p.channels_last) {
-        for (int64_t c = c0; c < c0 + cb; ++c) {
-          const int64_t off = (n * C + c) * P;
-          const acc_t* av = ra.read(a + off, P);
-          if (mask_by) {
-            masked_row.resize(P);
-            at::vec::map2<acc_t>(masked, masked_row.data(), av, rm.read(mask_by + off, P), P);
-            av = masked_row.data();
-          }
-          out[n * C + c] = b ? at::vec::map2_reduce_all<acc_t>([](Vec x, Vec y) { return x * y; },
-                                                               [](Vec x, Vec y) { return x + y; }, av,
-                                                               rb.read(b + off, P), P)
-                             : at::vec::reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, av, P);
+    std::vector<acc_t> masked;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      acc_t* acc = partial.data() + blk * C;
+      std::fill(acc, acc + C, acc_t(0));
+      for (int64_t q = blk * kPixelBlock; q < std::min(P, (blk + 1) * kPixelBlock); ++q) {
+        const acc_t* av = ra.read(a + q * C, C);
+        if (mask_by) {
+          masked.resize(C);
+          at::vec::map2<acc_t>(relu_mask<Vec>, masked.data(), av, rm.read(mask_by + q * C, C), C);
+          av = masked.data();
         }
-      } else {
-        std::fill(sums.begin(), sums.begin() + cb, acc_t(0));
-        for (int64_t q = 0; q < P; ++q) {
-          const int64_t off = (n * P + q) * C + c0;
-          const acc_t* av = ra.read(a + off, cb);
-          if (mask_by) {
-            masked_row.resize(cb);
-            at::vec::map2<acc_t>(masked, masked_row.data(), av, rm.read(mask_by + off, cb), cb);
-            av = masked_row.data();
-          }
-          if (b) {
-            at::vec::map3<acc_t>([](Vec s, Vec x, Vec y) { return s + x * y; }, sums.data(), sums.data(), av,
-                                 rb.read(b + off, cb), cb);
-          } else {
-            at::vec::map2<acc_t>([](Vec s, Vec x) { return s + x; }, sums.data(), sums.data(), av, cb);
-          }
+        if (b) {
+          at::vec::map3<acc_t>([](Vec s, Vec x, Vec y) { return s + x * y; }, acc, acc, av, rb.read(b + q * C, C), C);
+        } else {
+          at::vec::map2<acc_t>(add, acc, acc, av, C);
         }
-        std::copy(sums.begin(), sums.begin() + cb, out + n * C + c0);
       }
     }
   });
+  std::copy(partial.begin(), partial.begin() + C, sums);
+  for (int64_t blk = 1; blk < blocks; ++blk) at::vec::map2<acc_t>(add, sums, sums, partial.data() + blk * C, C);
 }
 
-// Calls f(n, c0, count, offset) for every row of the tensor: NCHW rows are one
-// channel (count = P, c0 = its channel), NHWC rows one pixel (count = C, c0 = 0).
+// Calls f(channel_or_-1, offset, length) for every row of one sample, in
+// parallel: NCHW rows are channels (P elements), NHWC rows are pixels (C elements).
 template <typename F>
-void for_each_row(const SEProblem& p, const F& f) {
-  const int64_t rows = p.channels_last ? p.N * p.P : p.N * p.C;
+void for_each_sample_row(const SEProblem& p, const F& f) {
+  const int64_t rows = p.channels_last ? p.P : p.C;
   const int64_t len = p.channels_last ? p.C : p.P;
-  at::parallel_for(0, rows, grain_for(len), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      if (p.channels_last) {
-        f(row / p.P, int64_t(0), len, row * len);
-      } else {
-        f(row / p.C, row % p.C, len, row * len);
-      }
-    }
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / len), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) f(p.channels_last ? int64_t(-1) : row, row * len, len);
   });
 }
 
+// out = x * s (+ residual, ReLU) over one sample.
 template <typename scalar_t>
-void scale_forward(const SEProblem& p, const scalar_t* x, const scalar_t* residual,
-                   const opmath<scalar_t>* scale, scalar_t* out) {
+void sample_scale_forward(const SEProblem& p, const scalar_t* x, const scalar_t* residual,
+                          const opmath<scalar_t>* scale, scalar_t* out) {
   using acc_t = opmath<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const bool cl = p.channels_last;
-  for_each_row(p, [&](int64_t n, int64_t c0, int64_t len, int64_t off) {
+  for_each_sample_row(p, [&](int64_t c, int64_t off, int64_t len) {
     thread_local RowReader<scalar_t> rx, rr;
     thread_local RowWriter<scalar_t> wo;
     const acc_t* xv = rx.read(x + off, len);
     acc_t* ov = wo.open(out + off, len);
-    if (cl) {
-      const acc_t* s = scale + n * p.C;
+    if (c < 0) {  // NHWC: a pixel's channels against the scale vector
       if (residual) {
-        at::vec::map3<acc_t>([](Vec a, Vec sv, Vec r) { return at::vec::maximum(a * sv + r, Vec(0)); }, ov, xv, s,
+        at::vec::map3<acc_t>([](Vec a, Vec s, Vec r) { return at::vec::maximum(a * s + r, Vec(0)); }, ov, xv, scale,
                              rr.read(residual + off, len), len);
       } else {
-        at::vec::map2<acc_t>([](Vec a, Vec sv) { return a * sv; }, ov, xv, s, len);
+        at::vec::map2<acc_t>([](Vec a, Vec s) { return a * s; }, ov, xv, scale, len);
       }
     } else {
-      const Vec sv(scale[n * p.C + c0]);
+      const Vec s(scale[c]);
       if (residual) {
-        at::vec::map2<acc_t>([sv](Vec a, Vec r) { return at::vec::maximum(a * sv + r, Vec(0)); }, ov, xv,
+        at::vec::map2<acc_t>([s](Vec a, Vec r) { return at::vec::maximum(a * s + r, Vec(0)); }, ov, xv,
                              rr.read(residual + off, len), len);
       } else {
-        at::vec::map<acc_t>([sv](Vec a) { return a * sv; }, ov, xv, len);
+        at::vec::map<acc_t>([s](Vec a) { return a * s; }, ov, xv, len);
       }
     }
     wo.commit();
   });
 }
 
+// grad_x = g' * s + dz/P, and grad_residual = g' (g' = grad_out masked by the
+// ReLU output) when `out` is given, over one sample.
 template <typename scalar_t>
-void scale_backward(const SEProblem& p, const scalar_t* grad_out, const scalar_t* out, const opmath<scalar_t>* scale,
-                    const opmath<scalar_t>* dz_over_p, scalar_t* grad_x, scalar_t* grad_res) {
+void sample_scale_backward(const SEProblem& p, const scalar_t* grad_out, const scalar_t* out,
+                           const opmath<scalar_t>* scale, const opmath<scalar_t>* dz_over_p, scalar_t* grad_x,
+                           scalar_t* grad_res) {
   using acc_t = opmath<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const bool cl = p.channels_last;
-  for_each_row(p, [&](int64_t n, int64_t c0, int64_t len, int64_t off) {
+  for_each_sample_row(p, [&](int64_t c, int64_t off, int64_t len) {
     thread_local RowReader<scalar_t> rg, ro;
     thread_local RowWriter<scalar_t> wx, wr;
     const acc_t* gv = rg.read(grad_out + off, len);
     if (out) {
       acc_t* masked = wr.open(grad_res + off, len);
-      at::vec::map2<acc_t>([](Vec g, Vec o) { return Vec::blendv(g, Vec(0), o <= Vec(0)); }, masked, gv,
-                           ro.read(out + off, len), len);
+      at::vec::map2<acc_t>(relu_mask<Vec>, masked, gv, ro.read(out + off, len), len);
       gv = masked;
     }
     acc_t* dx = wx.open(grad_x + off, len);
-    if (cl) {
-      at::vec::map3<acc_t>([](Vec g, Vec s, Vec d) { return g * s + d; }, dx, gv, scale + n * p.C,
-                           dz_over_p + n * p.C, len);
+    if (c < 0) {
+      at::vec::map3<acc_t>([](Vec g, Vec s, Vec d) { return g * s + d; }, dx, gv, scale, dz_over_p, len);
     } else {
-      const Vec s(scale[n * p.C + c0]), d(dz_over_p[n * p.C + c0]);
+      const Vec s(scale[c]), d(dz_over_p[c]);
       at::vec::map<acc_t>([s, d](Vec g) { return g * s + d; }, dx, gv, len);
     }
     wx.commit();
     if (out) wr.commit();
   });
+}
+
+// --- the excitation MLP of one sample, in the accumulation type ---------------
+
+template <typename acc_t>
+acc_t activation(acc_t u, Activation a) {
+  if (a == Activation::ReLU) return u < acc_t(0) ? acc_t(0) : u;  // NaN stays NaN, as torch.relu
+  return u / (acc_t(1) + std::exp(-u));
+}
+
+template <typename acc_t>
+acc_t gate(acc_t v, Gate g) {
+  if (g == Gate::Sigmoid) return acc_t(1) / (acc_t(1) + std::exp(-v));
+  return std::min(std::max(v + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);  // NaN propagates through both
+}
+
+// Weights in the accumulation type, as the per-sample MLP reads them: w1 (R, C)
+// and W2 transposed to w2t (R, C), so that every loop of the MLP runs over C
+// contiguous elements (R dot products or R axpys), never over the short R.
+struct MlpWeights {
+  at::Tensor w1, w2t, b1, b2;
+};
+
+MlpWeights mlp_weights(const SEProblem& p, at::ScalarType acc, const at::Tensor& fc1_weight,
+                       const at::Tensor* fc1_bias, const at::Tensor& fc2_weight, const at::Tensor* fc2_bias) {
+  MlpWeights w;
+  w.w1 = fc1_weight.reshape({p.R, p.C}).to(acc).contiguous();
+  w.w2t = fc2_weight.reshape({p.C, p.R}).t().to(acc).contiguous();
+  if (fc1_bias) w.b1 = fc1_bias->to(acc).contiguous();
+  if (fc2_bias) w.b2 = fc2_bias->to(acc).contiguous();
+  return w;
+}
+
+// hidden = W1 z + b1 (pre-activation), scale = gate(W2 act(hidden) + b2).
+template <typename acc_t>
+void sample_mlp_forward(const SEProblem& p, const MlpWeights& w, const acc_t* z, acc_t* hidden, acc_t* scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  auto add = [](Vec x, Vec y) { return x + y; };
+  auto mul = [](Vec x, Vec y) { return x * y; };
+  const acc_t* w1 = w.w1.const_data_ptr<acc_t>();
+  const acc_t* w2t = w.w2t.const_data_ptr<acc_t>();
+  std::copy(w.b2.const_data_ptr<acc_t>(), w.b2.const_data_ptr<acc_t>() + p.C, scale);  // v accumulates here
+  for (int64_t r = 0; r < p.R; ++r) {
+    hidden[r] = w.b1.const_data_ptr<acc_t>()[r] + at::vec::map2_reduce_all<acc_t>(mul, add, w1 + r * p.C, z, p.C);
+    const Vec h(activation(hidden[r], p.activation));
+    at::vec::map2<acc_t>([h](Vec v, Vec wr) { return v + h * wr; }, scale, scale, w2t + r * p.C, p.C);
+  }
+  for (int64_t c = 0; c < p.C; ++c) scale[c] = gate(scale[c], p.gate);
+}
+
+// From ds = sum_p g'*x: dv = ds*gate'(v), du = (dv W2)*act'(u), dz/P = (du W1)/P.
+// The masked slopes select rather than multiply (an infinite ds gives 0 where
+// the slope is 0, as PyTorch's hardsigmoid/relu backwards do).
+template <typename acc_t>
+void sample_mlp_backward(const SEProblem& p, const MlpWeights& w, const acc_t* ds, const acc_t* scale,
+                         const acc_t* hidden, acc_t* dv, acc_t* du, acc_t* dz_over_p) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  auto add = [](Vec x, Vec y) { return x + y; };
+  auto mul = [](Vec x, Vec y) { return x * y; };
+  const acc_t* w1 = w.w1.const_data_ptr<acc_t>();
+  const acc_t* w2t = w.w2t.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < p.C; ++c) {
+    const acc_t s = scale[c];
+    dv[c] = p.gate == Gate::Sigmoid ? ds[c] * (s * (acc_t(1) - s)) : ((s > 0 && s < 1) ? ds[c] / acc_t(6) : acc_t(0));
+  }
+  std::fill(dz_over_p, dz_over_p + p.C, acc_t(0));
+  for (int64_t r = 0; r < p.R; ++r) {
+    const acc_t dh = at::vec::map2_reduce_all<acc_t>(mul, add, w2t + r * p.C, dv, p.C);
+    const acc_t u = hidden[r];
+    if (p.activation == Activation::ReLU) {
+      du[r] = u > 0 ? dh : acc_t(0);
+    } else {
+      const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-u));
+      du[r] = dh * (sig * (acc_t(1) + u * (acc_t(1) - sig)));
+    }
+    const Vec d(du[r]);
+    at::vec::map2<acc_t>([d](Vec acc, Vec wr) { return acc + d * wr; }, dz_over_p, dz_over_p, w1 + r * p.C, p.C);
+  }
+  const Vec inv_p(acc_t(1) / static_cast<acc_t>(p.P));
+  at::vec::map<acc_t>([inv_p](Vec v) { return v * inv_p; }, dz_over_p, dz_over_p, p.C);
+}
+
+// Runs f(n) for every sample: samples in parallel when there are enough of
+// them to feed every thread, else one after another with the threads inside
+// each (at::parallel_for nested in a parallel region runs inline).
+template <typename F>
+void for_each_sample(int64_t N, const F& f) {
+  if (N >= at::get_num_threads()) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) f(n);
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) f(n);
+  }
 }
 
 ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::Tensor& fc1_weight,
@@ -218,14 +316,24 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
                                          std::string(activation), std::string(gate));
   auto [out, pooled, hidden, scale] = allocate_forward_outputs(x, p);
   if (p.N == 0) return {out, pooled, hidden, scale};
+  const MlpWeights w = mlp_weights(p, pooled.scalar_type(), fc1_weight, &fc1_bias, fc2_weight, &fc2_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cpu", [&] {
     using acc_t = opmath<scalar_t>;
-    channel_sums<scalar_t>(p, x.const_data_ptr<scalar_t>(), nullptr, nullptr, pooled.mutable_data_ptr<acc_t>());
-    pooled.div_(static_cast<double>(p.P));
-    std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
-    scale_forward<scalar_t>(p, x.const_data_ptr<scalar_t>(),
-                            residual ? residual->const_data_ptr<scalar_t>() : nullptr,
-                            scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
+    const int64_t slice = p.C * p.P;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    acc_t* zp = pooled.mutable_data_ptr<acc_t>();
+    acc_t* up = hidden.mutable_data_ptr<acc_t>();
+    acc_t* sp = scale.mutable_data_ptr<acc_t>();
+    for_each_sample(p.N, [&](int64_t n) {
+      acc_t* z = zp + n * p.C;
+      sample_channel_sums<scalar_t>(p, xp + n * slice, nullptr, nullptr, z);
+      const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
+      for (int64_t c = 0; c < p.C; ++c) z[c] *= inv_p;
+      sample_mlp_forward<acc_t>(p, w, z, up + n * p.R, sp + n * p.C);
+      sample_scale_forward<scalar_t>(p, xp + n * slice, rp ? rp + n * slice : nullptr, sp + n * p.C, op + n * slice);
+    });
   });
   return {out, pooled, hidden, scale};
 }
@@ -242,29 +350,31 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
                                           std::string(activation), std::string(gate));
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_res = p.has_residual ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor ds = at::empty({p.N, p.C}, pooled.options());
-  if (p.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_backward_cpu",
-                                    [&] {
-      using acc_t = opmath<scalar_t>;
-      const scalar_t* o = out ? out->const_data_ptr<scalar_t>() : nullptr;
-      channel_sums<scalar_t>(p, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), o,
-                             ds.mutable_data_ptr<acc_t>());
+  at::Tensor dv = at::zeros({p.N, p.C}, pooled.options());
+  at::Tensor du = at::zeros({p.N, p.R}, pooled.options());
+  const MlpWeights w = mlp_weights(p, pooled.scalar_type(), fc1_weight, nullptr, fc2_weight, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_backward_cpu", [&] {
+    using acc_t = opmath<scalar_t>;
+    const int64_t slice = p.C * p.P;
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* op = out ? out->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* grp = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t* sp = scale.const_data_ptr<acc_t>();
+    const acc_t* up = hidden.const_data_ptr<acc_t>();
+    acc_t* dvp = dv.mutable_data_ptr<acc_t>();
+    acc_t* dup = du.mutable_data_ptr<acc_t>();
+    for_each_sample(p.N, [&](int64_t n) {
+      std::vector<acc_t> ds(p.C), dz_over_p(p.C);
+      const int64_t off = n * slice;
+      sample_channel_sums<scalar_t>(p, gp + off, xp + off, op ? op + off : nullptr, ds.data());
+      sample_mlp_backward<acc_t>(p, w, ds.data(), sp + n * p.C, up + n * p.R, dvp + n * p.C, dup + n * p.R,
+                                 dz_over_p.data());
+      sample_scale_backward<scalar_t>(p, gp + off, op ? op + off : nullptr, sp + n * p.C, dz_over_p.data(),
+                                      gxp + off, grp ? grp + off : nullptr);
     });
-  } else {
-    ds.zero_();
-  }
-  auto [dv, du, dz] = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
-  if (p.N > 0) {
-    at::Tensor dz_over_p = (dz / static_cast<double>(p.P)).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_dx_cpu", [&] {
-      using acc_t = opmath<scalar_t>;
-      scale_backward<scalar_t>(p, grad_out.const_data_ptr<scalar_t>(),
-                               out ? out->const_data_ptr<scalar_t>() : nullptr, scale.const_data_ptr<acc_t>(),
-                               dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-                               p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr);
-    });
-  }
+  });
   auto [dw1, db1, dw2, db2] = weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
   return {grad_x, grad_res, dw1, db1, dw2, db2};
 }
