@@ -33,9 +33,12 @@ export PYTHONUNBUFFERED=1 SE_FUSED_CUDA_VERBOSE=${SE_FUSED_CUDA_VERBOSE:-0}
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
-# step NAME LIMIT_S COMMAND...: run with a time limit, log everything, record status.
+# step NAME LIMIT_S COMMAND...: run with a time limit (clamped to the budget left),
+# log everything, record status. A step that cannot get 15 s is skipped.
 step() {
   local name=$1 limit=$2; shift 2
+  if (( $(left) < 15 )); then skip "$name" "out of time budget ($(elapsed)s used)"; FAILED=1; return 0; fi
+  (( limit > $(left) )) && limit=$(left)
   local t0; t0=$(date +%s)
   echo "=== [$name] (limit ${limit}s, at $(elapsed)s) $*" | tee -a "$LOG"
   timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -87,8 +90,8 @@ fi
 
 # --- 2. GPU tests -------------------------------------------------------------
 XDIST=()
-if "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN -eq 0 ]]; then XDIST=(-n 6); fi
-step tests 200 "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_SELECT[@]}"
+if "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN -eq 0 ]]; then XDIST=(-n 12); fi
+step tests 170 "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_SELECT[@]}"
 
 # --- 3. benchmarks and the record ---------------------------------------------
 step bench-block 130 "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" --out "$WORK" --json-name block.json --no-progress
@@ -114,7 +117,14 @@ for tool in memcheck racecheck; do
   fi
 done
 
-# --- 5. with the time left: cluster geometry sweep ------------------------------
+# --- 5. a short training run on the GPU (the DDP entry point, single process) ----
+if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
+  step train 50 "$PY" -m se_fused.train --synthetic --arch se_resnet50 --se-backend auto --synthetic-train-size 1024 \
+    --synthetic-val-size 256 --batch-size 128 --epochs 1 --max-steps 4 --workers 4 --progress print --print-freq 1 \
+    --output-dir "$WORK/train"
+fi
+
+# --- 6. with the time left: cluster geometry sweep ------------------------------
 if [[ $DRY_RUN -eq 0 && $(left) -gt 45 ]]; then
   step tune $(( $(left) - 15 )) "$PY" benchmarks/tune_cluster.py --max-seconds $(( $(left) - 25 ))
 fi
