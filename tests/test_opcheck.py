@@ -84,5 +84,5 @@ def test_opcheck_backward_with_expanded_grad(device):
     _, args = _forward_args(torch.float32, "channels_last", True, "relu", "sigmoid", False, device)
     x, w1, b1, w2, b2, res = args[:6]
     out, pooled, hidden, scale = FORWARD(*args)
-    grad_out = torch.ones((), dtype=x.dtype).expand_as(x)
+    grad_out = torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
     torch.library.opcheck(BACKWARD, (grad_out, x, out, w1, w2, pooled, hidden, scale, "relu", "sigmoid"))
