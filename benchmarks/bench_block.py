@@ -364,8 +364,9 @@ def plot(rows: List[dict], path: Path, title: str, copy_gbps: float) -> Optional
     residuals = [v for v in (False, True) if any(r["residual"] == v for r in rows)]
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
     multi_dtype = len({r["dtype"] for r in rows}) > 1
+    n_groups = len({(r["stage"], r["memory_format"], r["dtype"]) for r in rows})
     fig, axes = plt.subplots(len(passes), len(residuals), squeeze=False,
-                             figsize=(6.5 * len(residuals), 3.6 * len(passes)))
+                             figsize=(max(6.5, 0.9 * n_groups) * len(residuals), 3.6 * len(passes)))
     for i, pass_name in enumerate(passes):
         for j, residual in enumerate(residuals):
             ax = axes[i][j]
@@ -383,7 +384,8 @@ def plot(rows: List[dict], path: Path, title: str, copy_gbps: float) -> Optional
             if copy_gbps:
                 ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1,
                            label=f"copy {copy_gbps:.0f} GB/s")
-            labels = [f"{s}\n{f}" + (f"\n{d}" if multi_dtype else "") for s, f, d in groups]
+            labels = [f"{s}\n{'NHWC' if f == 'channels_last' else 'NCHW'}" + (f"\n{d}" if multi_dtype else "")
+                      for s, f, d in groups]
             ax.set_xticks(range(len(groups)))
             ax.set_xticklabels(labels, fontsize=7)
             ax.set_ylabel("GB/s (bytes_min / time)")
