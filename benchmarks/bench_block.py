@@ -103,13 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def default_impls(device: torch.device, with_compile: bool) -> List[str]:
-    """The impls worth timing on ``device``: fused backends that are usable there, eager, compile."""
+    """The impls worth timing on ``device``: the usable fused backends serving it, eager, and compile if asked."""
     usable = common.usable_backends()
-    if device.type == "cuda":
-        impls = [b for b in ("cuda", "triton") if b in usable] + ["eager", "compile"]
-    else:
-        impls = [b for b in ("cpu",) if b in usable] + ["eager"] + (["compile"] if with_compile else [])
-    return impls
+    serving = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    return [b for b in serving if b in usable] + ["eager"] + (["compile"] if with_compile else [])
 
 
 def skipped_impls(device: torch.device, impls: List[str]) -> Dict[str, str]:
@@ -414,10 +411,9 @@ def main(argv=None) -> int:
     stages = common.parse_stages(args.shapes)
     residuals = {"both": [False, True], "yes": [True], "no": [False]}[args.residual]
     passes = common.parse_list(args.passes, PASSES, "pass")
-    impls = (common.parse_list(args.impls, IMPLS, "impl") if args.impls
-             else default_impls(device, args.compile and not (gpu and args.quick)))
-    if gpu and args.quick and not args.impls:
-        impls = [i for i in impls if i != "compile"]  # compiling 8 configurations does not fit the quick budget
+    # GPU: compile unless --quick (compiling 8 configurations does not fit its budget); CPU: only with --compile.
+    with_compile = (gpu and not args.quick) or (not gpu and args.compile)
+    impls = common.parse_list(args.impls, IMPLS, "impl") if args.impls else default_impls(device, with_compile)
     args.rounds = args.rounds or (5 if args.quick else 7)
     args.min_round_ms = args.min_round_ms if args.min_round_ms is not None else (30.0 if args.quick else 100.0)
     args.warmup_ms = args.warmup_ms or (10.0 if args.quick else 25.0)
