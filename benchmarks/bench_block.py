@@ -168,10 +168,18 @@ def pass_callable(pass_name: str, block, params: List[torch.Tensor], sets: List[
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``max|actual − expected| / max|expected|`` in float32 (a sanity check, not a test)."""
+    """``‖actual − expected‖₂ / ‖expected‖₂`` in float32 (a sanity check, not a test).
+
+    An L2 ratio, not a max-norm one: in bf16 the residual form's ReLU mask
+    flips at a few of ~10⁸ elements where ``x·s + residual`` rounds to the
+    other side of 0 in eager's bf16 sum; each flip changes dx by a full
+    ``g·s``, which a max-norm ratio reports as a ~70% "difference" (seen on an
+    H200) although the kernels agree everywhere else. A real bug moves the L2
+    ratio to order 1; rounding leaves it near the dtype's epsilon.
+    """
     expected = expected.float()
-    scale = expected.abs().max().item() or 1.0
-    return (actual.float() - expected).abs().max().item() / scale
+    scale = torch.linalg.vector_norm(expected).item() or 1.0
+    return torch.linalg.vector_norm(actual.float() - expected).item() / scale
 
 
 def check_against_eager(block, reference, s: InputSet) -> Dict[str, float]:
@@ -298,7 +306,7 @@ def print_results(rows: List[dict], header: str, copy_gbps: float, device: torch
         columns = columns[:-1]
     common.print_table(columns, rows)
     print(f"(copy bandwidth measured in this run: {copy_gbps:.1f} GB/s, read+write; 'of copy' = GB/s / that; "
-          f"'vs eager' = eager ms / ms; 'diff vs eager' = max|out - eager| / max|eager| (dx for backward))")
+          f"'vs eager' = eager ms / ms; 'diff vs eager' = ||out - eager||_2 / ||eager||_2 (dx for backward))")
     print_speedup_summary(rows, device)
 
 
