@@ -1,16 +1,17 @@
-// Fused SE forward and backward on the CPU, one sample at a time.
+// Fused SE forward and backward on the CPU, in cache-sized chunks of samples.
 //
-// A sample's slice (at most a few MB for SE-ResNet-50) stays in the last-level
-// cache between the two sweeps the math needs, so DRAM sees the minimum:
+// The batch is cut into chunks small enough to stay in the last-level cache
+// between the two sweeps the math needs, so DRAM sees about the minimum:
 // forward reads x once and writes out (2T; +T for the residual), backward reads
-// grad_out and x once and writes grad_x (3T; +2T for the residual). Per sample:
-//   forward:  channel sums -> MLP (vectorised dot products) -> x*s (+res, ReLU)
-//   backward: sum g'*x -> MLP backward -> g'*s + dz/P (and g' for the residual)
-// Samples run in parallel when there are at least as many as threads; otherwise
-// one sample at a time with the threads inside it. Work inside a sample is cut
-// into fixed blocks reduced in block order, so results do not depend on the
-// thread count and are bitwise reproducible. Weight gradients are reduced over
-// the batch afterwards by fixed-order GEMMs (weight_gradients).
+// grad_out and x once and writes grad_x (3T; +2T for the residual). Per chunk:
+//   forward:  channel sums -> the MLP batched over the chunk -> x*s (+res, ReLU)
+//   backward: sum g'*x     -> MLP backward over the chunk    -> g'*s + dz/P
+// The MLP is the shared ATen code (squeeze_excitation.cpp), so each weight is
+// read once per chunk, not once per sample. Samples of a chunk run in parallel
+// when there are at least as many as threads, else one at a time with the
+// threads inside each. Work inside a sample is cut into fixed blocks reduced
+// in block order: results do not depend on the thread count and are bitwise
+// reproducible. Weight gradients are fixed-order GEMMs over the whole batch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -212,98 +214,30 @@ void sample_scale_backward(const SEProblem& p, const scalar_t* grad_out, const s
   });
 }
 
-// --- the excitation MLP of one sample, in the accumulation type ---------------
-
-template <typename acc_t>
-acc_t activation(acc_t u, Activation a) {
-  if (a == Activation::ReLU) return u < acc_t(0) ? acc_t(0) : u;  // NaN stays NaN, as torch.relu
-  return u / (acc_t(1) + std::exp(-u));
-}
-
-template <typename acc_t>
-acc_t gate(acc_t v, Gate g) {
-  if (g == Gate::Sigmoid) return acc_t(1) / (acc_t(1) + std::exp(-v));
-  return std::min(std::max(v + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);  // NaN propagates through both
-}
-
-// Weights in the accumulation type, as the per-sample MLP reads them: w1 (R, C)
-// and W2 transposed to w2t (R, C), so that every loop of the MLP runs over C
-// contiguous elements (R dot products or R axpys), never over the short R.
-struct MlpWeights {
-  at::Tensor w1, w2t, b1, b2;
-};
-
-MlpWeights mlp_weights(const SEProblem& p, at::ScalarType acc, const at::Tensor& fc1_weight,
-                       const at::Tensor* fc1_bias, const at::Tensor& fc2_weight, const at::Tensor* fc2_bias) {
-  MlpWeights w;
-  w.w1 = fc1_weight.reshape({p.R, p.C}).to(acc).contiguous();
-  w.w2t = fc2_weight.reshape({p.C, p.R}).t().to(acc).contiguous();
-  if (fc1_bias) w.b1 = fc1_bias->to(acc).contiguous();
-  if (fc2_bias) w.b2 = fc2_bias->to(acc).contiguous();
-  return w;
-}
-
-// hidden = W1 z + b1 (pre-activation), scale = gate(W2 act(hidden) + b2).
-template <typename acc_t>
-void sample_mlp_forward(const SEProblem& p, const MlpWeights& w, const acc_t* z, acc_t* hidden, acc_t* scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  auto add = [](Vec x, Vec y) { return x + y; };
-  auto mul = [](Vec x, Vec y) { return x * y; };
-  const acc_t* w1 = w.w1.const_data_ptr<acc_t>();
-  const acc_t* w2t = w.w2t.const_data_ptr<acc_t>();
-  std::copy(w.b2.const_data_ptr<acc_t>(), w.b2.const_data_ptr<acc_t>() + p.C, scale);  // v accumulates here
-  for (int64_t r = 0; r < p.R; ++r) {
-    hidden[r] = w.b1.const_data_ptr<acc_t>()[r] + at::vec::map2_reduce_all<acc_t>(mul, add, w1 + r * p.C, z, p.C);
-    const Vec h(activation(hidden[r], p.activation));
-    at::vec::map2<acc_t>([h](Vec v, Vec wr) { return v + h * wr; }, scale, scale, w2t + r * p.C, p.C);
-  }
-  for (int64_t c = 0; c < p.C; ++c) scale[c] = gate(scale[c], p.gate);
-}
-
-// From ds = sum_p g'*x: dv = ds*gate'(v), du = (dv W2)*act'(u), dz/P = (du W1)/P.
-// The masked slopes select rather than multiply (an infinite ds gives 0 where
-// the slope is 0, as PyTorch's hardsigmoid/relu backwards do).
-template <typename acc_t>
-void sample_mlp_backward(const SEProblem& p, const MlpWeights& w, const acc_t* ds, const acc_t* scale,
-                         const acc_t* hidden, acc_t* dv, acc_t* du, acc_t* dz_over_p) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  auto add = [](Vec x, Vec y) { return x + y; };
-  auto mul = [](Vec x, Vec y) { return x * y; };
-  const acc_t* w1 = w.w1.const_data_ptr<acc_t>();
-  const acc_t* w2t = w.w2t.const_data_ptr<acc_t>();
-  for (int64_t c = 0; c < p.C; ++c) {
-    const acc_t s = scale[c];
-    dv[c] = p.gate == Gate::Sigmoid ? ds[c] * (s * (acc_t(1) - s)) : ((s > 0 && s < 1) ? ds[c] / acc_t(6) : acc_t(0));
-  }
-  std::fill(dz_over_p, dz_over_p + p.C, acc_t(0));
-  for (int64_t r = 0; r < p.R; ++r) {
-    const acc_t dh = at::vec::map2_reduce_all<acc_t>(mul, add, w2t + r * p.C, dv, p.C);
-    const acc_t u = hidden[r];
-    if (p.activation == Activation::ReLU) {
-      du[r] = u > 0 ? dh : acc_t(0);
-    } else {
-      const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-u));
-      du[r] = dh * (sig * (acc_t(1) + u * (acc_t(1) - sig)));
-    }
-    const Vec d(du[r]);
-    at::vec::map2<acc_t>([d](Vec acc, Vec wr) { return acc + d * wr; }, dz_over_p, dz_over_p, w1 + r * p.C, p.C);
-  }
-  const Vec inv_p(acc_t(1) / static_cast<acc_t>(p.P));
-  at::vec::map<acc_t>([inv_p](Vec v) { return v * inv_p; }, dz_over_p, dz_over_p, p.C);
-}
-
-// Runs f(n) for every sample: samples in parallel when there are enough of
+// Runs f(n) for the samples [n0, n1): in parallel when there are enough of
 // them to feed every thread, else one after another with the threads inside
 // each (at::parallel_for nested in a parallel region runs inline).
 template <typename F>
-void for_each_sample(int64_t N, const F& f) {
-  if (N >= at::get_num_threads()) {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+void for_each_sample(int64_t n0, int64_t n1, const F& f) {
+  if (n1 - n0 >= at::get_num_threads()) {
+    at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) f(n);
     });
   } else {
-    for (int64_t n = 0; n < N; ++n) f(n);
+    for (int64_t n = n0; n < n1; ++n) f(n);
   }
+}
+
+// Samples per chunk: as many as keep `bytes_per_sample` (the bytes the second
+// sweep reads again) within the cache budget, at least one.
+// SE_FUSED_CPU_CHUNK_BYTES overrides the budget (8 MiB: a share of a typical
+// last-level cache that leaves room for the outputs streaming past).
+int64_t samples_per_chunk(int64_t bytes_per_sample) {
+  static const int64_t budget = [] {
+    const char* env = std::getenv("SE_FUSED_CPU_CHUNK_BYTES");
+    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
+  }();
+  return std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_sample));
 }
 
 ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::Tensor& fc1_weight,
@@ -316,24 +250,31 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
                                          std::string(activation), std::string(gate));
   auto [out, pooled, hidden, scale] = allocate_forward_outputs(x, p);
   if (p.N == 0) return {out, pooled, hidden, scale};
-  const MlpWeights w = mlp_weights(p, pooled.scalar_type(), fc1_weight, &fc1_bias, fc2_weight, &fc2_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cpu", [&] {
     using acc_t = opmath<scalar_t>;
     const int64_t slice = p.C * p.P;
+    const int64_t chunk = samples_per_chunk(slice * static_cast<int64_t>(sizeof(scalar_t)));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     acc_t* zp = pooled.mutable_data_ptr<acc_t>();
-    acc_t* up = hidden.mutable_data_ptr<acc_t>();
-    acc_t* sp = scale.mutable_data_ptr<acc_t>();
-    for_each_sample(p.N, [&](int64_t n) {
-      acc_t* z = zp + n * p.C;
-      sample_channel_sums<scalar_t>(p, xp + n * slice, nullptr, nullptr, z);
-      const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
-      for (int64_t c = 0; c < p.C; ++c) z[c] *= inv_p;
-      sample_mlp_forward<acc_t>(p, w, z, up + n * p.R, sp + n * p.C);
-      sample_scale_forward<scalar_t>(p, xp + n * slice, rp ? rp + n * slice : nullptr, sp + n * p.C, op + n * slice);
-    });
+    for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+      const int64_t n1 = std::min(p.N, n0 + chunk);
+      for_each_sample(n0, n1, [&](int64_t n) {
+        acc_t* z = zp + n * p.C;
+        sample_channel_sums<scalar_t>(p, xp + n * slice, nullptr, nullptr, z);
+        const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
+        for (int64_t c = 0; c < p.C; ++c) z[c] *= inv_p;
+      });
+      auto [h, s] = excitation_forward(pooled.narrow(0, n0, n1 - n0), fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
+      hidden.narrow(0, n0, n1 - n0).copy_(h);
+      scale.narrow(0, n0, n1 - n0).copy_(s);
+      const acc_t* sp = scale.const_data_ptr<acc_t>();
+      for_each_sample(n0, n1, [&](int64_t n) {
+        sample_scale_forward<scalar_t>(p, xp + n * slice, rp ? rp + n * slice : nullptr, sp + n * p.C,
+                                       op + n * slice);
+      });
+    }
   });
   return {out, pooled, hidden, scale};
 }
@@ -352,28 +293,37 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
   at::Tensor grad_res = p.has_residual ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dv = at::zeros({p.N, p.C}, pooled.options());
   at::Tensor du = at::zeros({p.N, p.R}, pooled.options());
-  const MlpWeights w = mlp_weights(p, pooled.scalar_type(), fc1_weight, nullptr, fc2_weight, nullptr);
+  at::Tensor ds = at::zeros({p.N, p.C}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_backward_cpu", [&] {
     using acc_t = opmath<scalar_t>;
     const int64_t slice = p.C * p.P;
+    // The second sweep reads grad_out (and out) again.
+    const int64_t chunk = samples_per_chunk(slice * static_cast<int64_t>(sizeof(scalar_t)) * (out ? 2 : 1));
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* op = out ? out->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* grp = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
     const acc_t* sp = scale.const_data_ptr<acc_t>();
-    const acc_t* up = hidden.const_data_ptr<acc_t>();
-    acc_t* dvp = dv.mutable_data_ptr<acc_t>();
-    acc_t* dup = du.mutable_data_ptr<acc_t>();
-    for_each_sample(p.N, [&](int64_t n) {
-      std::vector<acc_t> ds(p.C), dz_over_p(p.C);
-      const int64_t off = n * slice;
-      sample_channel_sums<scalar_t>(p, gp + off, xp + off, op ? op + off : nullptr, ds.data());
-      sample_mlp_backward<acc_t>(p, w, ds.data(), sp + n * p.C, up + n * p.R, dvp + n * p.C, dup + n * p.R,
-                                 dz_over_p.data());
-      sample_scale_backward<scalar_t>(p, gp + off, op ? op + off : nullptr, sp + n * p.C, dz_over_p.data(),
-                                      gxp + off, grp ? grp + off : nullptr);
-    });
+    acc_t* dsp = ds.mutable_data_ptr<acc_t>();
+    for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+      const int64_t n1 = std::min(p.N, n0 + chunk), g = n1 - n0;
+      for_each_sample(n0, n1, [&](int64_t n) {
+        const int64_t off = n * slice;
+        sample_channel_sums<scalar_t>(p, gp + off, xp + off, op ? op + off : nullptr, dsp + n * p.C);
+      });
+      auto [dv_c, du_c, dz_c] = excitation_backward(ds.narrow(0, n0, g), hidden.narrow(0, n0, g),
+                                                    scale.narrow(0, n0, g), fc1_weight, fc2_weight, p);
+      dv.narrow(0, n0, g).copy_(dv_c);
+      du.narrow(0, n0, g).copy_(du_c);
+      const at::Tensor dz_over_p = (dz_c / static_cast<double>(p.P)).contiguous();
+      const acc_t* dzp = dz_over_p.const_data_ptr<acc_t>();
+      for_each_sample(n0, n1, [&](int64_t n) {
+        const int64_t off = n * slice;
+        sample_scale_backward<scalar_t>(p, gp + off, op ? op + off : nullptr, sp + n * p.C, dzp + (n - n0) * p.C,
+                                        gxp + off, grp ? grp + off : nullptr);
+      });
+    }
   });
   auto [dw1, db1, dw2, db2] = weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
   return {grad_x, grad_res, dw1, db1, dw2, db2};
