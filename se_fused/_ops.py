@@ -64,6 +64,28 @@ def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, ac
     return (grad_x, grad_res if out is not None else None) + tuple(grads[2:])
 
 
+def setup_context(ctx, inputs, output):
+    """``register_autograd`` setup shared by the forward ops (C++ and Triton): save what the backward needs."""
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate = inputs
+    out, pooled, hidden, scale = output
+    ctx.save_for_backward(x, out if residual is not None else None, fc1_weight, fc2_weight,
+                          pooled, hidden, scale)
+    ctx.options = (activation, gate)
+    ctx.bias_dtypes = (fc1_bias.dtype, fc2_bias.dtype)
+    ctx.mark_non_differentiable(pooled, hidden, scale)
+
+
+def backward_formula(backward_fn):
+    """The ``register_autograd`` backward of a forward op whose backward op is wrapped by ``backward_fn``
+    (a backend's ``backward``: ``grad_residual`` is ``None`` in the plain form)."""
+    def formula(ctx, grad_out, _grad_pooled, _grad_hidden, _grad_scale):
+        x, out, fc1_weight, fc2_weight, pooled, hidden, scale = ctx.saved_tensors
+        gx, gres, gw1, gb1, gw2, gb2 = backward_fn(same_layout_as(grad_out, x), x, out, fc1_weight, fc2_weight,
+                                                   pooled, hidden, scale, *ctx.options)
+        return (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]), gres, None, None)
+    return formula
+
+
 if extension_loaded():
     @torch.library.register_fake(FORWARD_OP)
     def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
@@ -89,20 +111,5 @@ if extension_loaded():
                 fc1_weight.new_empty((r,)), torch.empty_like(fc2_weight),
                 fc2_weight.new_empty((fc2_weight.shape[0],)))
 
-    def _setup_context(ctx, inputs, output):
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate = inputs
-        out, pooled, hidden, scale = output
-        ctx.save_for_backward(x, out if residual is not None else None, fc1_weight, fc2_weight,
-                              pooled, hidden, scale)
-        ctx.options = (activation, gate)
-        ctx.bias_dtypes = (fc1_bias.dtype, fc2_bias.dtype)
-        ctx.mark_non_differentiable(pooled, hidden, scale)
-
-    def _backward_formula(ctx, grad_out, _grad_pooled, _grad_hidden, _grad_scale):
-        x, out, fc1_weight, fc2_weight, pooled, hidden, scale = ctx.saved_tensors
-        gx, gres, gw1, gb1, gw2, gb2 = backward(same_layout_as(grad_out, x), x, out,
-                                                 fc1_weight, fc2_weight, pooled, hidden, scale, *ctx.options)
-        return (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]), gres, None, None)
-
-    torch.library.register_autograd(FORWARD_OP, _backward_formula, setup_context=_setup_context)
+    torch.library.register_autograd(FORWARD_OP, backward_formula(backward), setup_context=setup_context)
 

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch.library import triton_op
 
-from .._ops import acc_dtype
+from .._ops import acc_dtype, backward_formula, setup_context
 from .._validation import canonical_layout, is_channels_last, same_layout_as, validate_options
 from . import _common
 from ._common import ACTIVATION_CODES, GATE_CODES, linear_k_splits, reduce_config
@@ -156,25 +156,6 @@ def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tenso
     return grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def _setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate = inputs
-    out, pooled, hidden, scale = output
-    ctx.save_for_backward(x, out if residual is not None else None, fc1_weight, fc2_weight, pooled, hidden, scale)
-    ctx.options = (activation, gate)
-    ctx.bias_dtypes = (fc1_bias.dtype, fc2_bias.dtype)
-    ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(pooled, hidden, scale)
-
-
-def _backward_formula(ctx, grad_out, _grad_pooled, _grad_hidden, _grad_scale):
-    x, out, fc1_weight, fc2_weight, pooled, hidden, scale = ctx.saved_tensors
-    gx, gres, gw1, gb1, gw2, gb2 = squeeze_excitation_backward(grad_out, x, out, fc1_weight, fc2_weight,
-                                                               pooled, hidden, scale, *ctx.options)
-    return (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]),
-            gres if ctx.has_residual else None, None, None)
-
-
-squeeze_excitation_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
@@ -188,3 +169,6 @@ def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, ac
     grads = torch.ops.se_fused.triton_squeeze_excitation_backward(grad_out, x, out, fc1_weight, fc2_weight,
                                                                   pooled, hidden, scale, activation, gate)
     return (grads[0], grads[1] if out is not None else None) + tuple(grads[2:])
+
+
+squeeze_excitation_forward.register_autograd(backward_formula(backward), setup_context=setup_context)
