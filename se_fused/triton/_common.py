@@ -230,6 +230,43 @@ def samples_per_chunk(n: int, reread_bytes_per_sample: int, device: torch.device
     return max(1, min(n, budget // max(1, reread_bytes_per_sample)))
 
 
+@triton.jit
+def sample_tile(n0, C, P, CHANNELS_LAST: tl.constexpr, BLOCK_INNER: tl.constexpr, TILE: tl.constexpr):
+    """This program's ``[TILE // BLOCK_INNER, BLOCK_INNER]`` tile of one sample, the sample seen as
+    ``[OUTER, INNER]`` with ``INNER`` contiguous (NCHW ``[C, H·W]``, channels_last ``[H·W, C]``).
+
+    Returns ``(n, offsets, mask, channels, channel_mask)``: the sample (int64), the tile's element
+    offsets and mask, and each element's channel and mask shaped to broadcast against the tile
+    (``[1, BLOCK_INNER]`` for channels_last, ``[BLOCK_OUTER, 1]`` for NCHW), for per-channel loads.
+    """
+    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER  # TILE, BLOCK_INNER: powers of two
+    if CHANNELS_LAST:
+        outer_size = P
+        inner_size = C
+    else:
+        outer_size = C
+        inner_size = P
+    inner_blocks = tl.cdiv(inner_size, BLOCK_INNER)
+    outer_blocks = tl.cdiv(outer_size, BLOCK_OUTER)
+    pid = tl.program_id(0)
+    inner_block = pid % inner_blocks
+    outer_block = (pid // inner_blocks) % outer_blocks
+    n = (pid // (inner_blocks * outer_blocks) + n0).to(tl.int64)
+    outer = outer_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
+    inner = inner_block * BLOCK_INNER + tl.arange(0, BLOCK_INNER)
+    outer_mask = outer < outer_size
+    inner_mask = inner < inner_size
+    mask = outer_mask[:, None] & inner_mask[None, :]
+    offsets = n * C * P + outer[:, None].to(tl.int64) * inner_size + inner[None, :]
+    if CHANNELS_LAST:
+        channels = inner[None, :]
+        channel_mask = inner_mask[None, :]
+    else:
+        channels = outer[:, None]
+        channel_mask = outer_mask[:, None]
+    return n, offsets, mask, channels, channel_mask
+
+
 def elementwise_config(c: int, p: int) -> Tuple[int, int]:
     """``(TILE, num_warps)`` of the element-wise kernels (excite forward/backward) without autotuning.
 

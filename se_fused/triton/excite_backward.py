@@ -14,7 +14,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import cdiv, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
+from ._common import cdiv, sample_tile, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
 @triton.jit(do_not_specialize=["n0"])
@@ -26,36 +26,13 @@ def excite_backward_kernel(grad_out_ptr, out_ptr, scale_ptr, dz_ptr, grad_x_ptr,
     ``grad_out``/``out``/``grad_x``/``grad_residual (N, C, H, W)`` in one layout;
     ``scale``/``dz (N, C)`` in the accumulation dtype.
     """
-    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER  # TILE, BLOCK_INNER: powers of two
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    if CHANNELS_LAST:
-        outer_size = P
-        inner_size = C
-    else:
-        outer_size = C
-        inner_size = P
-    inner_blocks = tl.cdiv(inner_size, BLOCK_INNER)
-    outer_blocks = tl.cdiv(outer_size, BLOCK_OUTER)
-    pid = tl.program_id(0)
-    inner_block = pid % inner_blocks
-    outer_block = (pid // inner_blocks) % outer_blocks
-    n = (pid // (inner_blocks * outer_blocks) + n0).to(tl.int64)
-
-    outer = outer_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
-    inner = inner_block * BLOCK_INNER + tl.arange(0, BLOCK_INNER)
-    outer_mask = outer < outer_size
-    inner_mask = inner < inner_size
-    mask = outer_mask[:, None] & inner_mask[None, :]
-    offsets = n * C * P + outer[:, None].to(tl.int64) * inner_size + inner[None, :]
-    if CHANNELS_LAST:
-        s = tl.load(scale_ptr + n * C + inner, mask=inner_mask, other=0.0)[None, :]
-        dz_over_p = (tl.load(dz_ptr + n * C + inner, mask=inner_mask, other=0.0) / P)[None, :]
-    else:
-        s = tl.load(scale_ptr + n * C + outer, mask=outer_mask, other=0.0)[:, None]
-        dz_over_p = (tl.load(dz_ptr + n * C + outer, mask=outer_mask, other=0.0) / P)[:, None]
+    n, offsets, mask, channels, channel_mask = sample_tile(n0, C, P, CHANNELS_LAST, BLOCK_INNER, TILE)
+    s = tl.load(scale_ptr + n * C + channels, mask=channel_mask, other=0.0)
+    dz_over_p = tl.load(dz_ptr + n * C + channels, mask=channel_mask, other=0.0) / P
     # Last use of grad_out and out (pass 1 kept them in L2).
     g = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_dtype)
     if HAS_OUT:

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import cdiv, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
+from ._common import cdiv, sample_tile, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
 
 
 @triton.jit(do_not_specialize=["n0"])
@@ -27,34 +27,12 @@ def excite_forward_kernel(x_ptr, scale_ptr, residual_ptr, out_ptr, n0, C, P,
     ``x``/``residual``/``out (N, C, H, W)`` in one layout; ``scale (N, C)`` in
     the accumulation dtype. The product is formed in that dtype and rounded once.
     """
-    BLOCK_OUTER: tl.constexpr = TILE // BLOCK_INNER  # TILE, BLOCK_INNER: powers of two
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    if CHANNELS_LAST:
-        outer_size = P
-        inner_size = C
-    else:
-        outer_size = C
-        inner_size = P
-    inner_blocks = tl.cdiv(inner_size, BLOCK_INNER)
-    outer_blocks = tl.cdiv(outer_size, BLOCK_OUTER)
-    pid = tl.program_id(0)
-    inner_block = pid % inner_blocks
-    outer_block = (pid // inner_blocks) % outer_blocks
-    n = (pid // (inner_blocks * outer_blocks) + n0).to(tl.int64)
-
-    outer = outer_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
-    inner = inner_block * BLOCK_INNER + tl.arange(0, BLOCK_INNER)
-    outer_mask = outer < outer_size
-    inner_mask = inner < inner_size
-    mask = outer_mask[:, None] & inner_mask[None, :]
-    offsets = n * C * P + outer[:, None].to(tl.int64) * inner_size + inner[None, :]
-    if CHANNELS_LAST:
-        s = tl.load(scale_ptr + n * C + inner, mask=inner_mask, other=0.0)[None, :]
-    else:
-        s = tl.load(scale_ptr + n * C + outer, mask=outer_mask, other=0.0)[:, None]
+    n, offsets, mask, channels, channel_mask = sample_tile(n0, C, P, CHANNELS_LAST, BLOCK_INNER, TILE)
+    s = tl.load(scale_ptr + n * C + channels, mask=channel_mask, other=0.0)
     # Last use of x (pass 1 kept it in L2): let it go first.
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_dtype)
     y = x * s
