@@ -71,14 +71,26 @@ def max_abs_error(actual: Tensor, reference: Tensor) -> float:
     return (actual.detach().to(torch.float64).cpu() - reference.detach().to(torch.float64).cpu()).abs().max().item()
 
 
-def allowed_error(baseline_error: float, reference: Tensor, dtype: torch.dtype) -> float:
-    """The bound ``ERROR_FACTOR·baseline_error + FLOOR[dtype]·max|reference|`` for one tensor."""
+# Whole-network comparisons (tests/test_models.py, tests/test_convert.py) run in float64 and
+# compare one valid implementation with another, through a deep train-mode network whose batch
+# statistics (2 images) amplify rounding differences chaotically: there the ratio of two valid
+# implementations' errors varies by several-fold from tensor to tensor (measured: 3.0x on one
+# bias of torchvision's efficientnet_b0, eager vs C++ CPU backend), so the op-level factor 2
+# cannot serve. 8x a float64 baseline error (~1e-13 relative) still fails any real defect by
+# orders of magnitude (a 1e-9 relative change of one SE weight's gradient fails it).
+NETWORK_ERROR_FACTOR = 8.0
+
+
+def allowed_error(baseline_error: float, reference: Tensor, dtype: torch.dtype,
+                  factor: float = ERROR_FACTOR) -> float:
+    """The bound ``factor·baseline_error + FLOOR[dtype]·max|reference|`` for one tensor
+    (``factor`` is :data:`ERROR_FACTOR`, or :data:`NETWORK_ERROR_FACTOR` for whole networks)."""
     scale = reference.detach().abs().max().item() if reference.numel() else 0.0
-    return ERROR_FACTOR * baseline_error + FLOOR[dtype] * scale
+    return factor * baseline_error + FLOOR[dtype] * scale
 
 
 def assert_close_to_reference(name: str, actual: Tensor, baseline: Tensor, reference: Tensor,
-                              dtype: torch.dtype) -> None:
+                              dtype: torch.dtype, factor: float = ERROR_FACTOR) -> None:
     """Assert ``actual`` is within :func:`allowed_error` of the float64 ``reference``.
 
     ``baseline`` is the same quantity from the baseline implementation (see the
@@ -89,8 +101,8 @@ def assert_close_to_reference(name: str, actual: Tensor, baseline: Tensor, refer
         f"{name}: shape {tuple(actual.shape)}, expected {tuple(reference.shape)}")
     err = max_abs_error(actual, reference)
     base_err = max_abs_error(baseline, reference)
-    bound = allowed_error(base_err, reference, dtype)
+    bound = allowed_error(base_err, reference, dtype, factor)
     assert err <= bound, (
         f"{name}: max-abs error {err:.3e} vs float64 reference exceeds {bound:.3e} "
-        f"(= {ERROR_FACTOR} x baseline error {base_err:.3e} + floor {FLOOR[dtype]:.1e} x max|ref| "
+        f"(= {factor} x baseline error {base_err:.3e} + floor {FLOOR[dtype]:.1e} x max|ref| "
         f"{reference.abs().max().item():.3e}); dtype {dtype}")
