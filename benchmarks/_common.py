@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -547,3 +547,35 @@ def announce_outputs(paths: Dict[str, Optional[Path]]) -> None:
     for kind, path in paths.items():
         if path is not None:
             print(f"wrote {kind}: {path}")
+
+
+# ----------------------------------------------------------------------------- the start of a run
+
+def run_device(args) -> Tuple[torch.device, bool]:
+    """The device of ``--device`` and whether it is a GPU; on the CPU, ``--threads`` threads."""
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    return device, gpu
+
+
+def open_run(kind: str, device: torch.device, args, label: str, names, skipped: Dict[str, str],
+             quick_copy: bool):
+    """The common start of a benchmark run: warn when the CPU is busy, describe the environment,
+    choose the output files, print the banner and measure the copy bandwidth.
+
+    ``kind`` is "block" or "network"; ``label``/``names`` say what is measured ("impls"/"variants").
+    Returns ``(env, json_path, png_path, copy_gbps)``.
+    """
+    if device.type != "cuda":
+        warn_if_busy(args.threads)
+    env = describe_environment(device)
+    json_path, png_path = output_paths(Path(args.out), args.json_name, kind, device)
+    print(f"{'SE block' if kind == 'block' else kind} benchmark on {env['device_detail']}")
+    print(f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, se_fused {env['se_fused']}, "
+          f"commit {env['commit']}")
+    print(f"{label}: {', '.join(names)}" + "".join(f"; {k} skipped: {v}" for k, v in skipped.items()))
+    print("measuring copy bandwidth ...", flush=True)
+    copy_gbps = measure_copy_bandwidth(device, quick=quick_copy, threads=args.threads)
+    return env, json_path, png_path, copy_gbps

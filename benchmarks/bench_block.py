@@ -406,10 +406,7 @@ def plot(rows: List[dict], path: Path, title: str, copy_gbps: float) -> Optional
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    gpu = device.type == "cuda"
-    if not gpu:
-        torch.set_num_threads(args.threads)
+    device, gpu = common.run_device(args)
     args.batch = args.batch or (256 if gpu else 8)
     dtypes = [common.DTYPES[d] for d in common.parse_list(args.dtype or ("bfloat16" if gpu else "float32"),
                                                            common.DTYPES, "dtype")]
@@ -435,17 +432,9 @@ def main(argv=None) -> int:
             if hasattr(dynamo_config, limit):
                 setattr(dynamo_config, limit, max(64, getattr(dynamo_config, limit)))
 
-    if not gpu:
-        common.warn_if_busy(args.threads)
-    env = common.describe_environment(device)
     skipped = skipped_impls(device, impls)
-    json_path, png_path = common.output_paths(Path(args.out), args.json_name, "block", device)
-    print(f"SE block benchmark on {env['device_detail']}")
-    print(f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, se_fused {env['se_fused']}, "
-          f"commit {env['commit']}")
-    print(f"impls: {', '.join(impls)}" + "".join(f"; {k} skipped: {v}" for k, v in skipped.items()))
-    print("measuring copy bandwidth ...", flush=True)
-    copy_gbps = common.measure_copy_bandwidth(device, quick=args.quick, threads=args.threads)
+    env, json_path, png_path, copy_gbps = common.open_run("block", device, args, "impls", impls, skipped,
+                                                          quick_copy=args.quick)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
 
     configs = [(s, d, f, r) for d in dtypes for f in formats for s in stages for r in residuals]

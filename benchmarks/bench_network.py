@@ -274,10 +274,7 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    gpu = device.type == "cuda"
-    if not gpu:
-        torch.set_num_threads(args.threads)
+    device, gpu = common.run_device(args)
     args.batch = args.batch or (256 if gpu else (2 if args.quick else 8))
     args.image_size = args.image_size or (112 if args.quick and not gpu else 224)
     dtype_name = args.dtype or ("bfloat16" if gpu else "float32")
@@ -298,17 +295,9 @@ def main(argv=None) -> int:
     except ImportError as exc:
         raise SystemExit(f"se_fused.models is not importable: {exc}")
 
-    if not gpu:
-        common.warn_if_busy(args.threads)
-    env = common.describe_environment(device)
     skipped = skipped_variants(device, variants)
-    json_path, png_path = common.output_paths(Path(args.out), args.json_name, "network", device)
-    print(f"network benchmark on {env['device_detail']}")
-    print(f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, se_fused {env['se_fused']}, "
-          f"commit {env['commit']}")
-    print(f"variants: {', '.join(variants)}" + "".join(f"; {k} skipped: {v}" for k, v in skipped.items()))
-    print("measuring copy bandwidth ...", flush=True)
-    copy_gbps = common.measure_copy_bandwidth(device, quick=True, threads=args.threads)
+    env, json_path, png_path, copy_gbps = common.open_run("network", device, args, "variants", variants, skipped,
+                                                          quick_copy=True)
 
     torch.manual_seed(args.seed)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
