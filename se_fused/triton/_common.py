@@ -280,6 +280,27 @@ def elementwise_config(c: int, p: int) -> Tuple[int, int]:
     return 4096, 8
 
 
+def elementwise_launcher(kernel, autotuned_kernel, c: int, p: int, channels_last: bool, count: int):
+    """The launch of an element-wise kernel over ``count`` samples tiled by :func:`sample_tile`.
+
+    Returns ``(launch, options)``: ``launch(*args, **constexprs)`` is the kernel (autotuned with
+    ``SE_FUSED_TRITON_AUTOTUNE=1``, else with the shape's tile) over its grid, and ``options``
+    holds ``BLOCK_INNER`` (and ``TILE``/``num_warps`` when not autotuned) for the call.
+    """
+    from torch.library import wrap_triton
+
+    block_inner = elementwise_inner_block(c, p, channels_last)
+    outer_size, inner_size = (p, c) if channels_last else (c, p)
+
+    def grid(meta):
+        return (count * cdiv(outer_size, meta["TILE"] // block_inner) * cdiv(inner_size, block_inner),)
+
+    if AUTOTUNE:
+        return wrap_triton(autotuned_kernel)[grid], dict(BLOCK_INNER=block_inner)
+    tile, warps = elementwise_config(c, p)
+    return wrap_triton(kernel)[grid], dict(BLOCK_INNER=block_inner, TILE=tile, num_warps=warps)
+
+
 def elementwise_autotune_configs():
     """Autotune candidates of the element-wise kernels (used with ``SE_FUSED_TRITON_AUTOTUNE=1``).
 

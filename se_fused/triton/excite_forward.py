@@ -12,10 +12,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import _common
-from ._common import cdiv, sample_tile, elementwise_autotune_configs, elementwise_config, elementwise_inner_block
+from ._common import elementwise_autotune_configs, elementwise_launcher, sample_tile
 
 
 @triton.jit(do_not_specialize=["n0"])
@@ -56,18 +54,9 @@ def launch_excite_forward(x: torch.Tensor, scale: torch.Tensor, residual: Option
     """
     n, c, h, w = x.shape
     p = h * w
-    block_inner = elementwise_inner_block(c, p, channels_last)
-    outer_size, inner_size = (p, c) if channels_last else (c, p)
-
-    def grid(meta):
-        return (count * cdiv(outer_size, meta["TILE"] // block_inner) * cdiv(inner_size, block_inner),)
-
-    if _common.AUTOTUNE:
-        launch, options = wrap_triton(excite_forward_kernel_autotuned), {}
-    else:
-        tile, warps = elementwise_config(c, p)
-        launch, options = wrap_triton(excite_forward_kernel), dict(TILE=tile, num_warps=warps)
-    launch[grid](
+    launch, options = elementwise_launcher(excite_forward_kernel, excite_forward_kernel_autotuned, c, p,
+                                           channels_last, count)
+    launch(
         x, scale, x if residual is None else residual, out, n0, c, p,
         HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last,
-        ACC_FP64=scale.dtype == torch.float64, BLOCK_INNER=block_inner, **options)
+        ACC_FP64=scale.dtype == torch.float64, **options)
