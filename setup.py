@@ -93,6 +93,19 @@ def cpu_vector_flags():
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
+def openmp_flags(torch):
+    """``-fopenmp`` when torch's ATen threads with OpenMP.
+
+    ``at::parallel_for`` is a header template: compiled without OpenMP it runs
+    inline, and the CPU kernel would use one thread whatever
+    ``torch.set_num_threads`` says. GCC and Clang on Linux take the flag; the
+    library it links (libgomp.so.1) is the one torch already loaded.
+    """
+    if not torch.backends.openmp.is_available() or platform.system() != "Linux":
+        return []
+    return ["-fopenmp"]
+
+
 def extensions():
     import torch
 
@@ -107,14 +120,18 @@ def extensions():
 
     sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp", "squeeze_excitation.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3"] + cpu_vector_flags()  # the C++ standard is torch's choice (C++20 from torch 2.13)
+    # The C++ standard is torch's choice (C++20 from torch 2.13).
+    cxx_flags = ["-O3"] + cpu_vector_flags() + openmp_flags(torch)
+    link_flags = openmp_flags(torch)
     if not build_cuda:
-        return [CppExtension("se_fused._C", sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("se_fused._C", sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)]
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
     return [CUDAExtension("se_fused._C", sources, include_dirs=wheel_cuda_includes(),
                           extra_compile_args={"cxx": cxx_flags + ["-DSE_FUSED_WITH_CUDA"],
-                                              "nvcc": nvcc_flags + ["-DSE_FUSED_WITH_CUDA"]})]
+                                              "nvcc": nvcc_flags + ["-DSE_FUSED_WITH_CUDA"]},
+                          extra_link_args=link_flags)]
 
 
 def build_ext_class():

@@ -45,6 +45,12 @@ def cuda_kernels_built() -> bool:
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CUDA")
 
 
+def build_info() -> dict:
+    """How ``se_fused._C`` was compiled: ``{"cpu_parallel": bool, "cpu_vector_isa": str, "cuda": bool}``
+    (``cpu_parallel``: the CPU kernel spreads over torch's threads), or ``{}`` when it is not built."""
+    return _C.build_info() if extension_loaded() else {}
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the saved per-sample intermediates: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

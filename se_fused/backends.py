@@ -64,7 +64,12 @@ def _status_cpu() -> BackendStatus:
     if not _ops.extension_loaded():
         return BackendStatus("cpu", False, False, f"extension se_fused._C not built ({_ops.load_error()}); "
                              + REBUILD_HINT)
-    return BackendStatus("cpu", True, True, "C++ CPU kernel")
+    info = _ops.build_info()
+    if not info["cpu_parallel"] and torch.backends.openmp.is_available():
+        return BackendStatus("cpu", True, True, "C++ CPU kernel, single-threaded: compiled without OpenMP while "
+                             "torch uses it; " + REBUILD_HINT)
+    return BackendStatus("cpu", True, True, f"C++ CPU kernel ({info['cpu_vector_isa']} vectors, "
+                         f"{'threaded' if info['cpu_parallel'] else 'one thread'})")
 
 
 def _status_cuda() -> BackendStatus:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import se_fused
-from se_fused import backends
+from se_fused import _ops, backends
 from conftest import CUDA_PRESENT, NO_GPU_REASON, SEShape, make_se_inputs
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "eager")
@@ -118,6 +118,16 @@ def test_python_m_se_fused():
             prefix = next((p for p in ("built, not usable", "missing") if state.startswith(p)), None)
             assert prefix is not None, lines[0]
             assert state[len(prefix):].strip(), f"no reason given: {lines[0]}"
+
+
+@pytest.mark.skipif(not _ops.extension_loaded(), reason="se_fused._C is not built")
+def test_cpu_kernel_threads_like_torch():
+    """The CPU kernel is compiled with OpenMP whenever torch's ATen is: ``at::parallel_for`` is a header
+    template, and without the flag it silently runs every sweep on one thread (as it once did)."""
+    info = _ops.build_info()
+    assert info["cpu_parallel"] == torch.backends.openmp.is_available(), info
+    assert info["cpu_vector_isa"] in ("AVX2", "DEFAULT"), info
+    assert info["cuda"] == _ops.cuda_kernels_built(), info
 
 
 # ---------------------------------------------------------------------------------------------------------------
