@@ -6,12 +6,12 @@
 // grad_out and x once and writes grad_x (3T; +2T for the residual). Per chunk:
 //   forward:  channel sums -> the MLP batched over the chunk -> x*s (+res, ReLU)
 //   backward: sum g'*x     -> MLP backward over the chunk    -> g'*s + dz/P
-// The MLP is the shared ATen code (squeeze_excitation.cpp), so each weight is
-// read once per chunk, not once per sample. Samples of a chunk run in parallel
-// when there are at least as many as threads, else one at a time with the
-// threads inside each. Work inside a sample is cut into fixed blocks reduced
-// in block order: results do not depend on the thread count and are bitwise
-// reproducible. Weight gradients are fixed-order GEMMs over the whole batch.
+// The MLP (excitation_cpu.h) is batched over the chunk, so each weight is read
+// once per chunk, not once per sample. A sweep cuts every sample of the chunk
+// into the same fixed blocks of rows and spreads all of them over the threads
+// (a chunk of 5 samples keeps 2 threads busy); partial sums are reduced in
+// block order, so results do not depend on the thread count and are bitwise
+// reproducible. Weight gradients are summed over the whole batch in sample order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../squeeze_excitation.h"
+#include "excitation_cpu.h"
 
 namespace se_fused {
 namespace {
@@ -80,152 +81,189 @@ class RowWriter {
 
 // The ReLU of the residual epilogue lets the gradient through wherever its
 // output is not <= 0 (NaN included), as PyTorch's threshold_backward does.
-template <typename Vec>
-Vec relu_mask(Vec g, Vec out) {
-  return Vec::blendv(g, Vec(0), out <= Vec(0));
+template <typename V>
+V relu_mask(V g, V out) {
+  return V::blendv(g, V(0), out <= V(0));
 }
 
-// Pixels per block of the NHWC channel sums (fixed, so the summation order
-// does not depend on the number of threads).
-constexpr int64_t kPixelBlock = 64;
+template <typename T>
+using Vec = cpu::Vec<T>;
 
-// sums[c] = sum_p a[c, p] * (b ? b[c, p] : 1) over one sample, with a masked
-// by the ReLU output `mask_by` when given. Pointers are to the sample's slice.
-template <typename scalar_t>
-void sample_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
-                         opmath<scalar_t>* sums) {
-  using acc_t = opmath<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t C = p.C, P = p.P;
-  auto add = [](Vec x, Vec y) { return x + y; };
-  auto mul = [](Vec x, Vec y) { return x * y; };
-  if (!p.channels_last) {
-    at::parallel_for(0, C, std::max<int64_t>(1, 16384 / P), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t> ra, rb, rm;
-      std::vector<acc_t> masked;
-      for (int64_t c = begin; c < end; ++c) {
-        const acc_t* av = ra.read(a + c * P, P);
-        if (mask_by) {
-          masked.resize(P);
-          at::vec::map2<acc_t>(relu_mask<Vec>, masked.data(), av, rm.read(mask_by + c * P, P), P);
-          av = masked.data();
-        }
-        sums[c] = b ? at::vec::map2_reduce_all<acc_t>(mul, add, av, rb.read(b + c * P, P), P)
-                    : at::vec::reduce_all<acc_t>(add, av, P);
-      }
-    });
-    return;
+// sum_k a[k] (* b[k] when kDot) over n values: two interleaved vector
+// accumulators, their lanes, then the tail in order.
+template <bool kDot, typename T>
+T row_sum(const T* a, const T* b, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> even(0), odd(0);
+  int64_t k = 0;
+  for (; k + 2 * L <= n; k += 2 * L) {
+    if constexpr (kDot) {
+      even = at::vec::fmadd(Vec<T>::loadu(a + k), Vec<T>::loadu(b + k), even);
+      odd = at::vec::fmadd(Vec<T>::loadu(a + k + L), Vec<T>::loadu(b + k + L), odd);
+    } else {
+      even = even + Vec<T>::loadu(a + k);
+      odd = odd + Vec<T>::loadu(a + k + L);
+    }
   }
-  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
-  std::vector<acc_t> partial(blocks * C);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  for (; k + L <= n; k += L) {
+    if constexpr (kDot) {
+      even = at::vec::fmadd(Vec<T>::loadu(a + k), Vec<T>::loadu(b + k), even);
+    } else {
+      even = even + Vec<T>::loadu(a + k);
+    }
+  }
+  T s = cpu::sum_lanes(even + odd);
+  for (; k < n; ++k) s += kDot ? a[k] * b[k] : a[k];
+  return s;
+}
+
+// Elements per work item of a sweep. Every sample is cut into the same fixed
+// blocks of rows whatever the thread count, so sums are formed in one order
+// and results are bitwise reproducible.
+constexpr int64_t kBlockElements = 16384;
+
+// How the sweeps cut a sample: NCHW rows are channels (P elements), NHWC rows
+// are pixels (C elements); `block` rows per work item.
+struct RowBlocks {
+  int64_t rows, length, block, per_sample;
+  explicit RowBlocks(const SEProblem& p)
+      : rows(p.channels_last ? p.P : p.C),
+        length(p.channels_last ? p.C : p.P),
+        block(std::max<int64_t>(1, kBlockElements / length)),
+        per_sample((rows + block - 1) / block) {}
+};
+
+// Calls f(n, item, row_begin, row_end) for every block of rows of the samples
+// [n0, n1) (item counts from 0 at n0), all of them in one parallel loop, so
+// the threads share the chunk evenly whatever its number of samples.
+template <typename F>
+void for_each_row_block(const RowBlocks& b, int64_t n0, int64_t n1, const F& f) {
+  at::parallel_for(0, (n1 - n0) * b.per_sample, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = (i % b.per_sample) * b.block;
+      f(n0 + i / b.per_sample, i, r0, std::min(b.rows, r0 + b.block));
+    }
+  });
+}
+
+// sums[n - n0, c] = sum_p a[n, c, p] * (b ? b[n, c, p] : 1) for the samples
+// [n0, n1), with a masked by the ReLU output `mask_by` when given. `partial`
+// is scratch for the NHWC per-block sums.
+template <typename scalar_t>
+void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a, const scalar_t* b,
+                  const scalar_t* mask_by, opmath<scalar_t>* sums, std::vector<opmath<scalar_t>>& partial) {
+  using acc_t = opmath<scalar_t>;
+  const RowBlocks blocks(p);
+  const int64_t slice = p.C * p.P, len = blocks.length;
+  if (p.channels_last) partial.resize((n1 - n0) * blocks.per_sample * p.C);
+  for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t item, int64_t r0, int64_t r1) {
     RowReader<scalar_t> ra, rb, rm;
-    std::vector<acc_t> masked;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      acc_t* acc = partial.data() + blk * C;
-      std::fill(acc, acc + C, acc_t(0));
-      for (int64_t q = blk * kPixelBlock; q < std::min(P, (blk + 1) * kPixelBlock); ++q) {
-        const acc_t* av = ra.read(a + q * C, C);
-        if (mask_by) {
-          masked.resize(C);
-          at::vec::map2<acc_t>(relu_mask<Vec>, masked.data(), av, rm.read(mask_by + q * C, C), C);
-          av = masked.data();
-        }
-        if (b) {
-          at::vec::map3<acc_t>([](Vec s, Vec x, Vec y) { return s + x * y; }, acc, acc, av, rb.read(b + q * C, C), C);
+    std::vector<acc_t> masked(mask_by ? len : 0);
+    acc_t* acc = p.channels_last ? partial.data() + item * p.C : nullptr;
+    if (acc) std::fill(acc, acc + p.C, acc_t(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = n * slice + r * len;
+      const acc_t* av = ra.read(a + off, len);
+      if (mask_by) {
+        cpu::map_row<acc_t>(relu_mask<Vec<acc_t>>, masked.data(), len, av, rm.read(mask_by + off, len));
+        av = masked.data();
+      }
+      const acc_t* bv = b ? rb.read(b + off, len) : nullptr;
+      if (acc) {  // NHWC: this pixel's channels into the block's partial sums
+        if (bv) {
+          cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x, Vec<acc_t> y) { return at::vec::fmadd(x, y, s); }, acc,
+                              len, acc, av, bv);
         } else {
-          at::vec::map2<acc_t>(add, acc, acc, av, C);
+          cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x) { return s + x; }, acc, len, acc, av);
+        }
+      } else {  // NCHW: the whole channel
+        sums[(n - n0) * p.C + r] = bv ? row_sum<true>(av, bv, len) : row_sum<false>(av, av, len);
+      }
+    }
+  });
+  if (!p.channels_last) return;
+  at::parallel_for(0, n1 - n0, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      acc_t* out = sums + g * p.C;
+      const acc_t* first = partial.data() + g * blocks.per_sample * p.C;
+      std::copy(first, first + p.C, out);
+      for (int64_t blk = 1; blk < blocks.per_sample; ++blk)
+        cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x) { return s + x; }, out, p.C, out, first + blk * p.C);
+    }
+  });
+}
+
+// out = x * s (+ residual, ReLU) for the samples [n0, n1); scale is (N, C).
+template <typename scalar_t>
+void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x, const scalar_t* residual,
+                   const opmath<scalar_t>* scale, scalar_t* out) {
+  using acc_t = opmath<scalar_t>;
+  using V = Vec<acc_t>;
+  const RowBlocks blocks(p);
+  const int64_t slice = p.C * p.P, len = blocks.length;
+  for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
+    RowReader<scalar_t> rx, rr;
+    RowWriter<scalar_t> wo;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = n * slice + r * len;
+      const acc_t* xv = rx.read(x + off, len);
+      acc_t* ov = wo.open(out + off, len);
+      if (p.channels_last) {  // a pixel's channels against the sample's scale vector
+        const acc_t* sv = scale + n * p.C;
+        if (residual) {
+          cpu::map_row<acc_t>([](V a, V s, V res) { return at::vec::maximum(a * s + res, V(0)); }, ov, len, xv, sv,
+                              rr.read(residual + off, len));
+        } else {
+          cpu::map_row<acc_t>([](V a, V s) { return a * s; }, ov, len, xv, sv);
+        }
+      } else {
+        const V s(scale[n * p.C + r]);
+        if (residual) {
+          cpu::map_row<acc_t>([s](V a, V res) { return at::vec::maximum(a * s + res, V(0)); }, ov, len, xv,
+                              rr.read(residual + off, len));
+        } else {
+          cpu::map_row<acc_t>([s](V a) { return a * s; }, ov, len, xv);
         }
       }
+      wo.commit();
     }
   });
-  std::copy(partial.begin(), partial.begin() + C, sums);
-  for (int64_t blk = 1; blk < blocks; ++blk) at::vec::map2<acc_t>(add, sums, sums, partial.data() + blk * C, C);
 }
 
-// Calls f(channel_or_-1, offset, length) for every row of one sample, in
-// parallel: NCHW rows are channels (P elements), NHWC rows are pixels (C elements).
-template <typename F>
-void for_each_sample_row(const SEProblem& p, const F& f) {
-  const int64_t rows = p.channels_last ? p.P : p.C;
-  const int64_t len = p.channels_last ? p.C : p.P;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / len), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) f(p.channels_last ? int64_t(-1) : row, row * len, len);
-  });
-}
-
-// out = x * s (+ residual, ReLU) over one sample.
+// grad_x = g' * s + dz/P for the samples [n0, n1), and grad_residual = g'
+// (g' = grad_out masked by the ReLU output) when `out` is given. scale is
+// (N, C); dz_over_p is (n1 - n0, C).
 template <typename scalar_t>
-void sample_scale_forward(const SEProblem& p, const scalar_t* x, const scalar_t* residual,
-                          const opmath<scalar_t>* scale, scalar_t* out) {
+void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* grad_out, const scalar_t* out,
+                    const opmath<scalar_t>* scale, const opmath<scalar_t>* dz_over_p, scalar_t* grad_x,
+                    scalar_t* grad_res) {
   using acc_t = opmath<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  for_each_sample_row(p, [&](int64_t c, int64_t off, int64_t len) {
-    thread_local RowReader<scalar_t> rx, rr;
-    thread_local RowWriter<scalar_t> wo;
-    const acc_t* xv = rx.read(x + off, len);
-    acc_t* ov = wo.open(out + off, len);
-    if (c < 0) {  // NHWC: a pixel's channels against the scale vector
-      if (residual) {
-        at::vec::map3<acc_t>([](Vec a, Vec s, Vec r) { return at::vec::maximum(a * s + r, Vec(0)); }, ov, xv, scale,
-                             rr.read(residual + off, len), len);
-      } else {
-        at::vec::map2<acc_t>([](Vec a, Vec s) { return a * s; }, ov, xv, scale, len);
+  using V = Vec<acc_t>;
+  const RowBlocks blocks(p);
+  const int64_t slice = p.C * p.P, len = blocks.length;
+  for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
+    RowReader<scalar_t> rg, ro;
+    RowWriter<scalar_t> wx, wr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = n * slice + r * len;
+      const acc_t* gv = rg.read(grad_out + off, len);
+      if (out) {
+        acc_t* masked = wr.open(grad_res + off, len);
+        cpu::map_row<acc_t>(relu_mask<V>, masked, len, gv, ro.read(out + off, len));
+        gv = masked;
       }
-    } else {
-      const Vec s(scale[c]);
-      if (residual) {
-        at::vec::map2<acc_t>([s](Vec a, Vec r) { return at::vec::maximum(a * s + r, Vec(0)); }, ov, xv,
-                             rr.read(residual + off, len), len);
+      acc_t* dx = wx.open(grad_x + off, len);
+      if (p.channels_last) {
+        cpu::map_row<acc_t>([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, dx, len, gv, scale + n * p.C,
+                            dz_over_p + (n - n0) * p.C);
       } else {
-        at::vec::map<acc_t>([s](Vec a) { return a * s; }, ov, xv, len);
+        const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
+        cpu::map_row<acc_t>([s, d](V g) { return at::vec::fmadd(g, s, d); }, dx, len, gv);
       }
+      wx.commit();
+      if (out) wr.commit();
     }
-    wo.commit();
   });
-}
-
-// grad_x = g' * s + dz/P, and grad_residual = g' (g' = grad_out masked by the
-// ReLU output) when `out` is given, over one sample.
-template <typename scalar_t>
-void sample_scale_backward(const SEProblem& p, const scalar_t* grad_out, const scalar_t* out,
-                           const opmath<scalar_t>* scale, const opmath<scalar_t>* dz_over_p, scalar_t* grad_x,
-                           scalar_t* grad_res) {
-  using acc_t = opmath<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  for_each_sample_row(p, [&](int64_t c, int64_t off, int64_t len) {
-    thread_local RowReader<scalar_t> rg, ro;
-    thread_local RowWriter<scalar_t> wx, wr;
-    const acc_t* gv = rg.read(grad_out + off, len);
-    if (out) {
-      acc_t* masked = wr.open(grad_res + off, len);
-      at::vec::map2<acc_t>(relu_mask<Vec>, masked, gv, ro.read(out + off, len), len);
-      gv = masked;
-    }
-    acc_t* dx = wx.open(grad_x + off, len);
-    if (c < 0) {
-      at::vec::map3<acc_t>([](Vec g, Vec s, Vec d) { return g * s + d; }, dx, gv, scale, dz_over_p, len);
-    } else {
-      const Vec s(scale[c]), d(dz_over_p[c]);
-      at::vec::map<acc_t>([s, d](Vec g) { return g * s + d; }, dx, gv, len);
-    }
-    wx.commit();
-    if (out) wr.commit();
-  });
-}
-
-// Runs f(n) for the samples [n0, n1): in parallel when there are enough of
-// them to feed every thread, else one after another with the threads inside
-// each (at::parallel_for nested in a parallel region runs inline).
-template <typename F>
-void for_each_sample(int64_t n0, int64_t n1, const F& f) {
-  if (n1 - n0 >= at::get_num_threads()) {
-    at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) f(n);
-    });
-  } else {
-    for (int64_t n = n0; n < n1; ++n) f(n);
-  }
 }
 
 // Samples per chunk: as many as keep `bytes_per_sample` (the bytes the second
@@ -240,6 +278,11 @@ int64_t samples_per_chunk(int64_t bytes_per_sample) {
   return std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_sample));
 }
 
+// A parameter as a contiguous tensor of `sizes` in the accumulation type (itself when it already is one).
+at::Tensor accumulation_view(const at::Tensor& t, at::IntArrayRef sizes, at::ScalarType acc) {
+  return t.reshape(sizes).to(acc).contiguous();
+}
+
 ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::Tensor& fc1_weight,
                                              const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
                                              const at::Tensor& fc2_bias, const c10::optional<at::Tensor>& residual_in,
@@ -250,30 +293,29 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
                                          std::string(activation), std::string(gate));
   auto [out, pooled, hidden, scale] = allocate_forward_outputs(x, p);
   if (p.N == 0) return {out, pooled, hidden, scale};
+  const auto acc = pooled.scalar_type();
+  const at::Tensor w1 = accumulation_view(fc1_weight, {p.R, p.C}, acc), b1 = accumulation_view(fc1_bias, {p.R}, acc);
+  const at::Tensor w2 = accumulation_view(fc2_weight, {p.C, p.R}, acc), b2 = accumulation_view(fc2_bias, {p.C}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cpu", [&] {
     using acc_t = opmath<scalar_t>;
-    const int64_t slice = p.C * p.P;
-    const int64_t chunk = samples_per_chunk(slice * static_cast<int64_t>(sizeof(scalar_t)));
+    const cpu::ExcitationWeights<acc_t> weights{w1.const_data_ptr<acc_t>(), b1.const_data_ptr<acc_t>(),
+                                               w2.const_data_ptr<acc_t>(), b2.const_data_ptr<acc_t>()};
+    const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     acc_t* zp = pooled.mutable_data_ptr<acc_t>();
+    acc_t* hp = hidden.mutable_data_ptr<acc_t>();
+    acc_t* sp = scale.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> act(std::min(chunk, p.N) * p.R), partial;
+    const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
       const int64_t n1 = std::min(p.N, n0 + chunk);
-      for_each_sample(n0, n1, [&](int64_t n) {
-        acc_t* z = zp + n * p.C;
-        sample_channel_sums<scalar_t>(p, xp + n * slice, nullptr, nullptr, z);
-        const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
-        for (int64_t c = 0; c < p.C; ++c) z[c] *= inv_p;
-      });
-      auto [h, s] = excitation_forward(pooled.narrow(0, n0, n1 - n0), fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
-      hidden.narrow(0, n0, n1 - n0).copy_(h);
-      scale.narrow(0, n0, n1 - n0).copy_(s);
-      const acc_t* sp = scale.const_data_ptr<acc_t>();
-      for_each_sample(n0, n1, [&](int64_t n) {
-        sample_scale_forward<scalar_t>(p, xp + n * slice, rp ? rp + n * slice : nullptr, sp + n * p.C,
-                                       op + n * slice);
-      });
+      acc_t* z = zp + n0 * p.C;
+      channel_sums<scalar_t>(p, n0, n1, xp, nullptr, nullptr, z, partial);
+      for (int64_t i = 0; i < (n1 - n0) * p.C; ++i) z[i] *= inv_p;
+      cpu::excitation_forward_rows<acc_t>(p, weights, z, n1 - n0, hp + n0 * p.R, act.data(), sp + n0 * p.C);
+      scale_forward<scalar_t>(p, n0, n1, xp, rp, sp, op);
     }
   });
   return {out, pooled, hidden, scale};
@@ -291,45 +333,61 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
                                           std::string(activation), std::string(gate));
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_res = p.has_residual ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor dv = at::zeros({p.N, p.C}, pooled.options());
-  at::Tensor du = at::zeros({p.N, p.R}, pooled.options());
-  at::Tensor ds = at::zeros({p.N, p.C}, pooled.options());
+  const auto acc = pooled.scalar_type();
+  const at::Tensor w1 = accumulation_view(fc1_weight, {p.R, p.C}, acc);
+  const at::Tensor w2 = accumulation_view(fc2_weight, {p.C, p.R}, acc);
+  at::Tensor dw1 = at::empty({p.R, p.C}, pooled.options()), db1 = at::empty({p.R}, pooled.options());
+  at::Tensor dw2 = at::empty({p.C, p.R}, pooled.options()), db2 = at::empty({p.C}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_backward_cpu", [&] {
     using acc_t = opmath<scalar_t>;
-    const int64_t slice = p.C * p.P;
+    const cpu::ExcitationWeights<acc_t> weights{w1.const_data_ptr<acc_t>(), nullptr, w2.const_data_ptr<acc_t>(),
+                                               nullptr};
     // The second sweep reads grad_out (and out) again.
-    const int64_t chunk = samples_per_chunk(slice * static_cast<int64_t>(sizeof(scalar_t)) * (out ? 2 : 1));
+    const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)) * (out ? 2 : 1));
+    const int64_t rows = std::min(chunk, p.N);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* op = out ? out->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* grp = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t* zp = pooled.const_data_ptr<acc_t>();
+    const acc_t* hp = hidden.const_data_ptr<acc_t>();
     const acc_t* sp = scale.const_data_ptr<acc_t>();
-    acc_t* dsp = ds.mutable_data_ptr<acc_t>();
+    // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
+    std::vector<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C), partial;
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
       const int64_t n1 = std::min(p.N, n0 + chunk), g = n1 - n0;
-      for_each_sample(n0, n1, [&](int64_t n) {
-        const int64_t off = n * slice;
-        sample_channel_sums<scalar_t>(p, gp + off, xp + off, op ? op + off : nullptr, dsp + n * p.C);
-      });
-      auto [dv_c, du_c, dz_c] = excitation_backward(ds.narrow(0, n0, g), hidden.narrow(0, n0, g),
-                                                    scale.narrow(0, n0, g), fc1_weight, fc2_weight, p);
-      dv.narrow(0, n0, g).copy_(dv_c);
-      du.narrow(0, n0, g).copy_(du_c);
-      const at::Tensor dz_over_p = (dz_c / static_cast<double>(p.P)).contiguous();
-      const acc_t* dzp = dz_over_p.const_data_ptr<acc_t>();
-      for_each_sample(n0, n1, [&](int64_t n) {
-        const int64_t off = n * slice;
-        sample_scale_backward<scalar_t>(p, gp + off, op ? op + off : nullptr, sp + n * p.C, dzp + (n - n0) * p.C,
-                                        gxp + off, grp ? grp + off : nullptr);
-      });
+      channel_sums<scalar_t>(p, n0, n1, gp, xp, op, ds.data(), partial);
+      cpu::excitation_backward_rows<acc_t>(p, weights, ds.data(), hp + n0 * p.R, sp + n0 * p.C, g,
+                                           dv.data() + n0 * p.C, dh.data(), du.data() + n0 * p.R, dz.data());
+      for (int64_t i = 0; i < g * p.C; ++i) dz[i] /= static_cast<acc_t>(p.P);
+      scale_backward<scalar_t>(p, n0, n1, gp, op, sp, dz.data(), gxp, grp);
     }
+    std::vector<acc_t> act(p.N * p.R);
+    cpu::activate_all(hp, p.N * p.R, p.activation, act.data());
+    cpu::weight_gradient(du.data(), zp, p.N, p.R, p.C, dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>());
+    cpu::weight_gradient(dv.data(), act.data(), p.N, p.C, p.R, dw2.mutable_data_ptr<acc_t>(),
+                         db2.mutable_data_ptr<acc_t>());
   });
-  auto [dw1, db1, dw2, db2] = weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
-  return {grad_x, grad_res, dw1, db1, dw2, db2};
+  return {grad_x, grad_res, dw1.reshape(fc1_weight.sizes()).to(fc1_weight.scalar_type()),
+          db1.to(fc1_weight.scalar_type()), dw2.reshape(fc2_weight.sizes()).to(fc2_weight.scalar_type()),
+          db2.to(fc2_weight.scalar_type())};
 }
 
 }  // namespace
+
+CpuKernelBuild cpu_kernel_build() {
+#ifdef INTRA_OP_PARALLEL
+  constexpr bool parallel = true;
+#else
+  constexpr bool parallel = false;
+#endif
+#ifdef CPU_CAPABILITY_AVX2
+  return {parallel, "AVX2"};
+#else
+  return {parallel, "DEFAULT"};
+#endif
+}
 
 TORCH_LIBRARY_IMPL(se_fused, CPU, m) {
   m.impl("squeeze_excitation_forward", &squeeze_excitation_forward_cpu);

@@ -1,0 +1,305 @@
+// The excitation MLP of the CPU kernel, on raw rows in the accumulation type.
+//
+// Per call the MLP is a handful of products of a (G, C) or (G, R) block of
+// per-sample vectors with a (R, C) weight: G is the batch (8 at the benchmark
+// shapes), so these are matrix-vector products in disguise, bound by reading
+// the weights. BLAS GEMMs tuned for large M spend several times the weight
+// read on them, and the ATen ops around them cost more than the arithmetic
+// at small C; here each weight row is loaded once per block of kSampleBlock
+// samples, the activation and gate are applied in the same loops, and nothing
+// is allocated per op.
+//
+// Every output element is computed by one thread in a fixed order (vector
+// lanes over k, then the lanes summed in order, then the tail), so results do
+// not depend on the number of threads and are bitwise reproducible. The math
+// is SPEC §1 as in se_fused/_reference.py, with PyTorch's own formulas for the
+// pointwise parts (so NaN and Inf propagate as in the eager path).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../squeeze_excitation.h"
+
+namespace se_fused::cpu {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Samples that share one load of a weight row (registers: kSampleBlock
+// accumulators, two vectors wide in accumulate_rows).
+constexpr int64_t kSampleBlock = 4;
+
+// The lanes of v summed (ATen's shuffle tree: a fixed order).
+template <typename T>
+T sum_lanes(const Vec<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
+}
+
+// out[k] = f(in[k]...) for k < n: whole vectors, then the tail an element at
+// a time through the same vector formula (lane 0 of a broadcast), so a short
+// row costs no partial loads and the tail needs no second formula.
+template <typename T, typename F, typename... In>
+void map_row(const F& f, T* out, int64_t n, const In*... in) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t k = 0;
+  for (; k + L <= n; k += L) f(Vec<T>::loadu(in + k)...).store(out + k);
+  for (; k < n; ++k) {
+    f(Vec<T>(in[k])...).store(out + k, 1);
+  }
+}
+
+// map_row over n elements spread over the threads (pointwise: how the range is
+// split changes no result).
+template <typename T, typename F, typename... In>
+void parallel_map(const F& f, T* out, int64_t n, const In*... in) {
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) { map_row<T>(f, out + i0, i1 - i0, (in + i0)...); });
+}
+
+// sums[i] = sum of the lanes of acc[i] for i < n. Eight float vectors are
+// reduced together by a tree of horizontal adds on AVX2 (about one
+// instruction per sum instead of six); other types and ISAs one by one.
+template <typename T, int64_t n>
+void sum_lanes_of(const Vec<T> (&acc)[n], T* sums) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<T, float> && n == 8 && Vec<T>::size() == 8) {
+    const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) sums[i] = sum_lanes(acc[i]);
+}
+
+// out[g, j] = bias[j] + sum_k W[j, k] * in[g, k] for the NB samples from g0
+// and the NR rows from j0: NB·NR independent FMA chains, each weight vector
+// loaded once for NB samples and each input vector once for NR rows.
+template <typename T, int64_t NB, int64_t NR>
+void dot_tile(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int64_t g0, int64_t j0, T* out) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[NB * NR];
+  for (auto& a : acc) a = Vec<T>(0);
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    Vec<T> w[NR];
+    for (int64_t r = 0; r < NR; ++r) w[r] = Vec<T>::loadu(W + (j0 + r) * K + k);
+    for (int64_t b = 0; b < NB; ++b) {
+      const Vec<T> x = Vec<T>::loadu(in + (g0 + b) * K + k);
+      for (int64_t r = 0; r < NR; ++r) acc[b * NR + r] = at::vec::fmadd(w[r], x, acc[b * NR + r]);
+    }
+  }
+  T sums[NB * NR];
+  sum_lanes_of(acc, sums);
+  for (int64_t b = 0; b < NB; ++b) {
+    for (int64_t r = 0; r < NR; ++r) {
+      const T* w = W + (j0 + r) * K;
+      const T* x = in + (g0 + b) * K;
+      T s = sums[b * NR + r];
+      for (int64_t t = k; t < K; ++t) s += w[t] * x[t];
+      out[(g0 + b) * J + j0 + r] = (bias ? bias[j0 + r] : T(0)) + s;
+    }
+  }
+}
+
+// Rows per tile of the forward products (with kSampleBlock samples: 8 chains).
+constexpr int64_t kRowBlock = 2;
+
+// out (G, J) = in (G, K) · Wᵀ + bias, with W (J, K) row-major: the layout of
+// both fc weights for the forward products. Threads own blocks of rows j.
+template <typename T>
+void matmul_transposed_weight(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int64_t G, T* out) {
+  const int64_t pairs = (J + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, pairs, std::max<int64_t>(1, 1024 / K), [&](int64_t p0, int64_t p1) {
+    for (int64_t pr = p0; pr < p1; ++pr) {
+      const int64_t j0 = pr * kRowBlock;
+      const bool full = j0 + kRowBlock <= J;
+      int64_t g0 = 0;
+      for (; g0 + kSampleBlock <= G; g0 += kSampleBlock) {
+        if (full) {
+          dot_tile<T, kSampleBlock, kRowBlock>(W, bias, J, K, in, g0, j0, out);
+        } else {
+          dot_tile<T, kSampleBlock, 1>(W, bias, J, K, in, g0, j0, out);
+        }
+      }
+      for (; g0 < G; ++g0) {
+        if (full) {
+          dot_tile<T, 1, kRowBlock>(W, bias, J, K, in, g0, j0, out);
+        } else {
+          dot_tile<T, 1, 1>(W, bias, J, K, in, g0, j0, out);
+        }
+      }
+    }
+  });
+}
+
+// out[g, k0:k0+width] = sum_j in[g, j] * W[j, k0:k0+width] for NB samples
+// starting at g0; width <= VB vectors.
+template <typename T, int64_t NB, int64_t VB>
+void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64_t width, const T* in, int64_t g0,
+                             T* out) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t lanes[VB];
+  for (int64_t v = 0; v < VB; ++v) lanes[v] = std::clamp<int64_t>(width - v * L, 0, L);
+  Vec<T> acc[NB][VB];
+  for (auto& row : acc)
+    for (auto& a : row) a = Vec<T>(0);
+  for (int64_t j = 0; j < J; ++j) {
+    const T* row = W + j * K + k0;
+    Vec<T> w[VB];
+    for (int64_t v = 0; v < VB; ++v)
+      w[v] = lanes[v] == L ? Vec<T>::loadu(row + v * L)
+                           : (lanes[v] > 0 ? Vec<T>::loadu(row + v * L, lanes[v]) : Vec<T>(0));
+    for (int64_t b = 0; b < NB; ++b) {
+      const Vec<T> a(in[(g0 + b) * J + j]);
+      for (int64_t v = 0; v < VB; ++v) acc[b][v] = at::vec::fmadd(a, w[v], acc[b][v]);
+    }
+  }
+  for (int64_t b = 0; b < NB; ++b) {
+    T* o = out + (g0 + b) * K + k0;
+    for (int64_t v = 0; v < VB; ++v)
+      if (lanes[v] > 0) acc[b][v].store(o + v * L, lanes[v]);
+  }
+}
+
+// out (G, K) = in (G, J) · W, with W (J, K) row-major: the backward products
+// through the fc weights. Threads own column blocks of out; a block keeps
+// kSampleBlock samples × kColumnBlockVectors vectors of accumulators (8
+// FMA chains; 8×1 and 2×4 measured the same on a 2-core EPYC).
+constexpr int64_t kColumnBlockVectors = 2;
+
+template <typename T>
+void matmul_weight(const T* W, int64_t J, int64_t K, const T* in, int64_t G, T* out) {
+  constexpr int64_t KB = kColumnBlockVectors * Vec<T>::size();
+  const int64_t blocks = (K + KB - 1) / KB;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t k0 = blk * KB, width = std::min(KB, K - k0);
+      int64_t g0 = 0;
+      for (; g0 + kSampleBlock <= G; g0 += kSampleBlock)
+        accumulate_column_block<T, kSampleBlock, kColumnBlockVectors>(W, J, K, k0, width, in, g0, out);
+      for (; g0 < G; ++g0) accumulate_column_block<T, 1, kColumnBlockVectors>(W, J, K, k0, width, in, g0, out);
+    }
+  });
+}
+
+// grad_W (J, K) = coefᵀ (J, N) · rows (N, K) and grad_b (J) = sum_n coef[n, :]:
+// a weight gradient summed over the batch, samples in order. kGradientVectors
+// vectors of a row are summed side by side (independent FMA chains over n).
+constexpr int64_t kGradientVectors = 4;
+
+template <typename T>
+void weight_gradient(const T* coef, const T* rows, int64_t N, int64_t J, int64_t K, T* grad_w, T* grad_b) {
+  constexpr int64_t L = Vec<T>::size(), KB = kGradientVectors * L;
+  at::parallel_for(0, J, std::max<int64_t>(1, 2048 / K), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      T* o = grad_w + j * K;
+      int64_t k = 0;
+      for (; k + KB <= K; k += KB) {
+        Vec<T> acc[kGradientVectors];
+        for (int64_t v = 0; v < kGradientVectors; ++v) acc[v] = Vec<T>(0);
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec<T> a(coef[n * J + j]);
+          for (int64_t v = 0; v < kGradientVectors; ++v)
+            acc[v] = at::vec::fmadd(a, Vec<T>::loadu(rows + n * K + k + v * L), acc[v]);
+        }
+        for (int64_t v = 0; v < kGradientVectors; ++v) acc[v].store(o + k + v * L);
+      }
+      for (; k + L <= K; k += L) {
+        Vec<T> acc(0);
+        for (int64_t n = 0; n < N; ++n)
+          acc = at::vec::fmadd(Vec<T>(coef[n * J + j]), Vec<T>::loadu(rows + n * K + k), acc);
+        acc.store(o + k);
+      }
+      for (; k < K; ++k) {
+        T s = 0;
+        for (int64_t n = 0; n < N; ++n) s += coef[n * J + j] * rows[n * K + k];
+        o[k] = s;
+      }
+      T b = 0;
+      for (int64_t n = 0; n < N; ++n) b += coef[n * J + j];
+      grad_b[j] = b;
+    }
+  });
+}
+
+// The pointwise parts, vectorised and written as PyTorch's CPU kernels write
+// them (Sleef exp; max/min that keep NaN), so NaN and Inf come out where the
+// eager path puts them: relu max(u, 0), silu u / (1 + exp(-u)), sigmoid
+// 1 / (1 + exp(-v)), hardsigmoid clamp(v + 3, 0, 6) / 6.
+template <typename T>
+Vec<T> activate(const Vec<T>& u, Activation a) {
+  if (a == Activation::ReLU) return at::vec::clamp_min(u, Vec<T>(0));
+  return u / (Vec<T>(1) + u.neg().exp());
+}
+
+template <typename T>
+Vec<T> apply_gate(const Vec<T>& v, Gate g) {
+  if (g == Gate::Sigmoid) return (Vec<T>(1) + v.neg().exp()).reciprocal();
+  return at::vec::clamp(v + Vec<T>(3), Vec<T>(0), Vec<T>(6)) / Vec<T>(6);
+}
+
+// d activation(u) · dh; relu passes the gradient only where u > 0.
+template <typename T>
+Vec<T> activation_backward(const Vec<T>& dh, const Vec<T>& u, Activation a) {
+  if (a == Activation::ReLU) return Vec<T>::blendv(Vec<T>(0), dh, u > Vec<T>(0));
+  const Vec<T> sig = (Vec<T>(1) + u.neg().exp()).reciprocal();
+  return dh * (sig * (Vec<T>(1) + u * (Vec<T>(1) - sig)));
+}
+
+// d gate(v) · ds from s = gate(v): sigmoid s(1 - s); hardsigmoid 1/6 where
+// 0 < s < 1 and an exact 0 elsewhere (selected, so an infinite ds stays 0).
+template <typename T>
+Vec<T> gate_backward(const Vec<T>& ds, const Vec<T>& s, Gate g) {
+  if (g == Gate::Sigmoid) return ds * (s * (Vec<T>(1) - s));
+  return Vec<T>::blendv(Vec<T>(0), ds / Vec<T>(6), (s > Vec<T>(0)) & (s < Vec<T>(1)));
+}
+
+// act[i] = activation(hidden[i]) for n values.
+template <typename T>
+void activate_all(const T* hidden, int64_t n, Activation a, T* act) {
+  parallel_map<T>([a](Vec<T> u) { return activate(u, a); }, act, n, hidden);
+}
+
+// The MLP's weights in the accumulation type, as (R, C) and (C, R) row-major.
+template <typename T>
+struct ExcitationWeights {
+  const T* w1;  // (R, C)
+  const T* b1;  // (R), null in the backward
+  const T* w2;  // (C, R)
+  const T* b2;  // (C), null in the backward
+};
+
+// hidden (G, R) = z W1ᵀ + b1 (pre-activation); scale (G, C) = gate(act(hidden) W2ᵀ + b2).
+// `act` is (G, R) scratch.
+template <typename T>
+void excitation_forward_rows(const SEProblem& p, const ExcitationWeights<T>& w, const T* z, int64_t G, T* hidden,
+                             T* act, T* scale) {
+  matmul_transposed_weight(w.w1, w.b1, p.R, p.C, z, G, hidden);
+  activate_all(hidden, G * p.R, p.activation, act);
+  matmul_transposed_weight(w.w2, w.b2, p.C, p.R, act, G, scale);
+  const Gate gate = p.gate;
+  parallel_map<T>([gate](Vec<T> v) { return apply_gate(v, gate); }, scale, G * p.C, scale);
+}
+
+// From ds (G, C) = sum_p g*x: dv (G, C) at the gate's input, du (G, R) at the
+// activation's input, dz (G, C) at the pooled means. `dh` is (G, R) scratch.
+template <typename T>
+void excitation_backward_rows(const SEProblem& p, const ExcitationWeights<T>& w, const T* ds, const T* hidden,
+                              const T* scale, int64_t G, T* dv, T* dh, T* du, T* dz) {
+  const Gate gate = p.gate;
+  const Activation activation = p.activation;
+  parallel_map<T>([gate](Vec<T> d, Vec<T> s) { return gate_backward(d, s, gate); }, dv, G * p.C, ds, scale);
+  matmul_weight(w.w2, p.C, p.R, dv, G, dh);
+  parallel_map<T>([activation](Vec<T> d, Vec<T> u) { return activation_backward(d, u, activation); }, du,
+                  G * p.R, dh, hidden);
+  matmul_weight(w.w1, p.R, p.C, du, G, dz);
+}
+
+}  // namespace se_fused::cpu
