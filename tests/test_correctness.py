@@ -15,7 +15,8 @@ import se_fused
 from se_fused._reference import excitation, gate_fn
 from se_fused._validation import validate_se_inputs
 from se_fused.backends import resolve_backend
-from conftest import ODD_SHAPES, SKIPPED_DEVICE_BACKENDS, STAGE_SHAPES, backend_se, cached_run, why_not_run
+from conftest import (ODD_SHAPES, SKIPPED_DEVICE_BACKENDS, STAGE_SHAPES, SEShape, backend_se, cached_run,
+                      why_not_run)
 from tolerances import assert_close_to_reference
 
 ACT_GATES = [("relu", "sigmoid"), ("relu", "hardsigmoid"), ("silu", "sigmoid"), ("silu", "hardsigmoid")]
@@ -208,6 +209,28 @@ def test_cpu_backend_is_deterministic(dtype, memory_format, residual, se_inputs)
     second = backend_se(inputs, "cpu")
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("shape", [STAGE_SHAPES[0], STAGE_SHAPES[3], SEShape(5, 37, 3, 7, 7)], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpu_backend_independent_of_thread_count(shape, memory_format, residual, se_inputs):
+    """Backend "cpu": 1, 2 and 3 threads give bitwise the same output and gradients (every sum is cut into
+    fixed blocks reduced in a fixed order, whoever computes them)."""
+    if "cpu" not in se_fused.available_backends():
+        pytest.skip("backend 'cpu' not built")
+    inputs = se_inputs(shape, torch.float32, memory_format, "cpu", residual)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results[n] = backend_se(inputs, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        for name in results[1]:
+            assert torch.equal(results[1][name], results[n][name]), f"{name}: {n} threads differ from 1"
 
 
 def test_backends_under_test_include_eager_and_cpu():
