@@ -48,13 +48,24 @@ class FusedSEFunction(torch.autograd.Function):
         with _autocast_off(x.device.type):
             grad_x, grad_res, gw1, gb1, gw2, gb2 = ctx.impl.backward(
                 same_layout_as(grad_out, x), x, out, w1, w2, pooled, hidden, scale, *ctx.options)
-        param_grads = [g.to(dtype).reshape(shape) for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
+        param_grads = [_as_parameter(g, dtype, shape) for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
         return (grad_x, *param_grads, grad_res, None, None, None)
 
 
+def _as_parameter(grad: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    """``grad`` in its parameter's dtype and shape (as the compiled backends already return it: no op then)."""
+    if grad.dtype != dtype:
+        grad = grad.to(dtype)
+    return grad if grad.shape == shape else grad.reshape(shape)
+
+
 def _autocast_off(device_type: str):
-    """A context with autocast disabled for ``device_type`` (a no-op for devices autocast does not know)."""
+    """A context with autocast disabled for ``device_type`` (a no-op when it is off, or for devices autocast does
+    not know). Entering ``torch.autocast`` costs microseconds per call, so it is skipped when there is nothing to
+    turn off."""
     try:
+        if not torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
         return torch.autocast(device_type, enabled=False)
     except RuntimeError:
         return contextlib.nullcontext()
