@@ -31,6 +31,15 @@ namespace se_fused::cpu {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+// The mask of the first `count` of `lanes` lanes (32-bit lanes of 8, or 64-bit of 4) for AVX2 masked moves.
+template <int lanes>
+__m256i lane_mask(int64_t count) {
+  alignas(32) static constexpr int32_t ones_then_zeros[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones_then_zeros + 8 - count * (8 / lanes)));
+}
+#endif
+
 // Samples that share one load of a weight row (registers: kSampleBlock
 // accumulators, two vectors wide in accumulate_rows).
 constexpr int64_t kSampleBlock = 4;
@@ -41,17 +50,36 @@ T sum_lanes(const Vec<T>& v) {
   return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
 }
 
-// out[k] = f(in[k]...) for k < n: whole vectors, then the tail an element at
-// a time through the same vector formula (lane 0 of a broadcast), so a short
-// row costs no partial loads and the tail needs no second formula.
+// The first `count` (< one vector) elements at p, as a vector / stored from
+// one. AVX2 masked moves do it in one instruction (masked-off lanes are
+// neither read nor written, so a row's end never touches the next page);
+// elsewhere ATen's copy through a stack buffer.
+template <typename T>
+Vec<T> load_partial(const T* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<T, float>) return _mm256_maskload_ps(p, lane_mask<8>(count));
+  if constexpr (std::is_same_v<T, double>) return _mm256_maskload_pd(p, lane_mask<4>(count));
+#endif
+  return Vec<T>::loadu(p, count);
+}
+
+template <typename T>
+void store_partial(const Vec<T>& v, T* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<T, float>) return _mm256_maskstore_ps(p, lane_mask<8>(count), v);
+  if constexpr (std::is_same_v<T, double>) return _mm256_maskstore_pd(p, lane_mask<4>(count), v);
+#endif
+  v.store(p, count);
+}
+
+// out[k] = f(in[k]...) for k < n: whole vectors, then the tail as one partial
+// vector through the same formula (lanes past n are computed, never stored).
 template <typename T, typename F, typename... In>
 void map_row(const F& f, T* out, int64_t n, const In*... in) {
   constexpr int64_t L = Vec<T>::size();
   int64_t k = 0;
   for (; k + L <= n; k += L) f(Vec<T>::loadu(in + k)...).store(out + k);
-  for (; k < n; ++k) {
-    f(Vec<T>(in[k])...).store(out + k, 1);
-  }
+  if (k < n) store_partial(f(load_partial(in + k, n - k)...), out + k, n - k);
 }
 
 // map_row over n elements spread over the threads (pointwise: how the range is
