@@ -3,7 +3,7 @@
 // reports how it was built.
 #include <Python.h>
 
-#include "squeeze_excitation.h"
+#include "cpu/cpu_kernel_build.h"
 
 namespace {
 

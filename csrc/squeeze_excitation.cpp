@@ -1,4 +1,5 @@
-// Argument checks and the excitation MLP shared by the CPU and CUDA ops.
+// Argument checks shared by the CPU and CUDA ops, and the excitation MLP in ATen ops (used by the CUDA op;
+// the CPU kernel has its own, csrc/cpu/excitation_cpu.h).
 #include "squeeze_excitation.h"
 
 #include <ATen/ops/silu.h>

@@ -14,15 +14,6 @@ namespace se_fused {
 enum class Activation : int { ReLU = 0, SiLU = 1 };
 enum class Gate : int { Sigmoid = 0, HardSigmoid = 1 };
 
-// How the CPU kernel was compiled. ATen's at::parallel_for is a header
-// template: in a translation unit compiled without OpenMP (while torch's ATen
-// uses it) it runs inline on one thread, so the build must match torch's.
-struct CpuKernelBuild {
-  bool parallel;           // at::parallel_for spreads work over torch's threads
-  const char* vector_isa;  // what at::vec::Vectorized compiles to: "AVX2" or "DEFAULT"
-};
-CpuKernelBuild cpu_kernel_build();
-
 Activation parse_activation(const std::string& name);
 Gate parse_gate(const std::string& name);
 

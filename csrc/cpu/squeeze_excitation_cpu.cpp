@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../squeeze_excitation.h"
+#include "cpu_kernel_build.h"
 #include "excitation_cpu.h"
 
 namespace se_fused {
