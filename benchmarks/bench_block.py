@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--passes", default=",".join(PASSES), help=f"comma list of {PASSES}")
     parser.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 8 on CPU")
     parser.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
+    parser.add_argument("--glibc-trim", action="store_true",
+                        help="CPU: leave glibc malloc at its default, which gives freed memory back to the OS, so "
+                             "fresh full-size tensors page-fault on first touch (see _common.keep_freed_cpu_memory)")
     parser.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds (default 7, --quick 5)")
     parser.add_argument("--min-round-ms", type=float, default=None,
                         help="CPU: calls per round fill at least this long (default 100, --quick 30)")

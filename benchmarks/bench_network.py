@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="steps per variant per round (GPU 3, --quick 2; "
                                                                 "CPU 1)")
     parser.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
+    parser.add_argument("--glibc-trim", action="store_true",
+                        help="CPU: leave glibc malloc at its default, which gives freed memory back to the OS, so "
+                             "fresh full-size tensors page-fault on first touch (see _common.keep_freed_cpu_memory)")
     parser.add_argument("--quick", action="store_true", help="small run for the GPU check script / a CPU smoke test")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT_DIR), help="folder for the JSON and PNG")
     parser.add_argument("--json-name", default=None, help="file name of the JSON (the PNG gets the same stem)")
