@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -146,10 +145,11 @@ def test_se_fused_se_blocks():
     eager.load_state_dict(timm_seresnet50_case()[0].state_dict())
     eager = deterministic_train_mode(eager)
     _, baseline, reference, x, grad_out = timm_seresnet50_case()
-    converted, count = converted_copy(eager, "cpu")
-    assert count == 16 and all(m.backend == "cpu" for m in fused_blocks(converted))
-    assert_network_matches("se_resnet50(se='eager') -> cpu", run_network(converted, x, grad_out), baseline,
-                           reference)
+    # In float64 (see test_models.test_timm_weights_give_timm_outputs_and_gradients: float32 network
+    # gradients in train mode move by up to 800x under rounding-level input noise).
+    converted = assert_converted_matches_float64("se_resnet50(se='eager') -> cpu", eager, "cpu", x, grad_out,
+                                                 reference)
+    assert all(m.backend == "cpu" for m in fused_blocks(converted)) and len(fused_blocks(converted)) == 16
     assert se_fused.convert_se_blocks(converted) == 0, "fused blocks are not converted again"
 
 

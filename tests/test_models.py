@@ -226,13 +226,23 @@ def test_bottleneck_calls_se_in_residual_form():
 
 @pytest.mark.parametrize("se, backend", [("fused", "cpu"), ("fused", "eager"), ("eager", "auto")])
 def test_timm_weights_give_timm_outputs_and_gradients(se, backend):
-    """timm seresnet50's state dict loads strict; output and every gradient match timm (float64 truth).
-    (se="eager" ignores the backend.)"""
-    timm_model, baseline, reference, x, grad_out = timm_seresnet50_case()
-    model = deterministic_train_mode(se_resnet50(se=se, backend=backend))
-    model.load_state_dict(timm_model.state_dict(), strict=True)
-    assert_network_matches(f"se_resnet50(se={se!r}, backend={backend!r})", run_network(model, x, grad_out),
-                           baseline, reference)
+    """timm seresnet50's state dict loads strict; output and every gradient match timm's network
+    (float64 truth). (se="eager" ignores the backend.)
+
+    Compared in float64, as the other whole-network tests: in float32 the train-mode gradients
+    are chaotic. Measured here: timm's own float32 network, its input scaled by (1 + 1e-7·noise),
+    lands between 0.0023 and 1.82 from the float64 truth on layer2.0.conv3.weight depending on
+    the noise's seed (0.46 unperturbed), so tolerances.py's 2x of the float32 baseline's error
+    cannot tell a correct SE kernel from a wrong one (a change of the CPU kernel's float32
+    summation order alone moved that gradient's error from within it to 1.86). The baseline is
+    another SE implementation in float64; the weights still come from timm's model.
+    """
+    timm_model, _, reference, x, grad_out = timm_seresnet50_case()
+    got = _float64_run(se, backend, timm_model, x, grad_out)
+    other = ("eager", "auto") if (se, backend) == ("fused", "eager") else ("fused", "eager")
+    baseline = _float64_run(*other, timm_model, x, grad_out)
+    assert_network_matches(f"se_resnet50(se={se!r}, backend={backend!r})", got, baseline, reference,
+                           dtype=torch.float64)
 
 
 def test_timm_weights_eval_mode_output():
@@ -266,10 +276,13 @@ def test_torchvision_resnet50_weights():
 # Memory format
 # ---------------------------------------------------------------------------------------------------------------
 
-def _channels_last_float64_run(se: str, backend: str, timm_model, x, grad_out, layout_errors=None):
+def _float64_run(se: str, backend: str, timm_model, x, grad_out, memory_format=torch.contiguous_format,
+                 layout_errors=None):
+    """se_resnet50(se, backend) with timm's weights, run in float64 (train mode) in ``memory_format``;
+    4-D outputs that are not channels_last are named in ``layout_errors`` when given."""
     model = deterministic_train_mode(se_resnet50(se=se, backend=backend))
     model.load_state_dict(timm_model.state_dict(), strict=True)
-    model = model.to(torch.float64).to(memory_format=torch.channels_last)
+    model = model.to(torch.float64).to(memory_format=memory_format)
 
     def check_layout(module, args, output):
         if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1 \
@@ -277,7 +290,7 @@ def _channels_last_float64_run(se: str, backend: str, timm_model, x, grad_out, l
             layout_errors.append(type(module).__name__)
 
     hooks = [m.register_forward_hook(check_layout) for m in model.modules()] if layout_errors is not None else []
-    got = run_network(model, x.double(), grad_out.double(), memory_format=torch.channels_last)
+    got = run_network(model, x.double(), grad_out.double(), memory_format=memory_format)
     for h in hooks:
         h.remove()
     return got
@@ -298,9 +311,9 @@ def test_channels_last_end_to_end(se):
     """
     timm_model, _, reference, x, grad_out = timm_seresnet50_case()
     not_channels_last = []
-    got = _channels_last_float64_run(se, "cpu" if se == "fused" else "auto", timm_model, x, grad_out,
-                                     not_channels_last)
+    got = _float64_run(se, "cpu" if se == "fused" else "auto", timm_model, x, grad_out, torch.channels_last,
+                       not_channels_last)
     assert not not_channels_last, f"NCHW outputs from {sorted(set(not_channels_last))}"
     assert got["input"].is_contiguous(memory_format=torch.channels_last)
-    baseline = _channels_last_float64_run("fused", "eager", timm_model, x, grad_out)
+    baseline = _float64_run("fused", "eager", timm_model, x, grad_out, torch.channels_last)
     assert_network_matches(f"channels_last se={se}", got, baseline, reference, dtype=torch.float64)
