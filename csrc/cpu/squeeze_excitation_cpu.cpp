@@ -19,7 +19,9 @@
 // forward+backward 1.5-1.6 against 1.3-1.4 ms, with or without streaming),
 // although a bare streamed 8-26 MB scale was 25-30% faster than a plain one.
 // Also no better: the second sweep walking each thread's share backwards (to
-// start in what the first sweep left in L2), and chunk budgets of 2 or 16 MiB.
+// start in what the first sweep left in L2), chunk budgets of 2 or 16 MiB, and
+// non-temporal stores for the weight gradients (conv5_x backward 566-606
+// against 516-547 us).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
