@@ -5,9 +5,9 @@
 // shapes), so these are matrix-vector products in disguise, bound by reading
 // the weights. BLAS GEMMs tuned for large M spend several times the weight
 // read on them, and the ATen ops around them cost more than the arithmetic
-// at small C; here each weight row is loaded once per block of kSampleBlock
-// samples, the activation and gate are applied in the same loops, and nothing
-// is allocated per op.
+// at small C; here each weight vector is loaded once per block of
+// kSampleBlock samples, the activation and gate are vectorised passes over
+// the small (G, R) and (G, C) blocks, and nothing is allocated per product.
 //
 // Every output element is computed by one thread in a fixed order (vector
 // lanes over k, then the lanes summed in order, then the tail), so results do
@@ -40,8 +40,9 @@ __m256i lane_mask(int64_t count) {
 }
 #endif
 
-// Samples that share one load of a weight row (registers: kSampleBlock
-// accumulators, two vectors wide in accumulate_rows).
+// Samples that share one load of a weight vector (registers: kSampleBlock ×
+// kRowBlock accumulators in dot_tile, kSampleBlock × kColumnBlockVectors in
+// accumulate_column_block).
 constexpr int64_t kSampleBlock = 4;
 
 // The lanes of v summed (ATen's shuffle tree: a fixed order).
