@@ -121,8 +121,8 @@ def extensions():
     sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp", "squeeze_excitation.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # The C++ standard is torch's choice (C++20 from torch 2.13).
-    cxx_flags = ["-O3"] + cpu_vector_flags() + openmp_flags(torch)
     link_flags = openmp_flags(torch)
+    cxx_flags = ["-O3"] + cpu_vector_flags() + link_flags
     if not build_cuda:
         return [CppExtension("se_fused._C", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=link_flags)]

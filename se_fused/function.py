@@ -48,7 +48,8 @@ class FusedSEFunction(torch.autograd.Function):
         with _autocast_off(x.device.type):
             grad_x, grad_res, gw1, gb1, gw2, gb2 = ctx.impl.backward(
                 same_layout_as(grad_out, x), x, out, w1, w2, pooled, hidden, scale, *ctx.options)
-        param_grads = [_as_parameter(g, dtype, shape) for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
+        param_grads = [_as_parameter(g, dtype, shape)
+                       for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
         return (grad_x, *param_grads, grad_res, None, None, None)
 
 

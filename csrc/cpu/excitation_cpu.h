@@ -184,7 +184,7 @@ void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64
     Vec<T> w[VB];
     for (int64_t v = 0; v < VB; ++v)
       w[v] = lanes[v] == L ? Vec<T>::loadu(row + v * L)
-                           : (lanes[v] > 0 ? Vec<T>::loadu(row + v * L, lanes[v]) : Vec<T>(0));
+                           : (lanes[v] > 0 ? load_partial(row + v * L, lanes[v]) : Vec<T>(0));
     for (int64_t b = 0; b < NB; ++b) {
       const Vec<T> a(in[(g0 + b) * J + j]);
       for (int64_t v = 0; v < VB; ++v) acc[b][v] = at::vec::fmadd(a, w[v], acc[b][v]);
@@ -193,7 +193,7 @@ void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64
   for (int64_t b = 0; b < NB; ++b) {
     T* o = out + (g0 + b) * K + k0;
     for (int64_t v = 0; v < VB; ++v)
-      if (lanes[v] > 0) acc[b][v].store(o + v * L, lanes[v]);
+      if (lanes[v] > 0) store_partial(acc[b][v], o + v * L, lanes[v]);
   }
 }
 
@@ -263,6 +263,11 @@ void weight_gradient(const T* coef, const T* rows, int64_t N, int64_t J, int64_t
 // eager path puts them: relu max(u, 0), silu u / (1 + exp(-u)), sigmoid
 // 1 / (1 + exp(-v)), hardsigmoid clamp(v + 3, 0, 6) / 6.
 template <typename T>
+Vec<T> sigmoid(const Vec<T>& v) {
+  return (Vec<T>(1) + v.neg().exp()).reciprocal();
+}
+
+template <typename T>
 Vec<T> activate(const Vec<T>& u, Activation a) {
   if (a == Activation::ReLU) return at::vec::clamp_min(u, Vec<T>(0));
   return u / (Vec<T>(1) + u.neg().exp());
@@ -270,7 +275,7 @@ Vec<T> activate(const Vec<T>& u, Activation a) {
 
 template <typename T>
 Vec<T> apply_gate(const Vec<T>& v, Gate g) {
-  if (g == Gate::Sigmoid) return (Vec<T>(1) + v.neg().exp()).reciprocal();
+  if (g == Gate::Sigmoid) return sigmoid(v);
   return at::vec::clamp(v + Vec<T>(3), Vec<T>(0), Vec<T>(6)) / Vec<T>(6);
 }
 
@@ -278,7 +283,7 @@ Vec<T> apply_gate(const Vec<T>& v, Gate g) {
 template <typename T>
 Vec<T> activation_backward(const Vec<T>& dh, const Vec<T>& u, Activation a) {
   if (a == Activation::ReLU) return Vec<T>::blendv(Vec<T>(0), dh, u > Vec<T>(0));
-  const Vec<T> sig = (Vec<T>(1) + u.neg().exp()).reciprocal();
+  const Vec<T> sig = sigmoid(u);
   return dh * (sig * (Vec<T>(1) + u * (Vec<T>(1) - sig)));
 }
 

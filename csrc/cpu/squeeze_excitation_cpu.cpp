@@ -164,6 +164,7 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
   using acc_t = opmath<scalar_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
+  auto plus = [](Vec<acc_t> s, Vec<acc_t> x) { return s + x; };
   if (p.channels_last) partial.resize((n1 - n0) * blocks.per_sample * p.C);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t item, int64_t r0, int64_t r1) {
     RowReader<scalar_t> ra, rb, rm;
@@ -183,7 +184,7 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
           cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x, Vec<acc_t> y) { return at::vec::fmadd(x, y, s); }, acc,
                               len, acc, av, bv);
         } else {
-          cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x) { return s + x; }, acc, len, acc, av);
+          cpu::map_row<acc_t>(plus, acc, len, acc, av);
         }
       } else {  // NCHW: the whole channel
         sums[(n - n0) * p.C + r] = bv ? row_sum<true>(av, bv, len) : row_sum<false>(av, av, len);
@@ -197,7 +198,7 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
       const acc_t* first = partial.data() + g * blocks.per_sample * p.C;
       std::copy(first, first + p.C, out);
       for (int64_t blk = 1; blk < blocks.per_sample; ++blk)
-        cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x) { return s + x; }, out, p.C, out, first + blk * p.C);
+        cpu::map_row<acc_t>(plus, out, p.C, out, first + blk * p.C);
     }
   });
 }
@@ -279,19 +280,19 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
 // sweep reads again) within the cache budget, at least one.
 // SE_FUSED_CPU_CHUNK_BYTES overrides the budget (8 MiB: a share of a typical
 // last-level cache that leaves room for the outputs streaming past).
-// H·W = 1 is NCHW and NHWC at once (the same bytes): read it as NHWC, one row
-// of C channels per sample, rather than C rows of one element.
-SEProblem with_long_rows(SEProblem p) {
-  if (p.P == 1) p.channels_last = true;
-  return p;
-}
-
 int64_t samples_per_chunk(int64_t bytes_per_sample) {
   static const int64_t budget = [] {
     const char* env = std::getenv("SE_FUSED_CPU_CHUNK_BYTES");
     return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
   }();
   return std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_sample));
+}
+
+// H·W = 1 is NCHW and NHWC at once (the same bytes): read it as NHWC, one row
+// of C channels per sample, rather than C rows of one element.
+SEProblem with_long_rows(SEProblem p) {
+  if (p.P == 1) p.channels_last = true;
+  return p;
 }
 
 // A parameter as a contiguous tensor of `sizes` in the accumulation type (itself when it already is one).
@@ -385,9 +386,12 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
     cpu::weight_gradient(dv.data(), act.data(), p.N, p.C, p.R, dw2.mutable_data_ptr<acc_t>(),
                          db2.mutable_data_ptr<acc_t>());
   });
-  return {grad_x, grad_res, dw1.reshape(fc1_weight.sizes()).to(fc1_weight.scalar_type()),
-          db1.to(fc1_weight.scalar_type()), dw2.reshape(fc2_weight.sizes()).to(fc2_weight.scalar_type()),
-          db2.to(fc2_weight.scalar_type())};
+  // Shaped like the parameter, typed like its weight (the bias gradients too, as the CUDA op returns them).
+  auto like = [](const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef sizes) {
+    return grad.reshape(sizes).to(weight.scalar_type());
+  };
+  return {grad_x, grad_res, like(dw1, fc1_weight, fc1_weight.sizes()), like(db1, fc1_weight, {p.R}),
+          like(dw2, fc2_weight, fc2_weight.sizes()), like(db2, fc2_weight, {p.C})};
 }
 
 }  // namespace
