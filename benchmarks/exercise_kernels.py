@@ -4,7 +4,9 @@
 ``--tool racecheck``) then sees each kernel of the project at least once:
 the cluster path forward/backward in both layouts, with and without the
 residual epilogue, in several geometries (a sample split across CTAs, several
-samples per cluster, a padded last group), and the two-pass path's kernels.
+samples per cluster, a padded last group), and the two-pass path's kernels
+(channel sums, the excitation MLP over two sample groups, the weight
+gradients, the scale).
 The script also checks each result against the eager backend, so a run that
 the sanitizer passes but computes garbage still fails.
 
@@ -25,7 +27,9 @@ import se_fused
 
 # (path, plan): plan "M,G" = CTAs per sample, samples per cluster ("" = automatic).
 CASES = [("two_pass", ""), ("cluster", ""), ("cluster", "2,4"), ("cluster", "4,1"), ("cluster", "1,2")]
-SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5)]  # (N, C, R, H, W): small, C*H*W a multiple of 8
+# (N, C, R, H, W): small, C*H*W a multiple of 8; the last has 9 samples (two MLP sample groups of 8)
+# and R = 40 (two column blocks of the MLP's backward).
+SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 72, 40, 2, 2)]
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:

@@ -7,11 +7,11 @@
 # Steps, each with its own time limit so the whole run ends inside ~8 minutes on
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
-# record, run compute-sanitizer (memcheck, racecheck) over every kernel path,
+# record, profile host vs device time per call (profile_block.py), run compute-sanitizer (memcheck, racecheck) over every kernel path,
 # and, with the time left, sweep the cluster geometries of the stage shapes.
 # Files come back in $OUT (the device tool's folder; benchmarks/results/ when
 # unset): the record <date>-<gpu>-<commit>.json, the two benchmark JSONs and
-# PNGs, and gpu_check.log. A summary table is printed last. Exit status: 0 only
+# PNGs, profile.json, and gpu_check.log. A summary table is printed last. Exit status: 0 only
 # when every step passed.
 set -uo pipefail
 
@@ -102,6 +102,9 @@ else
   skip record "a benchmark wrote no JSON"
   FAILED=1
 fi
+# Host vs device time per call, and the MLP as kernels vs ATen ops, side by side (profile.json).
+if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv5_x --calls 5); else PROFILE_ARGS=(--device cuda); fi
+step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
 for f in "$WORK"/*.json "$WORK"/*.png; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------

@@ -187,3 +187,21 @@ def test_bytes_min_matches_spec_example():
     assert _common.bytes_min("forward", False, (256, 256, 56, 56), torch.bfloat16) == 822_083_584
     assert _common.bytes_min("backward", True, (2, 3, 4, 5), torch.float32) == 5 * 2 * 3 * 4 * 5 * 4
     assert _common.slugify("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+
+
+@needs_cpu_kernel
+def test_profile_rows(tmp_path):
+    """profile_block.py on the CPU: a row per (stage, pass, impl) with wall, host and profiled times."""
+    proc = run_script("profile_block.py", "--device", "cpu", "--batch", "2", "--stages", "conv5_x", "--calls", "3",
+                      "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(written(proc.stdout, "json").read_text())
+    assert record["batch"] == 2 and record["dtype"] == "bfloat16" and record["memory_format"] == "channels_last"
+    rows = {(r["pass"], r["impl"]): r for r in record["rows"]}
+    assert set(rows) == {(p, i) for p in ("forward", "forward+backward") for i in ("cpu", "eager")}
+    for row in rows.values():
+        assert row["shape"] == [2, 2048, 7, 7]
+        assert row["wall_ms"] > 0 and row["host_ms"] > 0 and row["device_ms"] > 0 and row["launches"] >= 1
+        assert row["top"] and all(k["us_per_call"] >= 0 for k in row["top"])
+    # The fused forward is one op, named as registered.
+    assert any("se_fused::squeeze_excitation_forward" in k["name"] for k in rows[("forward", "cpu")]["top"])

@@ -2,8 +2,9 @@
 
 tests/test_correctness.py runs the ``"cuda"`` backend with its automatic path
 choice over the whole shape/dtype/layout product. This file forces each path
-(``SE_FUSED_CUDA_PATH=cluster|two_pass``) and each cluster geometry
-(``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster), and
+(``SE_FUSED_CUDA_PATH=cluster|two_pass``), each cluster geometry
+(``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster) and
+each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
 """
@@ -96,6 +97,25 @@ def test_cluster_path(cuda_path, shape, dtype, memory_format, residual, activati
 def test_two_pass_path(cuda_path, shape, dtype, memory_format, residual, activation, gate):
     cuda_path("two_pass")
     check_against_reference(make_se_inputs(shape, dtype, memory_format, "cuda", residual, activation, gate))
+
+
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES + ODD_SHAPES, ids=[s.id for s in CLUSTER_SHAPES + ODD_SHAPES])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS, ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS])
+def test_two_pass_path_with_aten_mlp(cuda_path, monkeypatch, shape, memory_format, residual, activation, gate):
+    """SE_FUSED_CUDA_MLP=aten: the two-pass path with the excitation MLP and weight gradients in ATen ops
+    (the fallback for float64, and the comparison point for the MLP kernels test_two_pass_path runs)."""
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP", "aten")
+    check_against_reference(make_se_inputs(shape, torch.float32, memory_format, "cuda", residual, activation,
+                                           gate))
+
+
+def test_unknown_mlp_choice_is_refused(monkeypatch):
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP", "cublas")
+    inputs = make_se_inputs(SEShape(2, 16, 4, 3, 3), torch.float32, "nchw", "cuda")
+    with pytest.raises(ValueError, match="SE_FUSED_CUDA_MLP must be kernels or aten"):
+        backend_se(inputs, "cuda")
 
 
 # Geometries that exercise each exchange: M > 1 (a sample split across CTAs,

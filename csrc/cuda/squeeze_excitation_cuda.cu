@@ -11,8 +11,9 @@
 //   (rows of W1, columns of W2), so each weight is read once per group, not once
 //   per sample. The chunk is then scaled from shared memory and stored:
 //   forward 2T (+T residual), backward 3T (+2T residual) of HBM traffic.
-// * Two-pass path (any GPU, any shape): a channel-sum kernel, the MLP in ATen
-//   ops over the whole batch, and an elementwise kernel. 3T forward, 5T backward.
+// * Two-pass path (any GPU, any shape): a channel-sum kernel, the MLP over the
+//   whole batch (excitation_cuda.cu; ATen ops for float64), and an elementwise
+//   kernel. 3T forward, 5T backward.
 //
 // Every reduction runs in a fixed order (warp butterflies, sequential loops,
 // cluster ranks in order), so results are bitwise reproducible; there is no
@@ -39,6 +40,7 @@
 #include "../squeeze_excitation.h"
 #include "cluster.h"
 #include "device_utils.cuh"
+#include "excitation_cuda.h"
 
 namespace se_fused {
 namespace cuda {
@@ -604,7 +606,11 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
     using acc_t = at::opmath_type<scalar_t>;
     launch_channel_sums<scalar_t, acc_t>(p, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
                                          pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(p.P), stream);
-    std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
+    if (excitation_kernels_apply(pooled, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias})) {
+      excitation_forward_kernels(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, scale, p, stream);
+    } else {
+      std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
+    }
     const int64_t total = p.N * p.C * p.P;
     constexpr int V = Vec16<scalar_t>::kSize;
     const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
@@ -652,7 +658,9 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                         cluster_dtype ? backward_cluster_kernel(x.scalar_type(), p.channels_last) : nullptr,
                         {grad_out.const_data_ptr(), x.const_data_ptr(), out_ptr, grad_x.const_data_ptr(), gres_ptr});
   }
-  at::Tensor dv, du;
+  // The MLP kernels (excitation_cuda.h) unless the parameters' dtypes or SE_FUSED_CUDA_MLP say ATen.
+  const bool mlp_kernels = excitation_kernels_apply(pooled, {&fc1_weight, &fc2_weight});
+  at::Tensor dv, du, ds;
   if (plan.use) {
     dv = at::empty({p.N, p.C}, pooled.options());
     du = at::empty({p.N, p.R}, pooled.options());
@@ -664,8 +672,8 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                              du.mutable_data_ptr<float>()};
     launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, args, stream);
   } else {
-    at::Tensor ds = at::zeros({p.N, p.C}, pooled.options());
-    at::Tensor dz;
+    ds = at::empty({p.N, p.C}, pooled.options());  // every element written by the channel sums
+    at::Tensor dz_over_p;
     if (p.N > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_ds_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -674,9 +682,17 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                                              ds.mutable_data_ptr<acc_t>(), acc_t(1), stream);
       });
     }
-    std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
+    if (mlp_kernels) {
+      // dv is not materialised: the weight-gradient kernel forms it from ds and the scale as it reads them.
+      du = at::empty({p.N, p.R}, pooled.options());
+      dz_over_p = at::empty({p.N, p.C}, pooled.options());
+      if (p.N > 0) excitation_backward_kernels(ds, scale, hidden, fc1_weight, fc2_weight, du, dz_over_p, p, stream);
+    } else {
+      at::Tensor dz;
+      std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
+      dz_over_p = (dz / static_cast<double>(p.P)).contiguous();
+    }
     if (p.N > 0) {
-      at::Tensor dz_over_p = (dz / static_cast<double>(p.P)).contiguous();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const int64_t total = p.N * p.C * p.P;
@@ -705,6 +721,13 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
         });
       });
     }
+  }
+  if (mlp_kernels) {
+    const bool from_ds = !plan.use;
+    auto [dw1, db1, dw2, db2] =
+        weight_gradients_kernel(from_ds ? ds : dv, from_ds ? c10::optional<at::Tensor>(scale) : c10::nullopt, du,
+                                pooled, hidden, fc1_weight, fc2_weight, p, stream);
+    return {grad_x, grad_res, dw1, db1, dw2, db2};
   }
   auto [dw1, db1, dw2, db2] = weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
   return {grad_x, grad_res, dw1, db1, dw2, db2};

@@ -1,0 +1,172 @@
+"""Where one SE block's time goes: host launch cost, device kernel time, launches per call.
+
+The block benchmark reports the time a caller waits (``bench_block.py``). At
+the small stage shapes that time can be the host's, not the GPU's: the kernels
+of conv5_x move 51 MB (about 15 µs at 3.4 TB/s) while a forward through
+autograd costs more host time than that. This script splits the two, for each
+stage shape, pass and implementation:
+
+* ``wall ms``: the block benchmark's measure (``do_bench`` median, L2 cleared);
+* ``host ms``: Python + dispatcher + launch time per call, measured on the host
+  while the GPU runs behind (calls enqueued back to back, no synchronisation);
+* ``device ms``: the sum of the kernels' durations per call (``torch.profiler``),
+  i.e. the GPU-busy time, and ``launches`` per call; the top kernels are listed.
+
+On CUDA the fused backend runs twice, with the excitation MLP as kernels
+(``SE_FUSED_CUDA_MLP=kernels``, the default) and as ATen ops (``=aten``), so the
+two are compared side by side in one run. Writes ``profile.json`` (or
+``--json-name``) into ``--out``.
+
+    python benchmarks/profile_block.py                 # GPU: batch 256, bf16, channels_last
+    python benchmarks/profile_block.py --device cpu --batch 2 --stages conv5_x   # a CPU rehearsal
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import _common as common
+import bench_block
+
+import se_fused
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--memory-format", default="channels_last", choices=["channels_last", "nchw"])
+    parser.add_argument("--stages", default="all", help="comma-separated stages (conv2_x..conv5_x) or all")
+    parser.add_argument("--passes", default="forward,forward+backward")
+    parser.add_argument("--calls", type=int, default=20, help="calls per host-time and profiler measurement")
+    parser.add_argument("--top", type=int, default=6, help="kernels listed per row")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (CPU runs)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    parser.add_argument("--json-name", default="profile.json")
+    return parser.parse_args(argv)
+
+
+def variants(device: torch.device) -> List[tuple]:
+    """(label, impl, SE_FUSED_CUDA_MLP value or None) for each implementation profiled."""
+    usable = common.usable_backends()
+    if device.type == "cuda":
+        fused = [("cuda", "cuda", "kernels"), ("cuda/aten-mlp", "cuda", "aten")] if "cuda" in usable else []
+        fused += [("triton", "triton", None)] if "triton" in usable else []
+    else:
+        fused = [("cpu", "cpu", None)] if "cpu" in usable else []
+    return fused + [("eager", "eager", None)]
+
+
+def host_ms_per_call(fn, calls: int, device: torch.device) -> float:
+    """Host time per call with the GPU left to run behind (no synchronisation inside the loop)."""
+    common.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    common.synchronize(device)
+    return elapsed * 1e3 / calls
+
+
+def device_profile(fn, calls: int, device: torch.device, top: int) -> Dict[str, object]:
+    """Kernel time and launches per call, and the ``top`` kernels by time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    common.synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        common.synchronize(device)
+    kernels = []
+    for evt in prof.key_averages():
+        # On a GPU the kernels; on the CPU (a rehearsal) every op's self time.
+        if device.type == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        total_us = getattr(evt, "self_device_time_total", None) if device.type == "cuda" else evt.self_cpu_time_total
+        if total_us is None:  # older torch
+            total_us = evt.self_cuda_time_total
+        kernels.append({"name": evt.key, "per_call": evt.count / calls, "us_per_call": total_us / calls})
+    kernels.sort(key=lambda k: -k["us_per_call"])
+    return {"device_ms": sum(k["us_per_call"] for k in kernels) / 1e3,
+            "launches": sum(k["per_call"] for k in kernels),
+            "top": kernels[:top]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, gpu = common.run_device(args)
+    dtype = getattr(torch, args.dtype)
+    memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    stages = common.parse_stages(args.stages)
+    passes = common.parse_list(args.passes, ("forward", "backward", "forward+backward"), "pass")
+    env = common.describe_environment(device)
+    print(f"SE block profile on {env['device_detail']} | batch {args.batch} | dtype {args.dtype} | "
+          f"memory format {args.memory_format} | commit {env['commit'][:12]}")
+    rows = []
+    saved_mlp = os.environ.get("SE_FUSED_CUDA_MLP")
+    bar = common.progress(len(stages) * len(passes), "profile", enabled=sys.stderr.isatty())
+    try:
+        for stage in stages:
+            channels, hw = common.STAGES[stage]
+            shape = (args.batch, channels, hw, hw)
+            torch.manual_seed(0)
+            reference = se_fused.SEBlock(channels, common.SE_REDUCTION)
+            sets = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
+            for pass_name in passes:
+                for label, impl, mlp in variants(device):
+                    if mlp is None:
+                        os.environ.pop("SE_FUSED_CUDA_MLP", None)
+                    else:
+                        os.environ["SE_FUSED_CUDA_MLP"] = mlp
+                    block, module = bench_block.make_block(impl, channels, dtype, device, reference)
+                    fn = bench_block.pass_callable(pass_name, block, list(module.parameters()), sets)
+                    for _ in range(3):
+                        fn()
+                    common.synchronize(device)
+                    if gpu:
+                        wall = common.gpu_median_ms(fn, 10, 50)["ms"]
+                    else:
+                        start = time.perf_counter()
+                        for _ in range(args.calls):
+                            fn()
+                        wall = (time.perf_counter() - start) * 1e3 / args.calls
+                    host = host_ms_per_call(fn, args.calls, device)
+                    prof = device_profile(fn, args.calls, device, args.top)
+                    rows.append({"stage": stage, "shape": list(shape), "pass": pass_name, "impl": label,
+                                 "wall_ms": wall, "host_ms": host, **prof})
+                bar.update()
+    finally:
+        bar.close()
+        if saved_mlp is None:
+            os.environ.pop("SE_FUSED_CUDA_MLP", None)
+        else:
+            os.environ["SE_FUSED_CUDA_MLP"] = saved_mlp
+
+    what = "device ms" if gpu else "op self-CPU ms"
+    columns = [("stage", "stage", None), ("pass", "pass", None), ("impl", "impl", None),
+               ("wall ms", "wall_ms", ".3f"), ("host ms", "host_ms", ".3f"), (what, "device_ms", ".3f"),
+               ("launches", "launches", ".0f")]
+    print()
+    common.print_table(columns, rows)
+    print("\ntop kernels (µs per call):" if gpu else "\ntop ops (self-CPU µs per call):")
+    for r in rows:
+        tops = "; ".join(f"{k['name'][:60]} {k['us_per_call']:.1f}" for k in r["top"])
+        print(f"  {r['stage']} {r['pass']} {r['impl']}: {tops}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = common.write_json({"kind": "profile", "env": env, "batch": args.batch, "dtype": args.dtype,
+                              "memory_format": args.memory_format, "rows": rows}, out_dir / args.json_name)
+    print(f"wrote json: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
