@@ -1,13 +1,17 @@
 // The excitation MLP and the weight gradients of the two-pass path as a few
 // kernels (interface and rationale in excitation_cuda.h).
 //
-// The matrices are small (N x C activations, R x C weights), so the kernels aim
-// at few launches and at spreading the weight reads over many SMs, not at
-// tensor-core throughput. A block handles kSamples samples, so each weight
-// element is read from L2 once per block, not once per sample. Sums run in a
-// fixed order: lane-strided partial sums and a butterfly (rows kernel), warps
-// over contiguous k ranges added in warp order (columns kernel), samples in
-// order (weight gradients).
+// The matrices are small (N x C activations, R x C weights) and L2-resident,
+// so what limits these kernels is latency: the first version (one warp per
+// output walking all of K, inputs re-read by every warp) took 170-310 us per
+// kernel at conv5_x on an H100 (profile in benchmarks/results/*-94730f6-*).
+// Hence: each block stages its samples' inputs in shared memory, kChunk
+// values at a time, with all loads in flight at once; the products over C
+// (fc1 forward, W2^T dv backward) are split over C into blocks of one chunk
+// each, and the next kernel adds the splits as it stages its input, so no
+// extra launch is needed. A block handles kSamples samples, so each weight is
+// read from L2 once per block. Sums run in a fixed order (butterflies, warps
+// in order, splits in order, samples in order): bitwise reproducible.
 #include "excitation_cuda.h"
 
 #include <ATen/Dispatch.h>
@@ -27,83 +31,178 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
-constexpr int kSamples = 8;  // samples per block: accumulators per thread
+constexpr int kSamples = 8;       // samples per block: accumulators per thread
+constexpr int kChunk = 256;       // k values staged in shared memory at a time
+constexpr int kRowsPerWarp = 2;   // output rows per warp in the rows kernel
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kWeightGradRows = 8;    // output rows per thread in the weight-gradient kernel
+constexpr int kWeightGradBatch = 32;  // samples staged at a time there
 static_assert(kSamples * kWarp == kThreads, "the columns kernel finalises one (sample, column) per thread");
-constexpr int kWeightGradRows = 8;  // output rows per thread in the weight-gradient kernel
 
-// How a kernel reads element i of its float32 input matrix.
+// How a kernel reads element (n, k) of its float32 input matrix (N, K).
 enum InputKind : int {
-  kPlain = 0,      // as stored
-  kActivated = 1,  // act(v): v is the saved pre-activation
-  kGateGrad = 2,   // v * gate'(s): v is ds, s the saved scale, so the result is dv
+  kPlain = 0,             // a[n, k]
+  kActivated = 1,         // act(a[n, k]): a is the saved pre-activation
+  kGateGrad = 2,          // a[n, k] * gate'(aux[n, k]): a is ds, aux the saved scale, so this is dv
+  kSumActivate = 3,       // act(u), u = sum_t a[t, n, k] (fc1's partial sums, bias included); u is written back
+  kSumActivationGrad = 4  // act'(aux[n, k]) * sum_t a[t, n, k] (W2^T dv's partial sums, hidden); written back
 };
 
-__device__ __forceinline__ float load_input(const float* __restrict__ a, const float* __restrict__ gate_scale,
-                                            int64_t i, int kind, int activation, int gate) {
-  const float v = a[i];
-  if (kind == kActivated) return apply_activation(v, activation);
-  if (kind == kGateGrad) return gate_backward_from_output(v, gate_scale[i], gate);
-  return v;
+struct Input {
+  const float* a;
+  const float* aux;
+  int kind;
+  int parts;             // partial sums to add (the Sum kinds)
+  int64_t part_stride;   // elements between them
+  float* write_back;     // (N, K): the summed value, or nullptr
+};
+
+__device__ __forceinline__ float load_input(const Input& in, int64_t n, int k, int K, bool write, int activation,
+                                            int gate) {
+  const int64_t i = n * K + k;
+  switch (in.kind) {
+    case kActivated:
+      return apply_activation(in.a[i], activation);
+    case kGateGrad:
+      return gate_backward_from_output(in.a[i], in.aux[i], gate);
+    case kSumActivate: {
+      float u = 0.f;
+      for (int t = 0; t < in.parts; ++t) u += in.a[t * in.part_stride + i];
+      if (write) in.write_back[i] = u;
+      return apply_activation(u, activation);
+    }
+    case kSumActivationGrad: {
+      float g = 0.f;
+      for (int t = 0; t < in.parts; ++t) g += in.a[t * in.part_stride + i];
+      const float du = activation_backward(g, in.aux[i], activation);
+      if (write) in.write_back[i] = du;
+      return du;
+    }
+    default:
+      return in.a[i];
+  }
 }
 
-enum RowsEpilogue : int { kAddBias = 0, kAddBiasThenGate = 1 };
+// tile[s][kk] = input(n0 + s, k0 + kk) for s < ns, kk < kc (0 for absent samples). Every
+// thread issues its loads before any is used, so the tile costs about one L2 round trip.
+__device__ __forceinline__ void stage_input(float (&tile)[kSamples][kChunk], const Input& in, int64_t n0, int ns,
+                                            int k0, int kc, int K, bool write, int activation, int gate) {
+  for (int idx = threadIdx.x; idx < kSamples * kChunk; idx += kThreads) {
+    const int s = idx / kChunk, kk = idx % kChunk;
+    tile[s][kk] = (s < ns && kk < kc) ? load_input(in, n0 + s, k0 + kk, K, write, activation, gate) : 0.f;
+  }
+}
 
-// out[n, j] = epilogue(sum_k in(n, k) * W[j, k] (+ bias[j])) with W (J, K)
-// row-major: a warp per output row, its lanes across k (coalesced weight reads).
+enum OutputKind : int {
+  kPartial = 0,           // out[split, n, j] = sum over this block's k range (+ bias[j] in split 0)
+  kAddBiasThenGate = 1,   // out[n, j] = gate(sum + bias[j])
+  kScaled = 2             // out[n, j] = factor * sum
+};
+
+struct Output {
+  float* out;
+  int kind;
+  const void* bias;       // the layer's bias in the weight dtype, or nullptr
+  float factor;
+  int64_t part_stride;    // kPartial
+};
+
 template <typename w_t>
-__global__ void __launch_bounds__(kThreads) excitation_rows_kernel(
-    const float* __restrict__ in, int in_kind, const w_t* __restrict__ W, const w_t* __restrict__ bias,
-    float* __restrict__ out, int epilogue, int64_t N, int J, int K, int activation, int gate) {
+__device__ __forceinline__ void store_output(const Output& o, int split, int64_t n, int j, int J, float total,
+                                             int gate) {
+  if (o.kind == kPartial) {
+    if (o.bias != nullptr && split == 0) total += static_cast<float>(static_cast<const w_t*>(o.bias)[j]);
+    o.out[split * o.part_stride + n * J + j] = total;
+  } else if (o.kind == kAddBiasThenGate) {
+    o.out[n * J + j] = apply_gate(total + static_cast<float>(static_cast<const w_t*>(o.bias)[j]), gate);
+  } else {
+    o.out[n * J + j] = total * o.factor;
+  }
+}
+
+// out[n, j] = sum_k in(n, k) * W[j, k], W (J, K) row-major. Block: kSamples samples
+// (blockIdx.z), kRowsPerBlock rows (blockIdx.x), the k range of split blockIdx.y
+// (k_split values, staged kChunk at a time). A warp owns kRowsPerWarp rows, its
+// lanes across k (coalesced weight reads); the lanes' sums meet in a butterfly.
+template <typename w_t>
+__global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, const w_t* __restrict__ W, Output o,
+                                                                   int64_t N, int J, int K, int k_split,
+                                                                   int activation, int gate) {
+  __shared__ float tile[kSamples][kChunk];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSamples;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * kSamples;
   const int ns = static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0));
-  for (int j = blockIdx.x * kWarps + warp; j < J; j += gridDim.x * kWarps) {
-    float acc[kSamples];
+  const int split = blockIdx.y;
+  const int k_begin = split * k_split, k_end = min(K, k_begin + k_split);
+  const bool writer = blockIdx.x == 0 && in.write_back != nullptr;
+  float acc[kRowsPerWarp][kSamples];
 #pragma unroll
-    for (int s = 0; s < kSamples; ++s) acc[s] = 0.f;
-    const w_t* w_row = W + static_cast<int64_t>(j) * K;
-    for (int k = lane; k < K; k += kWarp) {
-      const float w = static_cast<float>(w_row[k]);
+  for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-      for (int s = 0; s < kSamples; ++s)
-        if (s < ns) acc[s] += w * load_input(in, nullptr, (n0 + s) * K + k, in_kind, activation, gate);
+    for (int s = 0; s < kSamples; ++s) acc[r][s] = 0.f;
+  for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    const int kc = min(kChunk, k_end - k0);
+    stage_input(tile, in, n0, ns, k0, kc, K, writer, activation, gate);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int j = blockIdx.x * kRowsPerBlock + r * kWarps + warp;
+      if (j >= J) continue;
+      const w_t* w_row = W + static_cast<int64_t>(j) * K + k0;
+#pragma unroll 4
+      for (int kk = lane; kk < kc; kk += kWarp) {
+        const float w = static_cast<float>(w_row[kk]);
+#pragma unroll
+        for (int s = 0; s < kSamples; ++s) acc[r][s] += w * tile[s][kk];
+      }
     }
-    const float b = static_cast<float>(bias[j]);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int j = blockIdx.x * kRowsPerBlock + r * kWarps + warp;
+    if (j >= J) continue;
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
-      const float total = warp_sum(acc[s]) + b;  // every lane holds the total; lane s stores it
-      if (lane == s && s < ns) out[(n0 + s) * J + j] = epilogue == kAddBiasThenGate ? apply_gate(total, gate) : total;
+      const float total = warp_sum(acc[r][s]);  // every lane holds it; lane s stores it
+      if (lane == s && s < ns) store_output<w_t>(o, split, n0 + s, j, J, total, gate);
     }
   }
 }
 
-enum ColumnsEpilogue : int { kActivationGrad = 0, kScaleBy = 1 };
-
-// out[n, j] = epilogue(sum_k in(n, k) * W[k, j]) with W (K, J) row-major: lanes
-// across j (coalesced), the warps over contiguous k ranges, their partial sums
-// added in warp order. Epilogues: act'(hidden[n, j]) * sum, or factor * sum.
+// out[n, j] = sum_k in(n, k) * W[k, j], W (K, J) row-major. Block: kSamples samples
+// (blockIdx.z), kWarp columns (blockIdx.x, one per lane: coalesced weight reads), the
+// k range of split blockIdx.y; the warps take interleaved k of each staged chunk and
+// their sums are added in warp order.
 template <typename w_t>
-__global__ void __launch_bounds__(kThreads) excitation_columns_kernel(
-    const float* __restrict__ in, const float* __restrict__ gate_scale, int in_kind, const w_t* __restrict__ W,
-    const float* __restrict__ hidden, float* __restrict__ out, int epilogue, float factor, int64_t N, int J, int K,
-    int activation, int gate) {
+__global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, const w_t* __restrict__ W, Output o,
+                                                                      int64_t N, int J, int K, int k_split,
+                                                                      int activation, int gate) {
+  __shared__ float tile[kSamples][kChunk];
   __shared__ float partial[kWarps][kSamples][kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int j = blockIdx.x * kWarp + lane;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSamples;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * kSamples;
   const int ns = static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0));
-  const int k_per_warp = (K + kWarps - 1) / kWarps;
-  const int k_begin = warp * k_per_warp, k_end = min(K, k_begin + k_per_warp);
+  const int split = blockIdx.y;
+  const int k_begin = split * k_split, k_end = min(K, k_begin + k_split);
+  const bool writer = blockIdx.x == 0 && in.write_back != nullptr;
   float acc[kSamples];
 #pragma unroll
   for (int s = 0; s < kSamples; ++s) acc[s] = 0.f;
-  if (j < J) {
-    for (int k = k_begin; k < k_end; ++k) {
-      const float w = static_cast<float>(W[static_cast<int64_t>(k) * J + j]);
+  for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    const int kc = min(kChunk, k_end - k0);
+    stage_input(tile, in, n0, ns, k0, kc, K, writer, activation, gate);
+    __syncthreads();
+    if (j < J) {
+#pragma unroll 4
+      for (int kk = warp; kk < kc; kk += kWarps) {
+        const float w = static_cast<float>(W[static_cast<int64_t>(k0 + kk) * J + j]);
 #pragma unroll
-      for (int s = 0; s < kSamples; ++s)
-        if (s < ns) acc[s] += w * load_input(in, gate_scale, (n0 + s) * K + k, in_kind, activation, gate);
+        for (int s = 0; s < kSamples; ++s) acc[s] += w * tile[s][kk];
+      }
     }
+    __syncthreads();
   }
 #pragma unroll
   for (int s = 0; s < kSamples; ++s) partial[warp][s][lane] = acc[s];
@@ -113,45 +212,56 @@ __global__ void __launch_bounds__(kThreads) excitation_columns_kernel(
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += partial[w][s][lane];
-    const int64_t o = (n0 + s) * J + j;
-    out[o] = epilogue == kActivationGrad ? activation_backward(total, hidden[o], activation) : total * factor;
+    store_output<w_t>(o, split, n0 + s, j, J, total, gate);
   }
 }
 
 // One weight gradient: weight_grad[i, j] = sum_n a(n, i) * b(n, j) for a (N, I),
 // b (N, J), and bias_grad[i] = sum_n a(n, i).
 struct WeightGradProblem {
-  const float* a;
-  const float* a_gate_scale;  // kGateGrad input only
-  int a_kind;
-  const float* b;
-  int b_kind;
+  Input a;  // kPlain or kGateGrad
+  Input b;  // kPlain or kActivated
   void* weight_grad;  // (I, J) in the weight's dtype
   void* bias_grad;    // (I)
   int I, J;
 };
 
 // Both layers' gradients in one launch (blockIdx.z picks the layer). A thread
-// owns column j of kWeightGradRows rows and walks the batch in order; column
-// j == J is the bias (b = 1).
+// owns column j of kWeightGradRows rows; the batch is staged kWeightGradBatch
+// samples at a time and walked in order. Column j == J is the bias (b = 1).
 template <typename w_t>
 __global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightGradProblem layer0,
                                                                          WeightGradProblem layer1, int64_t N,
                                                                          int activation, int gate) {
+  __shared__ float b_tile[kWeightGradBatch][kThreads];
+  __shared__ float a_tile[kWeightGradBatch][kWeightGradRows];
   const WeightGradProblem q = blockIdx.z == 0 ? layer0 : layer1;
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  const int j0 = blockIdx.x * kThreads, j = j0 + threadIdx.x;
   const int i0 = blockIdx.y * kWeightGradRows;
-  if (j > q.J || i0 >= q.I) return;
+  if (j0 > q.J || i0 >= q.I) return;  // the whole block is outside this layer
   const int rows = min(kWeightGradRows, q.I - i0);
   float acc[kWeightGradRows];
 #pragma unroll
   for (int t = 0; t < kWeightGradRows; ++t) acc[t] = 0.f;
-  for (int64_t n = 0; n < N; ++n) {
-    const float bv = j < q.J ? load_input(q.b, nullptr, n * q.J + j, q.b_kind, activation, gate) : 1.f;
+  for (int64_t nb = 0; nb < N; nb += kWeightGradBatch) {
+    const int nc = static_cast<int>(min(static_cast<int64_t>(kWeightGradBatch), N - nb));
+    for (int nn = 0; nn < nc; ++nn) {
+      const int jj = j0 + threadIdx.x;
+      b_tile[nn][threadIdx.x] = jj < q.J ? load_input(q.b, nb + nn, jj, q.J, false, activation, gate) : 1.f;
+    }
+    for (int idx = threadIdx.x; idx < nc * kWeightGradRows; idx += kThreads) {
+      const int nn = idx / kWeightGradRows, t = idx % kWeightGradRows;
+      a_tile[nn][t] = t < rows ? load_input(q.a, nb + nn, i0 + t, q.I, false, activation, gate) : 0.f;
+    }
+    __syncthreads();
+    for (int nn = 0; nn < nc; ++nn) {
+      const float bv = b_tile[nn][threadIdx.x];
 #pragma unroll
-    for (int t = 0; t < kWeightGradRows; ++t)
-      if (t < rows) acc[t] += load_input(q.a, q.a_gate_scale, n * q.I + i0 + t, q.a_kind, activation, gate) * bv;
+      for (int t = 0; t < kWeightGradRows; ++t) acc[t] += a_tile[nn][t] * bv;
+    }
+    __syncthreads();
   }
+  if (j > q.J) return;
 #pragma unroll
   for (int t = 0; t < kWeightGradRows; ++t) {
     if (t >= rows) continue;
@@ -165,12 +275,7 @@ __global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightG
 
 unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-// Blocks along the output rows: enough, with the sample groups, for ~4 blocks per SM.
-unsigned row_blocks(int64_t rows, unsigned sample_groups) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, kWarps), ceil_div(4 * sms, sample_groups))));
-}
+Input plain_input(const at::Tensor& a) { return Input{a.const_data_ptr<float>(), nullptr, kPlain, 0, 0, nullptr}; }
 
 }  // namespace
 
@@ -180,7 +285,7 @@ bool excitation_kernels_apply(const at::Tensor& pooled, std::initializer_list<co
   TORCH_CHECK_VALUE(env == nullptr || *env == '\0' || std::strcmp(env, "kernels") == 0,
                     "se_fused: SE_FUSED_CUDA_MLP must be kernels or aten; got '", env, "'");
   if (pooled.scalar_type() != at::kFloat) return false;  // float64 inputs keep the ATen ops
-  // Grid limits: sample groups and weight-gradient row groups along gridDim.y.
+  // Grid limits (65535): sample groups along gridDim.z, weight-gradient row groups along gridDim.y.
   if (pooled.size(0) > int64_t(65535) * kSamples || pooled.size(1) > int64_t(65535) * kWeightGradRows) return false;
   const at::ScalarType dtype = (*params.begin())->scalar_type();
   return std::all_of(params.begin(), params.end(), [&](const at::Tensor* t) {
@@ -195,15 +300,21 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
   const at::Tensor b1 = fc1_bias.contiguous(), b2 = fc2_bias.contiguous();
   const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
   const int act = static_cast<int>(p.activation), gate = static_cast<int>(p.gate);
-  const unsigned groups = ceil_div(p.N, kSamples);
+  const unsigned groups = ceil_div(p.N, kSamples), splits = ceil_div(C, kChunk);
+  // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input.
+  at::Tensor partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w1.scalar_type(), "excitation_forward_kernels", [&] {
-    excitation_rows_kernel<scalar_t><<<dim3(row_blocks(R, groups), groups), kThreads, 0, stream>>>(
-        pooled.const_data_ptr<float>(), kPlain, w1.const_data_ptr<scalar_t>(), b1.const_data_ptr<scalar_t>(),
-        hidden.mutable_data_ptr<float>(), kAddBias, p.N, R, C, act, gate);
+    excitation_rows_kernel<scalar_t><<<dim3(ceil_div(R, kRowsPerBlock), splits, groups), kThreads, 0, stream>>>(
+        plain_input(pooled), w1.const_data_ptr<scalar_t>(),
+        Output{partial.mutable_data_ptr<float>(), kPartial, b1.const_data_ptr(), 1.f, p.N * p.R}, p.N, R, C, kChunk,
+        act, gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    excitation_rows_kernel<scalar_t><<<dim3(row_blocks(C, groups), groups), kThreads, 0, stream>>>(
-        hidden.const_data_ptr<float>(), kActivated, w2.const_data_ptr<scalar_t>(), b2.const_data_ptr<scalar_t>(),
-        scale.mutable_data_ptr<float>(), kAddBiasThenGate, p.N, C, R, act, gate);
+    const Input summed{partial.const_data_ptr<float>(), nullptr, kSumActivate, static_cast<int>(splits), p.N * p.R,
+                       hidden.mutable_data_ptr<float>()};
+    excitation_rows_kernel<scalar_t><<<dim3(ceil_div(C, kRowsPerBlock), 1, groups), kThreads, 0, stream>>>(
+        summed, w2.const_data_ptr<scalar_t>(),
+        Output{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0}, p.N, C, R, R, act,
+        gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -214,17 +325,22 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
   const at::Tensor w1 = fc1_weight.reshape({p.R, p.C}).contiguous(), w2 = fc2_weight.reshape({p.C, p.R}).contiguous();
   const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
   const int act = static_cast<int>(p.activation), gate = static_cast<int>(p.gate);
-  const unsigned groups = ceil_div(p.N, kSamples);
+  const unsigned groups = ceil_div(p.N, kSamples), splits = ceil_div(C, kChunk);
+  at::Tensor partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, ds.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w1.scalar_type(), "excitation_backward_kernels", [&] {
-    // du = act'(hidden) * (dv W2), dv = ds * gate'(scale): W2 (C, R) read as (K = C, J = R).
-    excitation_columns_kernel<scalar_t><<<dim3(ceil_div(R, kWarp), groups), kThreads, 0, stream>>>(
-        ds.const_data_ptr<float>(), scale.const_data_ptr<float>(), kGateGrad, w2.const_data_ptr<scalar_t>(),
-        hidden.const_data_ptr<float>(), du.mutable_data_ptr<float>(), kActivationGrad, 1.f, p.N, R, C, act, gate);
+    // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
+    excitation_columns_kernel<scalar_t><<<dim3(ceil_div(R, kWarp), splits, groups), kThreads, 0, stream>>>(
+        Input{ds.const_data_ptr<float>(), scale.const_data_ptr<float>(), kGateGrad, 0, 0, nullptr},
+        w2.const_data_ptr<scalar_t>(), Output{partial.mutable_data_ptr<float>(), kPartial, nullptr, 1.f, p.N * p.R},
+        p.N, R, C, kChunk, act, gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
-    excitation_columns_kernel<scalar_t><<<dim3(ceil_div(C, kWarp), groups), kThreads, 0, stream>>>(
-        du.const_data_ptr<float>(), nullptr, kPlain, w1.const_data_ptr<scalar_t>(), nullptr,
-        dz_over_p.mutable_data_ptr<float>(), kScaleBy, 1.f / static_cast<float>(p.P), p.N, C, R, act, gate);
+    // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
+    const Input summed{partial.const_data_ptr<float>(), hidden.const_data_ptr<float>(), kSumActivationGrad,
+                       static_cast<int>(splits), p.N * p.R, du.mutable_data_ptr<float>()};
+    excitation_columns_kernel<scalar_t><<<dim3(ceil_div(C, kWarp), 1, groups), kThreads, 0, stream>>>(
+        summed, w1.const_data_ptr<scalar_t>(),
+        Output{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0}, p.N, C, R,
+        R, act, gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -238,17 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients_kern
   at::Tensor dw1 = at::empty({p.R, p.C}, fc1_weight.options()), db1 = at::empty({p.R}, fc1_weight.options());
   at::Tensor dw2 = at::empty({p.C, p.R}, fc2_weight.options()), db2 = at::empty({p.C}, fc2_weight.options());
   const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
-  const WeightGradProblem layer1{du.const_data_ptr<float>(), nullptr, kPlain, pooled.const_data_ptr<float>(),
-                                 kPlain, dw1.mutable_data_ptr(), db1.mutable_data_ptr(), R, C};
-  const WeightGradProblem layer2{dv_or_ds.const_data_ptr<float>(),
-                                 gate_scale ? gate_scale->const_data_ptr<float>() : nullptr,
-                                 gate_scale ? kGateGrad : kPlain,
-                                 hidden.const_data_ptr<float>(),
-                                 kActivated,
-                                 dw2.mutable_data_ptr(),
-                                 db2.mutable_data_ptr(),
-                                 C,
-                                 R};
+  const Input dv = gate_scale ? Input{dv_or_ds.const_data_ptr<float>(), gate_scale->const_data_ptr<float>(),
+                                      kGateGrad, 0, 0, nullptr}
+                              : plain_input(dv_or_ds);
+  const Input activated{hidden.const_data_ptr<float>(), nullptr, kActivated, 0, 0, nullptr};
+  const WeightGradProblem layer1{plain_input(du), plain_input(pooled), dw1.mutable_data_ptr(), db1.mutable_data_ptr(),
+                                 R, C};
+  const WeightGradProblem layer2{dv, activated, dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C, R};
   const dim3 grid(ceil_div(std::max(R, C) + 1, kThreads), ceil_div(std::max(R, C), kWeightGradRows), 2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw1.scalar_type(), "weight_gradients_kernel", [&] {
     weight_gradients_cuda_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
