@@ -6,7 +6,9 @@
 // output walking all of K, inputs re-read by every warp) took 170-310 us per
 // kernel at conv5_x on an H100 (profile in benchmarks/results/*-94730f6-*).
 // Hence: each block stages its samples' inputs in shared memory, kChunk
-// values at a time, with all loads in flight at once; the products over C
+// values at a time, all loads into registers before any shared store (so they
+// are all in flight at once; the version at 3e0b035 interleaved them and its
+// weight-gradient kernel took ~130 us at every stage); the products over C
 // (fc1 forward, W2^T dv backward) are split over C into blocks of one chunk
 // each, and the next kernel adds the splits as it stages its input, so no
 // extra launch is needed. A block handles kSamples samples, so each weight is
@@ -33,11 +35,14 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kSamples = 8;       // samples per block: accumulators per thread
 constexpr int kChunk = 256;       // k values staged in shared memory at a time
-constexpr int kRowsPerWarp = 2;   // output rows per warp in the rows kernel
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kStagedPerThread = kSamples * kChunk / kThreads;
+// Outputs per warp (rows kernel) and per lane (columns kernel): few in the products split over C,
+// so they have many blocks; more in the products that add the splits, so fewer blocks re-read them.
+constexpr int kSplitRowsPerWarp = 2, kSummingRowsPerWarp = 4;
+constexpr int kSplitColumnsPerLane = 1, kSummingColumnsPerLane = 4;
 constexpr int kWeightGradRows = 8;    // output rows per thread in the weight-gradient kernel
 constexpr int kWeightGradBatch = 32;  // samples staged at a time there
-static_assert(kSamples * kWarp == kThreads, "the columns kernel finalises one (sample, column) per thread");
+static_assert(kSamples * kChunk % kThreads == 0, "a staged tile is a whole number of elements per thread");
 
 // How a kernel reads element (n, k) of its float32 input matrix (N, K).
 enum InputKind : int {
@@ -57,39 +62,46 @@ struct Input {
   float* write_back;     // (N, K): the summed value, or nullptr
 };
 
-__device__ __forceinline__ float load_input(const Input& in, int64_t n, int k, int K, bool write, int activation,
-                                            int gate) {
-  const int64_t i = n * K + k;
+// Element i's value using loads only, so that all of a thread's loads can be in flight at
+// once (a store between them would order them: the pointers are generic). For kSumActivate
+// this is u; its activation is applied after u is written back (finish_input).
+__device__ __forceinline__ float gather_input(const Input& in, int64_t i, int activation, int gate) {
   switch (in.kind) {
     case kActivated:
       return apply_activation(in.a[i], activation);
     case kGateGrad:
       return gate_backward_from_output(in.a[i], in.aux[i], gate);
-    case kSumActivate: {
-      float u = 0.f;
-      for (int t = 0; t < in.parts; ++t) u += in.a[t * in.part_stride + i];
-      if (write) in.write_back[i] = u;
-      return apply_activation(u, activation);
-    }
+    case kSumActivate:
     case kSumActivationGrad: {
-      float g = 0.f;
-      for (int t = 0; t < in.parts; ++t) g += in.a[t * in.part_stride + i];
-      const float du = activation_backward(g, in.aux[i], activation);
-      if (write) in.write_back[i] = du;
-      return du;
+      float v = 0.f;
+      for (int t = 0; t < in.parts; ++t) v += in.a[t * in.part_stride + i];
+      return in.kind == kSumActivate ? v : activation_backward(v, in.aux[i], activation);
     }
     default:
       return in.a[i];
   }
 }
 
-// tile[s][kk] = input(n0 + s, k0 + kk) for s < ns, kk < kc (0 for absent samples). Every
-// thread issues its loads before any is used, so the tile costs about one L2 round trip.
+// The staged value of element i, gathered as v; the Sum kinds write v back first where asked.
+__device__ __forceinline__ float finish_input(const Input& in, float v, int64_t i, bool write, int activation) {
+  if (write) in.write_back[i] = v;
+  return in.kind == kSumActivate ? apply_activation(v, activation) : v;
+}
+
+// tile[s][kk] = input(n0 + s, k0 + kk) for s < ns, kk < kc (0 elsewhere). All loads
+// first, into registers, then all stores: the tile costs about one L2 round trip.
 __device__ __forceinline__ void stage_input(float (&tile)[kSamples][kChunk], const Input& in, int64_t n0, int ns,
                                             int k0, int kc, int K, bool write, int activation, int gate) {
-  for (int idx = threadIdx.x; idx < kSamples * kChunk; idx += kThreads) {
-    const int s = idx / kChunk, kk = idx % kChunk;
-    tile[s][kk] = (s < ns && kk < kc) ? load_input(in, n0 + s, k0 + kk, K, write, activation, gate) : 0.f;
+  float v[kStagedPerThread];
+#pragma unroll
+  for (int e = 0; e < kStagedPerThread; ++e) {
+    const int idx = threadIdx.x + e * kThreads, s = idx / kChunk, kk = idx % kChunk;
+    v[e] = (s < ns && kk < kc) ? gather_input(in, (n0 + s) * K + k0 + kk, activation, gate) : 0.f;
+  }
+#pragma unroll
+  for (int e = 0; e < kStagedPerThread; ++e) {
+    const int idx = threadIdx.x + e * kThreads, s = idx / kChunk, kk = idx % kChunk;
+    tile[s][kk] = (s < ns && kk < kc) ? finish_input(in, v[e], (n0 + s) * K + k0 + kk, write, activation) : 0.f;
   }
 }
 
@@ -121,10 +133,10 @@ __device__ __forceinline__ void store_output(const Output& o, int split, int64_t
 }
 
 // out[n, j] = sum_k in(n, k) * W[j, k], W (J, K) row-major. Block: kSamples samples
-// (blockIdx.z), kRowsPerBlock rows (blockIdx.x), the k range of split blockIdx.y
-// (k_split values, staged kChunk at a time). A warp owns kRowsPerWarp rows, its
-// lanes across k (coalesced weight reads); the lanes' sums meet in a butterfly.
-template <typename w_t>
+// (blockIdx.z), kWarps * kRowsPerWarp rows (blockIdx.x), the k range of split
+// blockIdx.y (k_split values, staged kChunk at a time). A warp owns kRowsPerWarp
+// rows, its lanes across k (coalesced weight reads); the lanes' sums meet in a butterfly.
+template <typename w_t, int kRowsPerWarp>
 __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                    int64_t N, int J, int K, int k_split,
                                                                    int activation, int gate) {
@@ -146,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int j = blockIdx.x * kRowsPerBlock + r * kWarps + warp;
+      const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
       if (j >= J) continue;
       const w_t* w_row = W + static_cast<int64_t>(j) * K + k0;
 #pragma unroll 4
@@ -160,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
   }
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int j = blockIdx.x * kRowsPerBlock + r * kWarps + warp;
+    const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
     if (j >= J) continue;
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
@@ -171,47 +183,56 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
 }
 
 // out[n, j] = sum_k in(n, k) * W[k, j], W (K, J) row-major. Block: kSamples samples
-// (blockIdx.z), kWarp columns (blockIdx.x, one per lane: coalesced weight reads), the
-// k range of split blockIdx.y; the warps take interleaved k of each staged chunk and
-// their sums are added in warp order.
-template <typename w_t>
+// (blockIdx.z), kWarp * kColumnsPerLane columns (blockIdx.x; consecutive lanes read
+// consecutive columns), the k range of split blockIdx.y; the warps take interleaved k
+// of each staged chunk and their sums are added in warp order.
+template <typename w_t, int kColumnsPerLane>
 __global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                       int64_t N, int J, int K, int k_split,
                                                                       int activation, int gate) {
+  constexpr int kColumns = kWarp * kColumnsPerLane;
   __shared__ float tile[kSamples][kChunk];
-  __shared__ float partial[kWarps][kSamples][kWarp];
+  __shared__ float partial[kWarps][kSamples][kColumns];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int j = blockIdx.x * kWarp + lane;
+  const int j0 = blockIdx.x * kColumns;
   const int64_t n0 = static_cast<int64_t>(blockIdx.z) * kSamples;
   const int ns = static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0));
   const int split = blockIdx.y;
   const int k_begin = split * k_split, k_end = min(K, k_begin + k_split);
   const bool writer = blockIdx.x == 0 && in.write_back != nullptr;
-  float acc[kSamples];
+  float acc[kColumnsPerLane][kSamples];
 #pragma unroll
-  for (int s = 0; s < kSamples; ++s) acc[s] = 0.f;
+  for (int c = 0; c < kColumnsPerLane; ++c)
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) acc[c][s] = 0.f;
   for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
     const int kc = min(kChunk, k_end - k0);
     stage_input(tile, in, n0, ns, k0, kc, K, writer, activation, gate);
     __syncthreads();
-    if (j < J) {
 #pragma unroll 4
-      for (int kk = warp; kk < kc; kk += kWarps) {
-        const float w = static_cast<float>(W[static_cast<int64_t>(k0 + kk) * J + j]);
+    for (int kk = warp; kk < kc; kk += kWarps) {
+      const w_t* w_row = W + static_cast<int64_t>(k0 + kk) * J + j0;
 #pragma unroll
-        for (int s = 0; s < kSamples; ++s) acc[s] += w * tile[s][kk];
+      for (int c = 0; c < kColumnsPerLane; ++c) {
+        const int jj = c * kWarp + lane;
+        const float w = j0 + jj < J ? static_cast<float>(w_row[jj]) : 0.f;
+#pragma unroll
+        for (int s = 0; s < kSamples; ++s) acc[c][s] += w * tile[s][kk];
       }
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int s = 0; s < kSamples; ++s) partial[warp][s][lane] = acc[s];
+  for (int c = 0; c < kColumnsPerLane; ++c)
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) partial[warp][s][c * kWarp + lane] = acc[c][s];
   __syncthreads();
-  const int s = threadIdx.x / kWarp;  // this thread finalises (sample s, column j)
-  if (s < ns && j < J) {
+  for (int idx = threadIdx.x; idx < kSamples * kColumns; idx += kThreads) {
+    const int s = idx / kColumns, jj = idx % kColumns, j = j0 + jj;
+    if (s >= ns || j >= J) continue;
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += partial[w][s][lane];
+    for (int w = 0; w < kWarps; ++w) total += partial[w][s][jj];
     store_output<w_t>(o, split, n0 + s, j, J, total, gate);
   }
 }
@@ -245,14 +266,18 @@ __global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightG
   for (int t = 0; t < kWeightGradRows; ++t) acc[t] = 0.f;
   for (int64_t nb = 0; nb < N; nb += kWeightGradBatch) {
     const int nc = static_cast<int>(min(static_cast<int64_t>(kWeightGradBatch), N - nb));
-    for (int nn = 0; nn < nc; ++nn) {
-      const int jj = j0 + threadIdx.x;
-      b_tile[nn][threadIdx.x] = jj < q.J ? load_input(q.b, nb + nn, jj, q.J, false, activation, gate) : 1.f;
-    }
-    for (int idx = threadIdx.x; idx < nc * kWeightGradRows; idx += kThreads) {
-      const int nn = idx / kWeightGradRows, t = idx % kWeightGradRows;
-      a_tile[nn][t] = t < rows ? load_input(q.a, nb + nn, i0 + t, q.I, false, activation, gate) : 0.f;
-    }
+    // All loads first, into registers, then the shared stores (see gather_input).
+    float b_values[kWeightGradBatch];
+#pragma unroll
+    for (int nn = 0; nn < kWeightGradBatch; ++nn)
+      b_values[nn] = nn < nc && j < q.J ? gather_input(q.b, (nb + nn) * q.J + j, activation, gate) : 1.f;
+    static_assert(kWeightGradBatch * kWeightGradRows <= kThreads, "one a-tile element per thread");
+    const int a_n = threadIdx.x / kWeightGradRows, a_t = threadIdx.x % kWeightGradRows;
+    const bool has_a = a_n < nc && a_t < rows;
+    const float a_value = has_a ? gather_input(q.a, (nb + a_n) * q.I + i0 + a_t, activation, gate) : 0.f;
+#pragma unroll
+    for (int nn = 0; nn < kWeightGradBatch; ++nn) b_tile[nn][threadIdx.x] = b_values[nn];
+    if (threadIdx.x < kWeightGradBatch * kWeightGradRows) a_tile[a_n][a_t] = a_value;
     __syncthreads();
     for (int nn = 0; nn < nc; ++nn) {
       const float bv = b_tile[nn][threadIdx.x];
@@ -304,14 +329,16 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
   // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input.
   at::Tensor partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w1.scalar_type(), "excitation_forward_kernels", [&] {
-    excitation_rows_kernel<scalar_t><<<dim3(ceil_div(R, kRowsPerBlock), splits, groups), kThreads, 0, stream>>>(
+    excitation_rows_kernel<scalar_t, kSplitRowsPerWarp>
+        <<<dim3(ceil_div(R, kWarps * kSplitRowsPerWarp), splits, groups), kThreads, 0, stream>>>(
         plain_input(pooled), w1.const_data_ptr<scalar_t>(),
         Output{partial.mutable_data_ptr<float>(), kPartial, b1.const_data_ptr(), 1.f, p.N * p.R}, p.N, R, C, kChunk,
         act, gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Input summed{partial.const_data_ptr<float>(), nullptr, kSumActivate, static_cast<int>(splits), p.N * p.R,
                        hidden.mutable_data_ptr<float>()};
-    excitation_rows_kernel<scalar_t><<<dim3(ceil_div(C, kRowsPerBlock), 1, groups), kThreads, 0, stream>>>(
+    excitation_rows_kernel<scalar_t, kSummingRowsPerWarp>
+        <<<dim3(ceil_div(C, kWarps * kSummingRowsPerWarp), 1, groups), kThreads, 0, stream>>>(
         summed, w2.const_data_ptr<scalar_t>(),
         Output{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0}, p.N, C, R, R, act,
         gate);
@@ -329,7 +356,8 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
   at::Tensor partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, ds.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w1.scalar_type(), "excitation_backward_kernels", [&] {
     // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
-    excitation_columns_kernel<scalar_t><<<dim3(ceil_div(R, kWarp), splits, groups), kThreads, 0, stream>>>(
+    excitation_columns_kernel<scalar_t, kSplitColumnsPerLane>
+        <<<dim3(ceil_div(R, kWarp * kSplitColumnsPerLane), splits, groups), kThreads, 0, stream>>>(
         Input{ds.const_data_ptr<float>(), scale.const_data_ptr<float>(), kGateGrad, 0, 0, nullptr},
         w2.const_data_ptr<scalar_t>(), Output{partial.mutable_data_ptr<float>(), kPartial, nullptr, 1.f, p.N * p.R},
         p.N, R, C, kChunk, act, gate);
@@ -337,7 +365,8 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
     // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
     const Input summed{partial.const_data_ptr<float>(), hidden.const_data_ptr<float>(), kSumActivationGrad,
                        static_cast<int>(splits), p.N * p.R, du.mutable_data_ptr<float>()};
-    excitation_columns_kernel<scalar_t><<<dim3(ceil_div(C, kWarp), 1, groups), kThreads, 0, stream>>>(
+    excitation_columns_kernel<scalar_t, kSummingColumnsPerLane>
+        <<<dim3(ceil_div(C, kWarp * kSummingColumnsPerLane), 1, groups), kThreads, 0, stream>>>(
         summed, w1.const_data_ptr<scalar_t>(),
         Output{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0}, p.N, C, R,
         R, act, gate);
