@@ -107,7 +107,11 @@ def main(argv=None) -> int:
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     stages = common.parse_stages(args.stages)
     passes = common.parse_list(args.passes, ("forward", "backward", "forward+backward"), "pass")
+    # CPU: the allocator setting of the benchmarks (see _common.keep_freed_cpu_memory), so the
+    # profiled calls are the benchmarked ones.
+    allocator = "default" if gpu else common.keep_freed_cpu_memory()
     env = common.describe_environment(device)
+    env["cpu_allocator"] = allocator
     print(f"SE block profile on {env['device_detail']} | batch {args.batch} | dtype {args.dtype} | "
           f"memory format {args.memory_format} | commit {env['commit'][:12]}")
     rows = []
