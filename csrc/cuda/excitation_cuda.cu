@@ -105,6 +105,35 @@ __device__ __forceinline__ void stage_input(float (&tile)[kSamples][kChunk], con
   }
 }
 
+// The samples and the k range of one block of the rows/columns kernels (grid: x output
+// tiles, y splits of K, z sample groups), and whether it writes the summed input back.
+struct BlockSpan {
+  int64_t n0;
+  int ns, split, k_begin, k_end;
+  bool writer;
+  __device__ BlockSpan(const Input& in, int64_t N, int K, int k_split)
+      : n0(static_cast<int64_t>(blockIdx.z) * kSamples),
+        ns(static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0))),
+        split(blockIdx.y),
+        k_begin(split * k_split),
+        k_end(min(K, k_begin + k_split)),
+        writer(blockIdx.x == 0 && in.write_back != nullptr) {}
+};
+
+// Stages the block's k range chunk by chunk and runs body(k0, kc) on each staged chunk.
+template <typename Body>
+__device__ __forceinline__ void for_each_staged_chunk(float (&tile)[kSamples][kChunk], const Input& in,
+                                                      const BlockSpan& b, int K, int activation, int gate,
+                                                      const Body& body) {
+  for (int k0 = b.k_begin; k0 < b.k_end; k0 += kChunk) {
+    const int kc = min(kChunk, b.k_end - k0);
+    stage_input(tile, in, b.n0, b.ns, k0, kc, K, b.writer, activation, gate);
+    __syncthreads();
+    body(k0, kc);
+    __syncthreads();
+  }
+}
+
 enum OutputKind : int {
   kPartial = 0,           // out[split, n, j] = sum over this block's k range (+ bias[j] in split 0)
   kAddBiasThenGate = 1,   // out[n, j] = gate(sum + bias[j])
@@ -142,20 +171,9 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
                                                                    int activation, int gate) {
   __shared__ float tile[kSamples][kChunk];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * kSamples;
-  const int ns = static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0));
-  const int split = blockIdx.y;
-  const int k_begin = split * k_split, k_end = min(K, k_begin + k_split);
-  const bool writer = blockIdx.x == 0 && in.write_back != nullptr;
-  float acc[kRowsPerWarp][kSamples];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r)
-#pragma unroll
-    for (int s = 0; s < kSamples; ++s) acc[r][s] = 0.f;
-  for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
-    const int kc = min(kChunk, k_end - k0);
-    stage_input(tile, in, n0, ns, k0, kc, K, writer, activation, gate);
-    __syncthreads();
+  const BlockSpan b(in, N, K, k_split);
+  float acc[kRowsPerWarp][kSamples] = {};
+  for_each_staged_chunk(tile, in, b, K, activation, gate, [&](int k0, int kc) {
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
@@ -168,8 +186,7 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
         for (int s = 0; s < kSamples; ++s) acc[r][s] += w * tile[s][kk];
       }
     }
-    __syncthreads();
-  }
+  });
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
@@ -177,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
       const float total = warp_sum(acc[r][s]);  // every lane holds it; lane s stores it
-      if (lane == s && s < ns) store_output<w_t>(o, split, n0 + s, j, J, total, gate);
+      if (lane == s && s < b.ns) store_output<w_t>(o, b.split, b.n0 + s, j, J, total, gate);
     }
   }
 }
@@ -195,20 +212,9 @@ __global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, 
   __shared__ float partial[kWarps][kSamples][kColumns];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int j0 = blockIdx.x * kColumns;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * kSamples;
-  const int ns = static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0));
-  const int split = blockIdx.y;
-  const int k_begin = split * k_split, k_end = min(K, k_begin + k_split);
-  const bool writer = blockIdx.x == 0 && in.write_back != nullptr;
-  float acc[kColumnsPerLane][kSamples];
-#pragma unroll
-  for (int c = 0; c < kColumnsPerLane; ++c)
-#pragma unroll
-    for (int s = 0; s < kSamples; ++s) acc[c][s] = 0.f;
-  for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
-    const int kc = min(kChunk, k_end - k0);
-    stage_input(tile, in, n0, ns, k0, kc, K, writer, activation, gate);
-    __syncthreads();
+  const BlockSpan b(in, N, K, k_split);
+  float acc[kColumnsPerLane][kSamples] = {};
+  for_each_staged_chunk(tile, in, b, K, activation, gate, [&](int k0, int kc) {
 #pragma unroll 4
     for (int kk = warp; kk < kc; kk += kWarps) {
       const w_t* w_row = W + static_cast<int64_t>(k0 + kk) * J + j0;
@@ -220,8 +226,7 @@ __global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, 
         for (int s = 0; s < kSamples; ++s) acc[c][s] += w * tile[s][kk];
       }
     }
-    __syncthreads();
-  }
+  });
 #pragma unroll
   for (int c = 0; c < kColumnsPerLane; ++c)
 #pragma unroll
@@ -229,11 +234,11 @@ __global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, 
   __syncthreads();
   for (int idx = threadIdx.x; idx < kSamples * kColumns; idx += kThreads) {
     const int s = idx / kColumns, jj = idx % kColumns, j = j0 + jj;
-    if (s >= ns || j >= J) continue;
+    if (s >= b.ns || j >= J) continue;
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += partial[w][s][jj];
-    store_output<w_t>(o, split, n0 + s, j, J, total, gate);
+    store_output<w_t>(o, b.split, b.n0 + s, j, J, total, gate);
   }
 }
 
@@ -261,9 +266,7 @@ __global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightG
   const int i0 = blockIdx.y * kWeightGradRows;
   if (j0 > q.J || i0 >= q.I) return;  // the whole block is outside this layer
   const int rows = min(kWeightGradRows, q.I - i0);
-  float acc[kWeightGradRows];
-#pragma unroll
-  for (int t = 0; t < kWeightGradRows; ++t) acc[t] = 0.f;
+  float acc[kWeightGradRows] = {};
   for (int64_t nb = 0; nb < N; nb += kWeightGradBatch) {
     const int nc = static_cast<int>(min(static_cast<int64_t>(kWeightGradBatch), N - nb));
     // All loads first, into registers, then the shared stores (see gather_input).
@@ -300,6 +303,41 @@ __global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightG
 
 unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// What the forward and the backward MLP launches share: the weights as (R, C) and (C, R)
+// matrices, the grid's sample groups and splits over C, and the buffer of the split sums.
+struct MlpLaunch {
+  at::Tensor w1, w2, partial;
+  int64_t N;
+  int R, C, act, gate;
+  unsigned groups, splits;
+  MlpLaunch(const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, const SEProblem& p,
+            const at::TensorOptions& float_options)
+      : w1(fc1_weight.reshape({p.R, p.C}).contiguous()),
+        w2(fc2_weight.reshape({p.C, p.R}).contiguous()),
+        N(p.N),
+        R(static_cast<int>(p.R)),
+        C(static_cast<int>(p.C)),
+        act(static_cast<int>(p.activation)),
+        gate(static_cast<int>(p.gate)),
+        groups(ceil_div(p.N, kSamples)),
+        splits(ceil_div(p.C, kChunk)) {
+    partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, float_options);
+  }
+  // Grid of a product with J outputs, outputs_per_block per block, split over C or not.
+  dim3 grid(int J, int outputs_per_block, bool split_over_c) const {
+    return dim3(ceil_div(J, outputs_per_block), split_over_c ? splits : 1, groups);
+  }
+  // The first product's output: the sums of each split (+ bias in split 0; bias may be nullptr).
+  Output split_sums(const void* bias) const {
+    return Output{partial.mutable_data_ptr<float>(), kPartial, bias, 1.f, N * R};
+  }
+  // The second product's input: the splits added (kind kSumActivate or kSumActivationGrad), written back.
+  Input summed_splits(int kind, const float* aux, at::Tensor& write_back) const {
+    return Input{partial.const_data_ptr<float>(), aux, kind, static_cast<int>(splits), N * R,
+                 write_back.mutable_data_ptr<float>()};
+  }
+};
+
 Input plain_input(const at::Tensor& a) { return Input{a.const_data_ptr<float>(), nullptr, kPlain, 0, 0, nullptr}; }
 
 }  // namespace
@@ -321,27 +359,20 @@ bool excitation_kernels_apply(const at::Tensor& pooled, std::initializer_list<co
 void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
                                 const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, at::Tensor& hidden,
                                 at::Tensor& scale, const SEProblem& p, cudaStream_t stream) {
-  const at::Tensor w1 = fc1_weight.reshape({p.R, p.C}).contiguous(), w2 = fc2_weight.reshape({p.C, p.R}).contiguous();
   const at::Tensor b1 = fc1_bias.contiguous(), b2 = fc2_bias.contiguous();
-  const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
-  const int act = static_cast<int>(p.activation), gate = static_cast<int>(p.gate);
-  const unsigned groups = ceil_div(p.N, kSamples), splits = ceil_div(C, kChunk);
   // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input.
-  at::Tensor partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, pooled.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w1.scalar_type(), "excitation_forward_kernels", [&] {
+  const MlpLaunch m(fc1_weight, fc2_weight, p, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_forward_kernels", [&] {
     excitation_rows_kernel<scalar_t, kSplitRowsPerWarp>
-        <<<dim3(ceil_div(R, kWarps * kSplitRowsPerWarp), splits, groups), kThreads, 0, stream>>>(
-        plain_input(pooled), w1.const_data_ptr<scalar_t>(),
-        Output{partial.mutable_data_ptr<float>(), kPartial, b1.const_data_ptr(), 1.f, p.N * p.R}, p.N, R, C, kChunk,
-        act, gate);
+        <<<m.grid(m.R, kWarps * kSplitRowsPerWarp, true), kThreads, 0, stream>>>(
+            plain_input(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
+            kChunk, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const Input summed{partial.const_data_ptr<float>(), nullptr, kSumActivate, static_cast<int>(splits), p.N * p.R,
-                       hidden.mutable_data_ptr<float>()};
+    const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
     excitation_rows_kernel<scalar_t, kSummingRowsPerWarp>
-        <<<dim3(ceil_div(C, kWarps * kSummingRowsPerWarp), 1, groups), kThreads, 0, stream>>>(
-        summed, w2.const_data_ptr<scalar_t>(),
-        Output{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0}, p.N, C, R, R, act,
-        gate);
+        <<<m.grid(m.C, kWarps * kSummingRowsPerWarp, false), kThreads, 0, stream>>>(
+            m.summed_splits(kSumActivate, nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R,
+            m.R, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -349,27 +380,20 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
 void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, const at::Tensor& hidden,
                                  const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, at::Tensor& du,
                                  at::Tensor& dz_over_p, const SEProblem& p, cudaStream_t stream) {
-  const at::Tensor w1 = fc1_weight.reshape({p.R, p.C}).contiguous(), w2 = fc2_weight.reshape({p.C, p.R}).contiguous();
-  const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
-  const int act = static_cast<int>(p.activation), gate = static_cast<int>(p.gate);
-  const unsigned groups = ceil_div(p.N, kSamples), splits = ceil_div(C, kChunk);
-  at::Tensor partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, ds.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w1.scalar_type(), "excitation_backward_kernels", [&] {
+  const MlpLaunch m(fc1_weight, fc2_weight, p, ds.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_backward_kernels", [&] {
     // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
+    const Input dv{ds.const_data_ptr<float>(), scale.const_data_ptr<float>(), kGateGrad, 0, 0, nullptr};
     excitation_columns_kernel<scalar_t, kSplitColumnsPerLane>
-        <<<dim3(ceil_div(R, kWarp * kSplitColumnsPerLane), splits, groups), kThreads, 0, stream>>>(
-        Input{ds.const_data_ptr<float>(), scale.const_data_ptr<float>(), kGateGrad, 0, 0, nullptr},
-        w2.const_data_ptr<scalar_t>(), Output{partial.mutable_data_ptr<float>(), kPartial, nullptr, 1.f, p.N * p.R},
-        p.N, R, C, kChunk, act, gate);
+        <<<m.grid(m.R, kWarp * kSplitColumnsPerLane, true), kThreads, 0, stream>>>(
+            dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, kChunk, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
-    const Input summed{partial.const_data_ptr<float>(), hidden.const_data_ptr<float>(), kSumActivationGrad,
-                       static_cast<int>(splits), p.N * p.R, du.mutable_data_ptr<float>()};
+    const Output scaled{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0};
     excitation_columns_kernel<scalar_t, kSummingColumnsPerLane>
-        <<<dim3(ceil_div(C, kWarp * kSummingColumnsPerLane), 1, groups), kThreads, 0, stream>>>(
-        summed, w1.const_data_ptr<scalar_t>(),
-        Output{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0}, p.N, C, R,
-        R, act, gate);
+        <<<m.grid(m.C, kWarp * kSummingColumnsPerLane, false), kThreads, 0, stream>>>(
+            m.summed_splits(kSumActivationGrad, hidden.const_data_ptr<float>(), du), m.w1.const_data_ptr<scalar_t>(),
+            scaled, p.N, m.C, m.R, m.R, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
