@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -58,6 +59,28 @@ struct BackwardClusterArgs {
   float* dv;             // (N, C) gradient at the gate's input
   float* du;             // (N, R) gradient at the activation's input
 };
+
+// The configuration of a launch of `blocks` CTAs in clusters of geo.K CTAs, each with
+// `smem` bytes of dynamic shared memory, for the launch itself and for occupancy
+// queries. Sets the kernel's attributes this needs (they are per kernel, and plans
+// differ per shape). `attr` receives the cluster dimension and must outlive the result.
+inline cudaLaunchConfig_t cluster_launch_config(const void* kernel, const ClusterGeometry& geo, size_t smem,
+                                                unsigned blocks, cudaStream_t stream, cudaLaunchAttribute& attr) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kClusterThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = geo.K;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return config;
+}
 
 // The kernel a (dtype, layout) pair runs, for occupancy queries.
 const void* forward_cluster_kernel(at::ScalarType dtype, bool channels_last);

@@ -276,23 +276,9 @@ void launch_cluster_kernel(Kernel kernel, const ClusterGeometry& geo, size_t sme
                            Args... args) {
   const int64_t groups = (geo.N + geo.G - 1) / geo.G;
   TORCH_CHECK(groups * geo.K < (int64_t(1) << 31), "se_fused: batch too large for one launch");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(groups * geo.K));
-  config.blockDim = dim3(kClusterThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = geo.K;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  // The attribute is per kernel and plans differ per shape: set it for this launch.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  const cudaLaunchConfig_t config = cluster_launch_config(reinterpret_cast<const void*>(kernel), geo, smem,
+                                                          static_cast<unsigned>(groups * geo.K), stream, attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, geo, args...));
 }
 

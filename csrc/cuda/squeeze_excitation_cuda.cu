@@ -432,19 +432,8 @@ PathChoice requested_path() {
 
 // Active clusters the device can hold for this kernel and geometry (0: cannot launch).
 int active_clusters(const void* kernel, const ClusterGeometry& geo, size_t smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(geo.K * 64);
-  config.blockDim = dim3(kClusterThreads);
-  config.dynamicSmemBytes = smem;
   cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = geo.K;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  const cudaLaunchConfig_t config = cluster_launch_config(kernel, geo, smem, geo.K * 64, nullptr, attr);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     (void)cudaGetLastError();  // an unsupported size is an answer, not an error
