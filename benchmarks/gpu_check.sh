@@ -7,11 +7,13 @@
 # Steps, each with its own time limit so the whole run ends inside ~8 minutes on
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
-# record, profile host vs device time per call (profile_block.py), run compute-sanitizer (memcheck, racecheck) over every kernel path,
-# and, with the time left, sweep the cluster geometries of the stage shapes.
-# Files come back in $OUT (the device tool's folder; benchmarks/results/ when
-# unset): the record <date>-<gpu>-<commit>.json, the two benchmark JSONs and
-# PNGs, profile.json, and gpu_check.log. A summary table is printed last. Exit status: 0 only
+# record, profile host vs device time per call (profile_block.py), run
+# compute-sanitizer (memcheck, racecheck) over every kernel path, time the block
+# in NCHW and against torch.compile, and, with the time left, train a few steps
+# and sweep the cluster geometries of the stage shapes. Files come back in $OUT
+# (the device tool's folder; benchmarks/results/ when unset): the record
+# <date>-<gpu>-<commit>.json, the benchmark JSONs and PNGs, profile.json, and
+# gpu_check.log. A summary table is printed last. Exit status: 0 only
 # when every step passed.
 set -uo pipefail
 
@@ -46,13 +48,13 @@ step() {
   local status=ok
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then status="TIMEOUT"; FAILED=1
   elif [[ $rc -ne 0 ]]; then status="FAIL(rc=$rc)"; FAILED=1; fi
-  SUMMARY+=("$(printf '%-12s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
+  SUMMARY+=("$(printf '%-14s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
   echo "=== [$name] $status" | tee -a "$LOG"
   return 0
 }
 
 # skip NAME REASON: record a step that did not run.
-skip() { SUMMARY+=("$(printf '%-12s %-14s %s' "$1" "skipped" "$2")"); echo "=== [$1] skipped: $2" | tee -a "$LOG"; }
+skip() { SUMMARY+=("$(printf '%-14s %-14s %s' "$1" "skipped" "$2")"); echo "=== [$1] skipped: $2" | tee -a "$LOG"; }
 
 left() { echo $(( BUDGET - $(elapsed) )); }
 
@@ -120,14 +122,27 @@ for tool in memcheck racecheck; do
   fi
 done
 
-# --- 5. a short training run on the GPU (the DDP entry point, single process) ----
+# --- 5. the rows the quick block run leaves out: NCHW, and torch.compile of the eager block ---
+# (the CUDA issue's goals name both). The rehearsal times the CPU kernel instead of
+# torch.compile (inductor takes minutes per shape on a 2-core machine).
+for extra in nchw compile; do
+  if (( $(left) < 90 )); then skip "bench-$extra" "out of time budget ($(elapsed)s used)"; continue; fi
+  if [[ $extra == nchw ]]; then EXTRA_ARGS=(--memory-format nchw); else
+    EXTRA_ARGS=(--memory-format channels_last --impls "$([[ $DRY_RUN -eq 1 ]] && echo cpu || echo cuda,compile),eager"
+                --residual no --passes forward+backward); fi
+  step "bench-$extra" $(( $(left) - 60 )) "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" "${EXTRA_ARGS[@]}" \
+    --out "$WORK" --json-name "block-$extra.json" --no-progress
+  for f in "$WORK"/block-"$extra".*; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
+done
+
+# --- 6. a short training run on the GPU (the DDP entry point, single process) ----
 if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
   step train 50 "$PY" -m se_fused.train --synthetic --arch se_resnet50 --se-backend auto --synthetic-train-size 1024 \
     --synthetic-val-size 256 --batch-size 128 --epochs 1 --max-steps 4 --workers 4 --progress print --print-freq 1 \
     --output-dir "$WORK/train"
 fi
 
-# --- 6. with the time left: cluster geometry sweep ------------------------------
+# --- 7. with the time left: cluster geometry sweep ------------------------------
 if [[ $DRY_RUN -eq 0 && $(left) -gt 45 ]]; then
   step tune $(( $(left) - 15 )) "$PY" benchmarks/tune_cluster.py --max-seconds $(( $(left) - 25 ))
 fi
