@@ -71,6 +71,9 @@ ODD_SHAPES = (
     SEShape(3, 37, 1, 1, 1),
     SEShape(2, 7, 1, 56, 56),
     SEShape(2, 33, 33, 2, 2),
+    # The MLP kernels' tiling: 9 sample groups of 8 (the last partial), 3 splits of C (256 each, the
+    # last partial), R past one warp of columns, and 3 batches of 32 samples in the weight gradients.
+    SEShape(70, 600, 40, 5, 5),
 )
 VARIANTS = [(False, "relu", "sigmoid"), (True, "relu", "sigmoid"), (False, "silu", "hardsigmoid"),
             (True, "silu", "hardsigmoid")]
