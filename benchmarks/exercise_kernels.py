@@ -27,9 +27,9 @@ import se_fused
 
 # (path, plan): plan "M,G" = CTAs per sample, samples per cluster ("" = automatic).
 CASES = [("two_pass", ""), ("cluster", ""), ("cluster", "2,4"), ("cluster", "4,1"), ("cluster", "1,2")]
-# (N, C, R, H, W): small, C*H*W a multiple of 8; the last has 9 samples (two MLP sample groups of 8)
-# and R = 40 (two column blocks of the MLP's backward).
-SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 72, 40, 2, 2)]
+# (N, C, R, H, W): small, C*H*W a multiple of 8; the last has 9 samples (two MLP sample groups of 8),
+# C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its backward).
+SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2)]
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:
