@@ -13,8 +13,9 @@ stage shape, pass and implementation:
   i.e. the GPU-busy time, and ``launches`` per call; the top kernels are listed.
 
 On CUDA the fused backend runs twice, with the excitation MLP as kernels
-(``SE_FUSED_CUDA_MLP=kernels``, the default) and as ATen ops (``=aten``), so the
-two are compared side by side in one run. Writes ``profile.json`` (or
+(``SE_FUSED_CUDA_MLP=kernels``, the default) and as ATen ops (``=aten``), and the
+Triton backend twice, with the batch in L2-sized chunks (the default) and in one
+chunk, so each pair is compared side by side in one run. Writes ``profile.json`` (or
 ``--json-name``) into ``--out``.
 
     python benchmarks/profile_block.py                 # GPU: batch 256, bf16, channels_last
@@ -36,6 +37,11 @@ import bench_block
 
 import se_fused
 
+try:  # the Triton backend's chunk budget as this process started (SE_FUSED_TRITON_CHUNK_BYTES or None)
+    from se_fused.triton._common import CHUNK_BYTES_OVERRIDE as DEFAULT_TRITON_CHUNK_BYTES
+except ImportError:
+    DEFAULT_TRITON_CHUNK_BYTES = None
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,14 +60,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def variants(device: torch.device) -> List[tuple]:
-    """(label, impl, SE_FUSED_CUDA_MLP value or None) for each implementation profiled."""
+    """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`."""
     usable = common.usable_backends()
     if device.type == "cuda":
-        fused = [("cuda", "cuda", "kernels"), ("cuda/aten-mlp", "cuda", "aten")] if "cuda" in usable else []
-        fused += [("triton", "triton", None)] if "triton" in usable else []
+        fused = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"})] \
+            if "cuda" in usable else []
+        # Triton as shipped (the batch in L2-sized chunks, an MLP per chunk) and in one chunk
+        # (one MLP over the batch; pass 2 then re-reads x from HBM instead of L2).
+        fused += [("triton", "triton", {}), ("triton/one-chunk", "triton", {"triton_chunk_bytes": 0})] \
+            if "triton" in usable else []
     else:
-        fused = [("cpu", "cpu", None)] if "cpu" in usable else []
-    return fused + [("eager", "eager", None)]
+        fused = [("cpu", "cpu", {})] if "cpu" in usable else []
+    return fused + [("eager", "eager", {})]
+
+
+def apply_settings(settings: Dict[str, object]) -> None:
+    """Set what a variant chooses (anything not named goes back to the default):
+    ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
+    budget (``SE_FUSED_TRITON_CHUNK_BYTES``; 0: the whole batch in one chunk)."""
+    if settings.get("mlp") is None:
+        os.environ.pop("SE_FUSED_CUDA_MLP", None)
+    else:
+        os.environ["SE_FUSED_CUDA_MLP"] = str(settings["mlp"])
+    try:
+        from se_fused.triton import _common as triton_common
+    except ImportError:  # Triton missing: no Triton variant runs
+        return
+    triton_common.CHUNK_BYTES_OVERRIDE = settings.get("triton_chunk_bytes", DEFAULT_TRITON_CHUNK_BYTES)
 
 
 def host_ms_per_call(fn, calls: int, device: torch.device) -> float:
@@ -125,11 +150,8 @@ def main(argv=None) -> int:
             reference = se_fused.SEBlock(channels, common.SE_REDUCTION)
             sets = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
             for pass_name in passes:
-                for label, impl, mlp in variants(device):
-                    if mlp is None:
-                        os.environ.pop("SE_FUSED_CUDA_MLP", None)
-                    else:
-                        os.environ["SE_FUSED_CUDA_MLP"] = mlp
+                for label, impl, settings in variants(device):
+                    apply_settings(settings)
                     block, module = bench_block.make_block(impl, channels, dtype, device, reference)
                     fn = bench_block.pass_callable(pass_name, block, list(module.parameters()), sets)
                     for _ in range(3):
@@ -149,10 +171,7 @@ def main(argv=None) -> int:
                 bar.update()
     finally:
         bar.close()
-        if saved_mlp is None:
-            os.environ.pop("SE_FUSED_CUDA_MLP", None)
-        else:
-            os.environ["SE_FUSED_CUDA_MLP"] = saved_mlp
+        apply_settings({"mlp": saved_mlp})
 
     what = "device ms" if gpu else "op self-CPU ms"
     columns = [("stage", "stage", None), ("pass", "pass", None), ("impl", "impl", None),
