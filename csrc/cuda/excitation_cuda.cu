@@ -338,7 +338,10 @@ struct MlpLaunch {
   }
 };
 
-Input plain_input(const at::Tensor& a) { return Input{a.const_data_ptr<float>(), nullptr, kPlain, 0, 0, nullptr}; }
+// A float32 (N, K) matrix read as `kind` (kPlain, kActivated, or kGateGrad with the saved scale as aux).
+Input input_of(const at::Tensor& a, InputKind kind = kPlain, const at::Tensor* aux = nullptr) {
+  return Input{a.const_data_ptr<float>(), aux ? aux->const_data_ptr<float>() : nullptr, kind, 0, 0, nullptr};
+}
 
 }  // namespace
 
@@ -352,7 +355,7 @@ bool excitation_kernels_apply(const at::Tensor& pooled, std::initializer_list<co
   if (pooled.size(0) > int64_t(65535) * kSamples || pooled.size(1) > int64_t(65535) * kWeightGradRows) return false;
   const at::ScalarType dtype = (*params.begin())->scalar_type();
   return std::all_of(params.begin(), params.end(), [&](const at::Tensor* t) {
-    return t->scalar_type() == dtype && (t->numel() == 0 || t->numel() < (INT_MAX / 2));
+    return t->scalar_type() == dtype && t->numel() < (INT_MAX / 2);
   });
 }
 
@@ -365,7 +368,7 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_forward_kernels", [&] {
     excitation_rows_kernel<scalar_t, kSplitRowsPerWarp>
         <<<m.grid(m.R, kWarps * kSplitRowsPerWarp, true), kThreads, 0, stream>>>(
-            plain_input(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
+            input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
             kChunk, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
@@ -383,7 +386,7 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
   const MlpLaunch m(fc1_weight, fc2_weight, p, ds.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_backward_kernels", [&] {
     // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
-    const Input dv{ds.const_data_ptr<float>(), scale.const_data_ptr<float>(), kGateGrad, 0, 0, nullptr};
+    const Input dv = input_of(ds, kGateGrad, &scale);
     excitation_columns_kernel<scalar_t, kSplitColumnsPerLane>
         <<<m.grid(m.R, kWarp * kSplitColumnsPerLane, true), kThreads, 0, stream>>>(
             dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, kChunk, m.act, m.gate);
@@ -407,13 +410,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients_kern
   at::Tensor dw1 = at::empty({p.R, p.C}, fc1_weight.options()), db1 = at::empty({p.R}, fc1_weight.options());
   at::Tensor dw2 = at::empty({p.C, p.R}, fc2_weight.options()), db2 = at::empty({p.C}, fc2_weight.options());
   const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
-  const Input dv = gate_scale ? Input{dv_or_ds.const_data_ptr<float>(), gate_scale->const_data_ptr<float>(),
-                                      kGateGrad, 0, 0, nullptr}
-                              : plain_input(dv_or_ds);
-  const Input activated{hidden.const_data_ptr<float>(), nullptr, kActivated, 0, 0, nullptr};
-  const WeightGradProblem layer1{plain_input(du), plain_input(pooled), dw1.mutable_data_ptr(), db1.mutable_data_ptr(),
-                                 R, C};
-  const WeightGradProblem layer2{dv, activated, dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C, R};
+  const Input dv = gate_scale ? input_of(dv_or_ds, kGateGrad, &*gate_scale) : input_of(dv_or_ds);
+  const WeightGradProblem layer1{input_of(du), input_of(pooled), dw1.mutable_data_ptr(), db1.mutable_data_ptr(), R,
+                                 C};
+  const WeightGradProblem layer2{dv, input_of(hidden, kActivated), dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C,
+                                 R};
   const dim3 grid(ceil_div(std::max(R, C) + 1, kThreads), ceil_div(std::max(R, C), kWeightGradRows), 2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw1.scalar_type(), "weight_gradients_kernel", [&] {
     weight_gradients_cuda_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(

@@ -711,14 +711,13 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
       });
     }
   }
-  if (mlp_kernels) {
-    const bool from_ds = !plan.use;
-    auto [dw1, db1, dw2, db2] =
-        weight_gradients_kernel(from_ds ? ds : dv, from_ds ? c10::optional<at::Tensor>(scale) : c10::nullopt, du,
-                                pooled, hidden, fc1_weight, fc2_weight, p, stream);
-    return {grad_x, grad_res, dw1, db1, dw2, db2};
-  }
-  auto [dw1, db1, dw2, db2] = weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
+  // The two-pass path with the kernels leaves dv unformed: the kernel forms it from ds and the scale.
+  const bool from_ds = !plan.use && mlp_kernels;
+  auto [dw1, db1, dw2, db2] =
+      mlp_kernels ? weight_gradients_kernel(from_ds ? ds : dv, from_ds ? c10::optional<at::Tensor>(scale)
+                                                                       : c10::nullopt,
+                                            du, pooled, hidden, fc1_weight, fc2_weight, p, stream)
+                  : weight_gradients(dv, du, pooled, hidden, fc1_weight, fc2_weight, p);
   return {grad_x, grad_res, dw1, db1, dw2, db2};
 }
 
