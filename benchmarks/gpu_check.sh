@@ -12,9 +12,13 @@
 # in NCHW and against torch.compile, and, with the time left, train a few steps
 # and sweep the cluster geometries of the stage shapes. Files come back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
-# <date>-<gpu>-<commit>.json, the benchmark JSONs and PNGs, profile.json, and
-# gpu_check.log. A summary table is printed last. Exit status: 0 only
-# when every step passed.
+# <date>-<gpu>-<commit>.json, gpu_check.log, profile.json, block.png, network.png,
+# block-nchw.json/.png and block-compile.json: 8 files, as many as the device tool
+# returns (block.json and network.json are inside the record). A summary table is
+# printed last. Exit status: 0 only when every step passed.
+#
+# GPU_CHECK_SKIP="racecheck bench-nchw ..." skips the named steps (a shorter run, for
+# a second look within one session's device time); GPU_CHECK_BUDGET_S sets the budget.
 set -uo pipefail
 
 DRY_RUN=0
@@ -39,6 +43,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # log everything, record status. A step that cannot get 15 s is skipped.
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then skip "$name" "GPU_CHECK_SKIP"; return 0; fi
   if (( $(left) < 15 )); then skip "$name" "out of time budget ($(elapsed)s used)"; FAILED=1; return 0; fi
   (( limit > $(left) )) && limit=$(left)
   local t0; t0=$(date +%s)
@@ -107,7 +112,7 @@ fi
 # Host vs device time per call, and the MLP as kernels vs ATen ops, side by side (profile.json).
 if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv5_x --calls 5); else PROFILE_ARGS=(--device cuda); fi
 step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
-for f in "$WORK"/*.json "$WORK"/*.png; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
+for f in profile.json block.png network.png; do [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT_DIR/"; done
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------
 for tool in memcheck racecheck; do
@@ -132,7 +137,7 @@ for extra in nchw compile; do
                 --residual no --passes forward+backward); fi
   step "bench-$extra" $(( $(left) - 60 )) "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" "${EXTRA_ARGS[@]}" \
     --out "$WORK" --json-name "block-$extra.json" --no-progress
-  for f in "$WORK"/block-"$extra".*; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
+  for f in "$WORK"/block-"$extra".json "$WORK"/block-nchw.png; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
 done
 
 # --- 6. a short training run on the GPU (the DDP entry point, single process) ----
@@ -140,6 +145,15 @@ if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
   step train 50 "$PY" -m se_fused.train --synthetic --arch se_resnet50 --se-backend auto --synthetic-train-size 1024 \
     --synthetic-val-size 256 --batch-size 128 --epochs 1 --max-steps 4 --workers 4 --progress print --print-freq 1 \
     --output-dir "$WORK/train"
+fi
+
+# --- 6b. Nsight Compute on the excitation-MLP and weight-gradient kernels (conv5_x, the
+# shape where they cost most): where a latency-bound kernel's warps wait. Into the log.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
+  step ncu 60 "$NCU" -k "regex:excitation_|weight_gradients" -c 5 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
+    --passes forward+backward --calls 1 --out "$WORK" --json-name ncu-profile.json
 fi
 
 # --- 7. with the time left: cluster geometry sweep ------------------------------

@@ -34,17 +34,21 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kSamples = 8;       // samples per block: accumulators per thread
-constexpr int kChunk = 256;       // k values staged in shared memory at a time
-constexpr int kStagedPerThread = kSamples * kChunk / kThreads;
+constexpr int kChunk = 256;       // k values per split of C (and staged at a time in the split products)
+constexpr int kSummingWidth = 128; // k values staged at a time where K = R (the products that add the splits)
 // Outputs per warp (rows kernel) and per lane (columns kernel): few in the products split over C,
 // so they have many blocks; more in the products that add the splits, so fewer blocks re-read them.
 constexpr int kSplitRowsPerWarp = 2, kSummingRowsPerWarp = 4;
-constexpr int kSplitColumnsPerLane = 1, kSummingColumnsPerLane = 4;
+constexpr int kSplitColumnsPerLane = 1, kSummingColumnsPerLane = 2;
 constexpr int kWeightGradRows = 8;    // output rows per thread in the weight-gradient kernel
 constexpr int kWeightGradBatch = 32;  // samples staged at a time there
-static_assert(kSamples * kChunk % kThreads == 0, "a staged tile is a whole number of elements per thread");
 
-// How a kernel reads element (n, k) of its float32 input matrix (N, K).
+// How a kernel reads element (n, k) of its float32 input matrix (N, K). A compile-time
+// parameter of the kernels: with a runtime switch around each element's load, the
+// compiler joined the branches with a move of the loaded value, and that move made the
+// warp wait for each load before issuing the next (v3 on an H200: 264 serial L2 round
+// trips per weight-gradient block, ~100 us at every stage; profile in
+// benchmarks/results/*-3c2a7b3-gpu_check.log).
 enum InputKind : int {
   kPlain = 0,             // a[n, k]
   kActivated = 1,         // act(a[n, k]): a is the saved pre-activation
@@ -53,55 +57,97 @@ enum InputKind : int {
   kSumActivationGrad = 4  // act'(aux[n, k]) * sum_t a[t, n, k] (W2^T dv's partial sums, hidden); written back
 };
 
+template <int Kind>
+struct KindTraits {
+  static constexpr bool kSum = Kind == kSumActivate || Kind == kSumActivationGrad;
+  static constexpr bool kAux = Kind == kGateGrad || Kind == kSumActivationGrad;
+};
+
 struct Input {
   const float* a;
   const float* aux;
-  int kind;
   int parts;             // partial sums to add (the Sum kinds)
   int64_t part_stride;   // elements between them
   float* write_back;     // (N, K): the summed value, or nullptr
 };
 
-// Element i's value using loads only, so that all of a thread's loads can be in flight at
-// once (a store between them would order them: the pointers are generic). For kSumActivate
-// this is u; its activation is applied after u is written back (finish_input).
-__device__ __forceinline__ float gather_input(const Input& in, int64_t i, int activation, int gate) {
-  switch (in.kind) {
-    case kActivated:
-      return apply_activation(in.a[i], activation);
-    case kGateGrad:
-      return gate_backward_from_output(in.a[i], in.aux[i], gate);
-    case kSumActivate:
-    case kSumActivationGrad: {
-      float v = 0.f;
-      for (int t = 0; t < in.parts; ++t) v += in.a[t * in.part_stride + i];
-      return in.kind == kSumActivate ? v : activation_backward(v, in.aux[i], activation);
+constexpr int kPartsInFlight = 4;  // partial sums loaded at once per staged element (the Sum kinds)
+
+// The loads of E elements at indices idx (already clamped to a valid address where the
+// element is masked): straight-line loads with no arithmetic on a loaded value until all
+// are issued, so they are all in flight together. Sum kinds: kPartsInFlight parts at a
+// time (ceil(parts / kPartsInFlight) round trips), the adds after each group's loads.
+template <int Kind, int E>
+__device__ __forceinline__ void gather_raw(const Input& in, const int64_t (&idx)[E], float (&v)[E], float (&aux)[E]) {
+  if constexpr (KindTraits<Kind>::kAux) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) aux[e] = in.aux[idx[e]];
+  }
+  if constexpr (KindTraits<Kind>::kSum) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = 0.f;
+    for (int t0 = 0; t0 < in.parts; t0 += kPartsInFlight) {
+      float part[kPartsInFlight][E];
+#pragma unroll
+      for (int tt = 0; tt < kPartsInFlight; ++tt) {
+        const int64_t offset = static_cast<int64_t>(min(t0 + tt, in.parts - 1)) * in.part_stride;
+#pragma unroll
+        for (int e = 0; e < E; ++e) part[tt][e] = in.a[offset + idx[e]];
+      }
+#pragma unroll
+      for (int tt = 0; tt < kPartsInFlight; ++tt)
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] += t0 + tt < in.parts ? part[tt][e] : 0.f;  // in order t = 0, 1, ...
     }
-    default:
-      return in.a[i];
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = in.a[idx[e]];
   }
 }
 
-// The staged value of element i, gathered as v; the Sum kinds write v back first where asked.
-__device__ __forceinline__ float finish_input(const Input& in, float v, int64_t i, bool write, int activation) {
-  if (write) in.write_back[i] = v;
-  return in.kind == kSumActivate ? apply_activation(v, activation) : v;
+// An element's value from its raw loads. Where asked, the Sum kinds write back what the
+// rest of the pass needs: u (the pre-activation) for kSumActivate, du for kSumActivationGrad.
+template <int Kind>
+__device__ __forceinline__ float finish_input(const Input& in, float v, float aux, int64_t i, bool write,
+                                              int activation, int gate) {
+  if constexpr (Kind == kSumActivate) {
+    if (write) in.write_back[i] = v;
+    return apply_activation(v, activation);
+  } else if constexpr (Kind == kSumActivationGrad) {
+    const float du = activation_backward(v, aux, activation);
+    if (write) in.write_back[i] = du;
+    return du;
+  } else if constexpr (Kind == kActivated) {
+    return apply_activation(v, activation);
+  } else if constexpr (Kind == kGateGrad) {
+    return gate_backward_from_output(v, aux, gate);
+  } else {
+    return v;
+  }
 }
 
 // tile[s][kk] = input(n0 + s, k0 + kk) for s < ns, kk < kc (0 elsewhere). All loads
 // first, into registers, then all stores: the tile costs about one L2 round trip.
-__device__ __forceinline__ void stage_input(float (&tile)[kSamples][kChunk], const Input& in, int64_t n0, int ns,
+template <int Kind, int kWidth>
+__device__ __forceinline__ void stage_input(float (&tile)[kSamples][kWidth], const Input& in, int64_t n0, int ns,
                                             int k0, int kc, int K, bool write, int activation, int gate) {
-  float v[kStagedPerThread];
+  constexpr int kStagedPerThread = kSamples * kWidth / kThreads;
+  static_assert(kSamples * kWidth % kThreads == 0, "a staged tile is a whole number of elements per thread");
+  int64_t idx[kStagedPerThread];
+  bool valid[kStagedPerThread];
 #pragma unroll
   for (int e = 0; e < kStagedPerThread; ++e) {
-    const int idx = threadIdx.x + e * kThreads, s = idx / kChunk, kk = idx % kChunk;
-    v[e] = (s < ns && kk < kc) ? gather_input(in, (n0 + s) * K + k0 + kk, activation, gate) : 0.f;
+    const int flat = threadIdx.x + e * kThreads, s = flat / kWidth, kk = flat % kWidth;
+    valid[e] = s < ns && kk < kc;
+    idx[e] = valid[e] ? (n0 + s) * K + k0 + kk : 0;
   }
+  float v[kStagedPerThread], aux[kStagedPerThread];
+  gather_raw<Kind>(in, idx, v, aux);
 #pragma unroll
   for (int e = 0; e < kStagedPerThread; ++e) {
-    const int idx = threadIdx.x + e * kThreads, s = idx / kChunk, kk = idx % kChunk;
-    tile[s][kk] = (s < ns && kk < kc) ? finish_input(in, v[e], (n0 + s) * K + k0 + kk, write, activation) : 0.f;
+    const int flat = threadIdx.x + e * kThreads;
+    tile[flat / kWidth][flat % kWidth] =
+        valid[e] ? finish_input<Kind>(in, v[e], aux[e], idx[e], write, activation, gate) : 0.f;
   }
 }
 
@@ -120,16 +166,19 @@ struct BlockSpan {
         writer(blockIdx.x == 0 && in.write_back != nullptr) {}
 };
 
-// Stages the block's k range chunk by chunk and runs body(k0, kc) on each staged chunk.
-template <typename Body>
-__device__ __forceinline__ void for_each_staged_chunk(float (&tile)[kSamples][kChunk], const Input& in,
+// For each kWidth-wide piece of the block's k range: load_weights(k0, kc) (the block's
+// weight loads, issued before the staging's so both are in flight at once), stage the
+// input, then compute(k0, kc) on the staged piece.
+template <int Kind, int kWidth, typename LoadWeights, typename Compute>
+__device__ __forceinline__ void for_each_staged_chunk(float (&tile)[kSamples][kWidth], const Input& in,
                                                       const BlockSpan& b, int K, int activation, int gate,
-                                                      const Body& body) {
-  for (int k0 = b.k_begin; k0 < b.k_end; k0 += kChunk) {
-    const int kc = min(kChunk, b.k_end - k0);
-    stage_input(tile, in, b.n0, b.ns, k0, kc, K, b.writer, activation, gate);
+                                                      const LoadWeights& load_weights, const Compute& compute) {
+  for (int k0 = b.k_begin; k0 < b.k_end; k0 += kWidth) {
+    const int kc = min(kWidth, b.k_end - k0);
+    load_weights(k0, kc);
+    stage_input<Kind, kWidth>(tile, in, b.n0, b.ns, k0, kc, K, b.writer, activation, gate);
     __syncthreads();
-    body(k0, kc);
+    compute(k0, kc);
     __syncthreads();
   }
 }
@@ -148,14 +197,20 @@ struct Output {
   int64_t part_stride;    // kPartial
 };
 
+// The bias that output (split, j) adds (0 where none): loaded before the block's sums
+// are done, so its round trip overlaps theirs.
 template <typename w_t>
+__device__ __forceinline__ float bias_of(const Output& o, int split, int j) {
+  const bool adds = o.bias != nullptr && (o.kind == kAddBiasThenGate || (o.kind == kPartial && split == 0));
+  return adds ? static_cast<float>(static_cast<const w_t*>(o.bias)[j]) : 0.f;
+}
+
 __device__ __forceinline__ void store_output(const Output& o, int split, int64_t n, int j, int J, float total,
-                                             int gate) {
+                                             float bias, int gate) {
   if (o.kind == kPartial) {
-    if (o.bias != nullptr && split == 0) total += static_cast<float>(static_cast<const w_t*>(o.bias)[j]);
-    o.out[split * o.part_stride + n * J + j] = total;
+    o.out[split * o.part_stride + n * J + j] = total + bias;
   } else if (o.kind == kAddBiasThenGate) {
-    o.out[n * J + j] = apply_gate(total + static_cast<float>(static_cast<const w_t*>(o.bias)[j]), gate);
+    o.out[n * J + j] = apply_gate(total + bias, gate);
   } else {
     o.out[n * J + j] = total * o.factor;
   }
@@ -163,38 +218,54 @@ __device__ __forceinline__ void store_output(const Output& o, int split, int64_t
 
 // out[n, j] = sum_k in(n, k) * W[j, k], W (J, K) row-major. Block: kSamples samples
 // (blockIdx.z), kWarps * kRowsPerWarp rows (blockIdx.x), the k range of split
-// blockIdx.y (k_split values, staged kChunk at a time). A warp owns kRowsPerWarp
-// rows, its lanes across k (coalesced weight reads); the lanes' sums meet in a butterfly.
-template <typename w_t, int kRowsPerWarp>
-__global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, const w_t* __restrict__ W, Output o,
+// blockIdx.y (k_split values, staged kWidth at a time). A warp owns kRowsPerWarp
+// rows, its lanes across k (coalesced weight reads, all of a chunk's in flight at
+// once); the lanes' sums meet in a butterfly.
+template <typename w_t, int kRowsPerWarp, int Kind, int kWidth>
+__global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                    int64_t N, int J, int K, int k_split,
                                                                    int activation, int gate) {
-  __shared__ float tile[kSamples][kChunk];
+  constexpr int kPerLane = kWidth / kWarp;
+  __shared__ float tile[kSamples][kWidth];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const BlockSpan b(in, N, K, k_split);
-  float acc[kRowsPerWarp][kSamples] = {};
-  for_each_staged_chunk(tile, in, b, K, activation, gate, [&](int k0, int kc) {
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
-      if (j >= J) continue;
-      const w_t* w_row = W + static_cast<int64_t>(j) * K + k0;
-#pragma unroll 4
-      for (int kk = lane; kk < kc; kk += kWarp) {
-        const float w = static_cast<float>(w_row[kk]);
-#pragma unroll
-        for (int s = 0; s < kSamples; ++s) acc[r][s] += w * tile[s][kk];
-      }
-    }
-  });
+  int rows[kRowsPerWarp];
+  float bias[kRowsPerWarp];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
-    if (j >= J) continue;
+    rows[r] = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
+    bias[r] = rows[r] < J ? bias_of<w_t>(o, b.split, rows[r]) : 0.f;
+  }
+  float acc[kRowsPerWarp][kSamples] = {};
+  w_t w[kRowsPerWarp][kPerLane];
+  const auto load_weights = [&](int k0, int kc) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int kk = lane + i * kWarp;
+        w[r][i] = W[rows[r] < J && kk < kc ? static_cast<int64_t>(rows[r]) * K + k0 + kk : 0];
+      }
+  };
+  const auto compute = [&](int, int kc) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int kk = lane + i * kWarp;
+        const float weight = kk < kc ? static_cast<float>(w[r][i]) : 0.f;  // the tile is 0 there too
+#pragma unroll
+        for (int s = 0; s < kSamples; ++s) acc[r][s] += weight * tile[s][kk];
+      }
+  };
+  for_each_staged_chunk<Kind, kWidth>(tile, in, b, K, activation, gate, load_weights, compute);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (rows[r] >= J) continue;
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
       const float total = warp_sum(acc[r][s]);  // every lane holds it; lane s stores it
-      if (lane == s && s < b.ns) store_output<w_t>(o, b.split, b.n0 + s, j, J, total, gate);
+      if (lane == s && s < b.ns) store_output(o, b.split, b.n0 + s, rows[r], J, total, bias[r], gate);
     }
   }
 }
@@ -202,31 +273,51 @@ __global__ void __launch_bounds__(kThreads) excitation_rows_kernel(Input in, con
 // out[n, j] = sum_k in(n, k) * W[k, j], W (K, J) row-major. Block: kSamples samples
 // (blockIdx.z), kWarp * kColumnsPerLane columns (blockIdx.x; consecutive lanes read
 // consecutive columns), the k range of split blockIdx.y; the warps take interleaved k
-// of each staged chunk and their sums are added in warp order.
-template <typename w_t, int kColumnsPerLane>
-__global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, const w_t* __restrict__ W, Output o,
+// of each staged chunk (kColumnGroup at a time, their loads in flight together) and
+// their sums are added in warp order.
+template <typename w_t, int kColumnsPerLane, int Kind, int kWidth>
+__global__ void __launch_bounds__(kThreads, 2) excitation_columns_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                       int64_t N, int J, int K, int k_split,
                                                                       int activation, int gate) {
   constexpr int kColumns = kWarp * kColumnsPerLane;
-  __shared__ float tile[kSamples][kChunk];
+  constexpr int kPerWarp = kWidth / kWarps;                // k values of a staged piece per warp
+  constexpr int kColumnGroup = 32 / kColumnsPerLane;       // of them loaded at once (32 registers)
+  static_assert(kPerWarp % kColumnGroup == 0, "whole groups per chunk");
+  __shared__ float tile[kSamples][kWidth];
   __shared__ float partial[kWarps][kSamples][kColumns];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int j0 = blockIdx.x * kColumns;
   const BlockSpan b(in, N, K, k_split);
   float acc[kColumnsPerLane][kSamples] = {};
-  for_each_staged_chunk(tile, in, b, K, activation, gate, [&](int k0, int kc) {
-#pragma unroll 4
-    for (int kk = warp; kk < kc; kk += kWarps) {
-      const w_t* w_row = W + static_cast<int64_t>(k0 + kk) * J + j0;
+  w_t w[kColumnGroup][kColumnsPerLane];
+  // Group g of this warp's k values: kk = warp + (g * kColumnGroup + i) * kWarps.
+  const auto load_group = [&](int g, int k0, int kc) {
+#pragma unroll
+    for (int i = 0; i < kColumnGroup; ++i)
 #pragma unroll
       for (int c = 0; c < kColumnsPerLane; ++c) {
-        const int jj = c * kWarp + lane;
-        const float w = j0 + jj < J ? static_cast<float>(w_row[jj]) : 0.f;
+        const int kk = warp + (g * kColumnGroup + i) * kWarps, j = j0 + c * kWarp + lane;
+        w[i][c] = W[kk < kc && j < J ? static_cast<int64_t>(k0 + kk) * J + j : 0];
+      }
+  };
+  const auto compute = [&](int k0, int kc) {
+#pragma unroll 1
+    for (int g = 0; g < kPerWarp / kColumnGroup; ++g) {
+      if (g > 0) load_group(g, k0, kc);  // group 0 was loaded beside the staging
 #pragma unroll
-        for (int s = 0; s < kSamples; ++s) acc[c][s] += w * tile[s][kk];
+      for (int i = 0; i < kColumnGroup; ++i) {
+        const int kk = warp + (g * kColumnGroup + i) * kWarps;
+#pragma unroll
+        for (int c = 0; c < kColumnsPerLane; ++c) {
+          const float weight = kk < kc && j0 + c * kWarp + lane < J ? static_cast<float>(w[i][c]) : 0.f;
+#pragma unroll
+          for (int s = 0; s < kSamples; ++s) acc[c][s] += weight * tile[s][kk];
+        }
       }
     }
-  });
+  };
+  for_each_staged_chunk<Kind, kWidth>(tile, in, b, K, activation, gate,
+                                      [&](int k0, int kc) { load_group(0, k0, kc); }, compute);
 #pragma unroll
   for (int c = 0; c < kColumnsPerLane; ++c)
 #pragma unroll
@@ -238,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) excitation_columns_kernel(Input in, 
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += partial[w][s][jj];
-    store_output<w_t>(o, b.split, b.n0 + s, j, J, total, gate);
+    store_output(o, b.split, b.n0 + s, j, J, total, bias_of<w_t>(o, b.split, j), gate);
   }
 }
 
@@ -252,35 +343,38 @@ struct WeightGradProblem {
   int I, J;
 };
 
-// Both layers' gradients in one launch (blockIdx.z picks the layer). A thread
-// owns column j of kWeightGradRows rows; the batch is staged kWeightGradBatch
-// samples at a time and walked in order. Column j == J is the bias (b = 1).
-template <typename w_t>
-__global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightGradProblem layer0,
-                                                                         WeightGradProblem layer1, int64_t N,
-                                                                         int activation, int gate) {
-  __shared__ float b_tile[kWeightGradBatch][kThreads];
-  __shared__ float a_tile[kWeightGradBatch][kWeightGradRows];
-  const WeightGradProblem q = blockIdx.z == 0 ? layer0 : layer1;
+// One block of weight_gradients_cuda_kernel: a thread owns column j of
+// kWeightGradRows rows; the batch is staged kWeightGradBatch samples at a time
+// (all of a batch's loads in flight together) and walked in order. Column j == J is
+// the bias (b = 1).
+template <typename w_t, int AKind, int BKind>
+__device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q, int64_t N, int activation,
+                                                      int gate, float (&b_tile)[kWeightGradBatch][kThreads],
+                                                      float (&a_tile)[kWeightGradBatch][kWeightGradRows]) {
   const int j0 = blockIdx.x * kThreads, j = j0 + threadIdx.x;
   const int i0 = blockIdx.y * kWeightGradRows;
   if (j0 > q.J || i0 >= q.I) return;  // the whole block is outside this layer
   const int rows = min(kWeightGradRows, q.I - i0);
+  static_assert(kWeightGradBatch * kWeightGradRows <= kThreads, "one a-tile element per thread");
+  const int a_n = threadIdx.x / kWeightGradRows, a_t = threadIdx.x % kWeightGradRows;
   float acc[kWeightGradRows] = {};
   for (int64_t nb = 0; nb < N; nb += kWeightGradBatch) {
     const int nc = static_cast<int>(min(static_cast<int64_t>(kWeightGradBatch), N - nb));
-    // All loads first, into registers, then the shared stores (see gather_input).
-    float b_values[kWeightGradBatch];
+    int64_t b_idx[kWeightGradBatch];
+#pragma unroll
+    for (int nn = 0; nn < kWeightGradBatch; ++nn) b_idx[nn] = nn < nc && j < q.J ? (nb + nn) * q.J + j : 0;
+    const bool has_a = a_n < nc && a_t < rows;
+    const int64_t a_idx[1] = {has_a ? (nb + a_n) * q.I + i0 + a_t : 0};
+    float b_values[kWeightGradBatch], b_aux[kWeightGradBatch], a_value[1], a_aux[1];
+    gather_raw<BKind>(q.b, b_idx, b_values, b_aux);
+    gather_raw<AKind>(q.a, a_idx, a_value, a_aux);
 #pragma unroll
     for (int nn = 0; nn < kWeightGradBatch; ++nn)
-      b_values[nn] = nn < nc && j < q.J ? gather_input(q.b, (nb + nn) * q.J + j, activation, gate) : 1.f;
-    static_assert(kWeightGradBatch * kWeightGradRows <= kThreads, "one a-tile element per thread");
-    const int a_n = threadIdx.x / kWeightGradRows, a_t = threadIdx.x % kWeightGradRows;
-    const bool has_a = a_n < nc && a_t < rows;
-    const float a_value = has_a ? gather_input(q.a, (nb + a_n) * q.I + i0 + a_t, activation, gate) : 0.f;
-#pragma unroll
-    for (int nn = 0; nn < kWeightGradBatch; ++nn) b_tile[nn][threadIdx.x] = b_values[nn];
-    if (threadIdx.x < kWeightGradBatch * kWeightGradRows) a_tile[a_n][a_t] = a_value;
+      b_tile[nn][threadIdx.x] = nn < nc && j < q.J
+                                    ? finish_input<BKind>(q.b, b_values[nn], b_aux[nn], 0, false, activation, gate)
+                                    : 1.f;
+    if (threadIdx.x < kWeightGradBatch * kWeightGradRows)
+      a_tile[a_n][a_t] = has_a ? finish_input<AKind>(q.a, a_value[0], a_aux[0], 0, false, activation, gate) : 0.f;
     __syncthreads();
     for (int nn = 0; nn < nc; ++nn) {
       const float bv = b_tile[nn][threadIdx.x];
@@ -298,6 +392,22 @@ __global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightG
     } else {
       static_cast<w_t*>(q.bias_grad)[i0 + t] = static_cast<w_t>(acc[t]);
     }
+  }
+}
+
+// Both layers' gradients in one launch (blockIdx.z picks the layer): fc1's from du and
+// pooled, fc2's from dv (Layer2AKind: kGateGrad forms it from ds and the saved scale,
+// kPlain reads it) and act(hidden).
+template <typename w_t, int Layer2AKind>
+__global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightGradProblem layer0,
+                                                                         WeightGradProblem layer1, int64_t N,
+                                                                         int activation, int gate) {
+  __shared__ float b_tile[kWeightGradBatch][kThreads];
+  __shared__ float a_tile[kWeightGradBatch][kWeightGradRows];
+  if (blockIdx.z == 0) {
+    weight_gradient_block<w_t, kPlain, kPlain>(layer0, N, activation, gate, b_tile, a_tile);
+  } else {
+    weight_gradient_block<w_t, Layer2AKind, kActivated>(layer1, N, activation, gate, b_tile, a_tile);
   }
 }
 
@@ -331,16 +441,17 @@ struct MlpLaunch {
   Output split_sums(const void* bias) const {
     return Output{partial.mutable_data_ptr<float>(), kPartial, bias, 1.f, N * R};
   }
-  // The second product's input: the splits added (kind kSumActivate or kSumActivationGrad), written back.
-  Input summed_splits(int kind, const float* aux, at::Tensor& write_back) const {
-    return Input{partial.const_data_ptr<float>(), aux, kind, static_cast<int>(splits), N * R,
+  // The second product's input: the splits added (read as kSumActivate, or as kSumActivationGrad
+  // with aux the saved hidden), written back.
+  Input summed_splits(const float* aux, at::Tensor& write_back) const {
+    return Input{partial.const_data_ptr<float>(), aux, static_cast<int>(splits), N * R,
                  write_back.mutable_data_ptr<float>()};
   }
 };
 
-// A float32 (N, K) matrix read as `kind` (kPlain, kActivated, or kGateGrad with the saved scale as aux).
-Input input_of(const at::Tensor& a, InputKind kind = kPlain, const at::Tensor* aux = nullptr) {
-  return Input{a.const_data_ptr<float>(), aux ? aux->const_data_ptr<float>() : nullptr, kind, 0, 0, nullptr};
+// A float32 (N, K) matrix, with aux (the saved scale, for a kGateGrad read) where given.
+Input input_of(const at::Tensor& a, const at::Tensor* aux = nullptr) {
+  return Input{a.const_data_ptr<float>(), aux ? aux->const_data_ptr<float>() : nullptr, 0, 0, nullptr};
 }
 
 }  // namespace
@@ -366,15 +477,15 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
   // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input.
   const MlpLaunch m(fc1_weight, fc2_weight, p, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_forward_kernels", [&] {
-    excitation_rows_kernel<scalar_t, kSplitRowsPerWarp>
+    excitation_rows_kernel<scalar_t, kSplitRowsPerWarp, kPlain, kChunk>
         <<<m.grid(m.R, kWarps * kSplitRowsPerWarp, true), kThreads, 0, stream>>>(
             input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
             kChunk, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
-    excitation_rows_kernel<scalar_t, kSummingRowsPerWarp>
+    excitation_rows_kernel<scalar_t, kSummingRowsPerWarp, kSumActivate, kSummingWidth>
         <<<m.grid(m.C, kWarps * kSummingRowsPerWarp, false), kThreads, 0, stream>>>(
-            m.summed_splits(kSumActivate, nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R,
+            m.summed_splits(nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R,
             m.R, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -386,16 +497,16 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
   const MlpLaunch m(fc1_weight, fc2_weight, p, ds.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_backward_kernels", [&] {
     // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
-    const Input dv = input_of(ds, kGateGrad, &scale);
-    excitation_columns_kernel<scalar_t, kSplitColumnsPerLane>
+    const Input dv = input_of(ds, &scale);  // read as kGateGrad
+    excitation_columns_kernel<scalar_t, kSplitColumnsPerLane, kGateGrad, kChunk>
         <<<m.grid(m.R, kWarp * kSplitColumnsPerLane, true), kThreads, 0, stream>>>(
             dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, kChunk, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
     const Output scaled{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0};
-    excitation_columns_kernel<scalar_t, kSummingColumnsPerLane>
+    excitation_columns_kernel<scalar_t, kSummingColumnsPerLane, kSumActivationGrad, kSummingWidth>
         <<<m.grid(m.C, kWarp * kSummingColumnsPerLane, false), kThreads, 0, stream>>>(
-            m.summed_splits(kSumActivationGrad, hidden.const_data_ptr<float>(), du), m.w1.const_data_ptr<scalar_t>(),
+            m.summed_splits(hidden.const_data_ptr<float>(), du), m.w1.const_data_ptr<scalar_t>(),
             scaled, p.N, m.C, m.R, m.R, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -410,15 +521,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients_kern
   at::Tensor dw1 = at::empty({p.R, p.C}, fc1_weight.options()), db1 = at::empty({p.R}, fc1_weight.options());
   at::Tensor dw2 = at::empty({p.C, p.R}, fc2_weight.options()), db2 = at::empty({p.C}, fc2_weight.options());
   const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
-  const Input dv = gate_scale ? input_of(dv_or_ds, kGateGrad, &*gate_scale) : input_of(dv_or_ds);
+  const Input dv = gate_scale ? input_of(dv_or_ds, &*gate_scale) : input_of(dv_or_ds);
   const WeightGradProblem layer1{input_of(du), input_of(pooled), dw1.mutable_data_ptr(), db1.mutable_data_ptr(), R,
                                  C};
-  const WeightGradProblem layer2{dv, input_of(hidden, kActivated), dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C,
-                                 R};
+  const WeightGradProblem layer2{dv, input_of(hidden), dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C, R};
   const dim3 grid(ceil_div(std::max(R, C) + 1, kThreads), ceil_div(std::max(R, C), kWeightGradRows), 2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw1.scalar_type(), "weight_gradients_kernel", [&] {
-    weight_gradients_cuda_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        layer1, layer2, p.N, static_cast<int>(p.activation), static_cast<int>(p.gate));
+    const auto kernel = gate_scale ? weight_gradients_cuda_kernel<scalar_t, kGateGrad>
+                                   : weight_gradients_cuda_kernel<scalar_t, kPlain>;
+    kernel<<<grid, kThreads, 0, stream>>>(layer1, layer2, p.N, static_cast<int>(p.activation),
+                                          static_cast<int>(p.gate));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dw1.view(fc1_weight.sizes()), db1, dw2.view(fc2_weight.sizes()), db2};
