@@ -83,7 +83,16 @@ if [[ -z "${SE_FUSED_COMMIT:-}" ]] && git rev-parse HEAD >/dev/null 2>&1; then
   SE_FUSED_COMMIT=$(git rev-parse HEAD)$([[ -n "$(git status --porcelain --untracked-files=no)" ]] && echo -dirty)
 fi
 export SE_FUSED_COMMIT=${SE_FUSED_COMMIT:-unknown}
-step env 30 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'; echo commit \$SE_FUSED_COMMIT"
+# The tree measured, whatever the label says: a copied tree can carry a stale .git (one
+# record was labelled with the session's first commit so). Check: git rev-parse <commit>^{tree}.
+tree_hash() {
+  local index; index=$(mktemp)
+  GIT_INDEX_FILE=$index git read-tree HEAD 2>/dev/null && GIT_INDEX_FILE=$index git add -A . 2>/dev/null \
+    && GIT_INDEX_FILE=$index git write-tree 2>/dev/null || echo unknown
+  rm -f "$index"
+}
+SE_FUSED_TREE=$(tree_hash)
+step env 30 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'; echo commit \$SE_FUSED_COMMIT, tree $SE_FUSED_TREE"
 if [[ $DRY_RUN -eq 1 ]]; then
   step build 60 "$PY" -c "import se_fused._C, se_fused._ops as o; print('extension present; CUDA kernels built:', o.cuda_kernels_built())"
 else
