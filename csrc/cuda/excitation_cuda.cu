@@ -2,18 +2,26 @@
 // kernels (interface and rationale in excitation_cuda.h).
 //
 // The matrices are small (N x C activations, R x C weights) and L2-resident,
-// so what limits these kernels is latency: the first version (one warp per
-// output walking all of K, inputs re-read by every warp) took 170-310 us per
-// kernel at conv5_x on an H100 (profile in benchmarks/results/*-94730f6-*).
-// Hence: each block stages its samples' inputs in shared memory, kChunk
-// values at a time, all loads into registers before any shared store (so they
-// are all in flight at once; the version at 3e0b035 interleaved them and its
-// weight-gradient kernel took ~130 us at every stage); the products over C
-// (fc1 forward, W2^T dv backward) are split over C into blocks of one chunk
-// each, and the next kernel adds the splits as it stages its input, so no
-// extra launch is needed. A block handles kSamples samples, so each weight is
-// read from L2 once per block. Sums run in a fixed order (butterflies, warps
-// in order, splits in order, samples in order): bitwise reproducible.
+// so what limits these kernels is latency and instruction count, not bytes.
+// What was measured (batch 256, bf16; profiles in benchmarks/results/):
+// - v1, one warp per output walking all of K: 170-310 us per kernel at
+//   conv5_x (H100, 94730f6).
+// - v2/v3, inputs staged in shared memory, products over C split into blocks
+//   of one chunk each whose sums the next kernel adds as it stages its input
+//   (no extra launch): still 26-127 us per rows kernel and ~100 us for the
+//   weight gradients at every stage (H200, 3c2a7b3), because a runtime switch
+//   around each load serialised the loads.
+// - v4, input kinds as template parameters and every load unconditional
+//   (clamped index, masked after): weight gradients 21-55 us, rows kernels at
+//   conv5_x 77 + 39 us (H200, a9f6235). ncu then showed the rows kernels
+//   issue-bound (6 cycles per issued instruction, 25% occupancy by registers),
+//   most of their instructions the per-value butterflies.
+// - v5 (not yet measured): one transposing reduction per warp
+//   (warp_transpose_sum), 32-bit indices, the weight-gradient kernel at three
+//   blocks per SM.
+// A block handles kSamples samples, so each weight is read from L2 once per
+// block. Sums run in a fixed order (reduction trees, warps in order, splits in
+// order, samples in order): bitwise reproducible.
 #include "excitation_cuda.h"
 
 #include <ATen/Dispatch.h>
@@ -77,8 +85,10 @@ constexpr int kPartsInFlight = 4;  // partial sums loaded at once per staged ele
 // element is masked): straight-line loads with no arithmetic on a loaded value until all
 // are issued, so they are all in flight together. Sum kinds: kPartsInFlight parts at a
 // time (ceil(parts / kPartsInFlight) round trips), the adds after each group's loads.
+// Indices are 32-bit (excitation_kernels_apply checks N * max(C, R) < 2^31): half the
+// registers of 64-bit ones, which bounded the weight-gradient kernel's occupancy.
 template <int Kind, int E>
-__device__ __forceinline__ void gather_raw(const Input& in, const int64_t (&idx)[E], float (&v)[E], float (&aux)[E]) {
+__device__ __forceinline__ void gather_raw(const Input& in, const int (&idx)[E], float (&v)[E], float (&aux)[E]) {
   if constexpr (KindTraits<Kind>::kAux) {
 #pragma unroll
     for (int e = 0; e < E; ++e) aux[e] = in.aux[idx[e]];
@@ -133,13 +143,13 @@ __device__ __forceinline__ void stage_input(float (&tile)[kSamples][kWidth], con
                                             int k0, int kc, int K, bool write, int activation, int gate) {
   constexpr int kStagedPerThread = kSamples * kWidth / kThreads;
   static_assert(kSamples * kWidth % kThreads == 0, "a staged tile is a whole number of elements per thread");
-  int64_t idx[kStagedPerThread];
+  int idx[kStagedPerThread];
   bool valid[kStagedPerThread];
 #pragma unroll
   for (int e = 0; e < kStagedPerThread; ++e) {
     const int flat = threadIdx.x + e * kThreads, s = flat / kWidth, kk = flat % kWidth;
     valid[e] = s < ns && kk < kc;
-    idx[e] = valid[e] ? (n0 + s) * K + k0 + kk : 0;
+    idx[e] = valid[e] ? static_cast<int>(n0 + s) * K + k0 + kk : 0;
   }
   float v[kStagedPerThread], aux[kStagedPerThread];
   gather_raw<Kind>(in, idx, v, aux);
@@ -216,6 +226,35 @@ __device__ __forceinline__ void store_output(const Output& o, int split, int64_t
   }
 }
 
+// Sums each of V values over the warp's lanes (V a power of two up to kWarp): halving
+// exchanges, each sending half of a lane's values to its partner, take V - 1 shuffles plus
+// one per offset left, against 5 per value for separate butterflies (which made the
+// reductions, not the products, most of the rows kernels' instructions at K = R). Lane l
+// returns the total of value l / (kWarp / V); every value's sum runs in a fixed order.
+template <int N, int Offset, int V>
+__device__ __forceinline__ float halving_sums(float (&v)[V], int lane) {
+  if constexpr (N > 1) {  // compile-time indices throughout, so v stays in registers
+    const bool upper = (lane & Offset) != 0;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const float send = upper ? v[i] : v[i + N / 2];
+      const float keep = upper ? v[i + N / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, Offset);
+    }
+    return halving_sums<N / 2, Offset / 2>(v, lane);
+  } else {
+#pragma unroll
+    for (int offset = Offset; offset > 0; offset /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    return v[0];
+  }
+}
+
+template <int V>
+__device__ __forceinline__ float warp_transpose_sum(float (&v)[V], int lane) {
+  static_assert(V >= 1 && V <= kWarp && (V & (V - 1)) == 0, "a power of two up to a warp");
+  return halving_sums<V, kWarp / 2>(v, lane);
+}
+
 // out[n, j] = sum_k in(n, k) * W[j, k], W (J, K) row-major. Block: kSamples samples
 // (blockIdx.z), kWarps * kRowsPerWarp rows (blockIdx.x), the k range of split
 // blockIdx.y (k_split values, staged kWidth at a time). A warp owns kRowsPerWarp
@@ -236,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, 
     rows[r] = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
     bias[r] = rows[r] < J ? bias_of<w_t>(o, b.split, rows[r]) : 0.f;
   }
-  float acc[kRowsPerWarp][kSamples] = {};
+  float acc[kRowsPerWarp * kSamples] = {};  // [r * kSamples + s]
   w_t w[kRowsPerWarp][kPerLane];
   const auto load_weights = [&](int k0, int kc) {
 #pragma unroll
@@ -255,19 +294,19 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, 
         const int kk = lane + i * kWarp;
         const float weight = kk < kc ? static_cast<float>(w[r][i]) : 0.f;  // the tile is 0 there too
 #pragma unroll
-        for (int s = 0; s < kSamples; ++s) acc[r][s] += weight * tile[s][kk];
+        for (int s = 0; s < kSamples; ++s) acc[r * kSamples + s] += weight * tile[s][kk];
       }
   };
   for_each_staged_chunk<Kind, kWidth>(tile, in, b, K, activation, gate, load_weights, compute);
+  constexpr int kValues = kRowsPerWarp * kSamples, kLanesPerValue = kWarp / kValues;
+  static_assert(kValues <= kWarp, "one value per lane at least");
+  const float total = warp_transpose_sum(acc, lane);
+  const int value = lane / kLanesPerValue, r = value / kSamples, s = value % kSamples;
+  float row_bias = 0.f;  // bias[r], selected without a runtime index into registers
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    if (rows[r] >= J) continue;
-#pragma unroll
-    for (int s = 0; s < kSamples; ++s) {
-      const float total = warp_sum(acc[r][s]);  // every lane holds it; lane s stores it
-      if (lane == s && s < b.ns) store_output(o, b.split, b.n0 + s, rows[r], J, total, bias[r], gate);
-    }
-  }
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) row_bias = rr == r ? bias[rr] : row_bias;
+  const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
+  if (lane % kLanesPerValue == 0 && j < J && s < b.ns) store_output(o, b.split, b.n0 + s, j, J, total, row_bias, gate);
 }
 
 // out[n, j] = sum_k in(n, k) * W[k, j], W (K, J) row-major. Block: kSamples samples
@@ -360,11 +399,12 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
   float acc[kWeightGradRows] = {};
   for (int64_t nb = 0; nb < N; nb += kWeightGradBatch) {
     const int nc = static_cast<int>(min(static_cast<int64_t>(kWeightGradBatch), N - nb));
-    int64_t b_idx[kWeightGradBatch];
+    int b_idx[kWeightGradBatch];
 #pragma unroll
-    for (int nn = 0; nn < kWeightGradBatch; ++nn) b_idx[nn] = nn < nc && j < q.J ? (nb + nn) * q.J + j : 0;
+    for (int nn = 0; nn < kWeightGradBatch; ++nn)
+      b_idx[nn] = nn < nc && j < q.J ? static_cast<int>(nb + nn) * q.J + j : 0;
     const bool has_a = a_n < nc && a_t < rows;
-    const int64_t a_idx[1] = {has_a ? (nb + a_n) * q.I + i0 + a_t : 0};
+    const int a_idx[1] = {has_a ? static_cast<int>(nb + a_n) * q.I + i0 + a_t : 0};
     float b_values[kWeightGradBatch], b_aux[kWeightGradBatch], a_value[1], a_aux[1];
     gather_raw<BKind>(q.b, b_idx, b_values, b_aux);
     gather_raw<AKind>(q.a, a_idx, a_value, a_aux);
@@ -376,6 +416,7 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
     if (threadIdx.x < kWeightGradBatch * kWeightGradRows)
       a_tile[a_n][a_t] = has_a ? finish_input<AKind>(q.a, a_value[0], a_aux[0], 0, false, activation, gate) : 0.f;
     __syncthreads();
+#pragma unroll 8
     for (int nn = 0; nn < nc; ++nn) {
       const float bv = b_tile[nn][threadIdx.x];
 #pragma unroll
@@ -399,7 +440,7 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
 // pooled, fc2's from dv (Layer2AKind: kGateGrad forms it from ds and the saved scale,
 // kPlain reads it) and act(hidden).
 template <typename w_t, int Layer2AKind>
-__global__ void __launch_bounds__(kThreads) weight_gradients_cuda_kernel(WeightGradProblem layer0,
+__global__ void __launch_bounds__(kThreads, 3) weight_gradients_cuda_kernel(WeightGradProblem layer0,
                                                                          WeightGradProblem layer1, int64_t N,
                                                                          int activation, int gate) {
   __shared__ float b_tile[kWeightGradBatch][kThreads];
@@ -456,7 +497,8 @@ Input input_of(const at::Tensor& a, const at::Tensor* aux = nullptr) {
 
 }  // namespace
 
-bool excitation_kernels_apply(const at::Tensor& pooled, std::initializer_list<const at::Tensor*> params) {
+bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
+                              std::initializer_list<const at::Tensor*> params) {
   const char* env = std::getenv("SE_FUSED_CUDA_MLP");
   if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
   TORCH_CHECK_VALUE(env == nullptr || *env == '\0' || std::strcmp(env, "kernels") == 0,
@@ -464,6 +506,7 @@ bool excitation_kernels_apply(const at::Tensor& pooled, std::initializer_list<co
   if (pooled.scalar_type() != at::kFloat) return false;  // float64 inputs keep the ATen ops
   // Grid limits (65535): sample groups along gridDim.z, weight-gradient row groups along gridDim.y.
   if (pooled.size(0) > int64_t(65535) * kSamples || pooled.size(1) > int64_t(65535) * kWeightGradRows) return false;
+  if (p.N * std::max(p.C, p.R) >= INT_MAX) return false;  // 32-bit indices into (N, C) and (N, R) (gather_raw)
   const at::ScalarType dtype = (*params.begin())->scalar_type();
   return std::all_of(params.begin(), params.end(), [&](const at::Tensor* t) {
     return t->scalar_type() == dtype && t->numel() < (INT_MAX / 2);

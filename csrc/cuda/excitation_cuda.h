@@ -18,10 +18,12 @@
 namespace se_fused {
 namespace cuda {
 
-// True when the kernels serve this call: float32 accumulation and the given
-// parameters all in one dtype. SE_FUSED_CUDA_MLP=aten sends every call to the
-// ATen ops instead (to compare the two; the tests run both).
-bool excitation_kernels_apply(const at::Tensor& pooled, std::initializer_list<const at::Tensor*> params);
+// True when the kernels serve this call: float32 accumulation, the given
+// parameters all in one dtype, and sizes within the kernels' grid and 32-bit index
+// limits. SE_FUSED_CUDA_MLP=aten sends every call to the ATen ops instead (to
+// compare the two; the tests run both).
+bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
+                              std::initializer_list<const at::Tensor*> params);
 
 // hidden (N, R) = W1 pooled + b1 (pre-activation); scale (N, C) = gate(W2 act(hidden) + b2).
 // pooled, hidden, scale: contiguous float32; N > 0.

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -265,27 +266,62 @@ struct ElementChannel {
   }
 };
 
+// The per-channel values (the scale, dz/P) of the V elements of a vector that starts at
+// `within_sample` in its sample; row = the sample's C values. With channel runs
+// (channels_last and C % V == 0: V consecutive channels from a multiple of V; NCHW and
+// P % V == 0: one channel) they take a few wide loads instead of V scalar ones: with V
+// scalar loads per 16 bytes of data, scale_backward_vec_kernel (two such arrays) ran at
+// 44% of copy bandwidth at conv2_x on an H200 and scale_forward_vec_kernel at 77%
+// (benchmarks/results/*-3c2a7b3-gpu_check.log).
+template <int V, bool kChannelsLast, typename acc_t, typename index_t>
+__device__ __forceinline__ void channel_values(const acc_t* __restrict__ row, index_t within_sample, index_t C,
+                                               index_t P, bool runs, acc_t (&v)[V]) {
+  if (runs && kChannelsLast) {
+    const acc_t* run = row + within_sample % C;  // V-aligned: C and the start are multiples of V
+    if constexpr (std::is_same_v<acc_t, float> && V % 4 == 0) {
+#pragma unroll
+      for (int q = 0; q < V / 4; ++q) {
+        const float4 f = reinterpret_cast<const float4*>(run)[q];
+        v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = run[e];
+    }
+  } else if (runs) {
+    const acc_t value = row[within_sample / P];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = value;
+  } else {
+    ElementChannel<index_t, kChannelsLast> ch(within_sample, C, P);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      v[e] = row[ch.c];
+      ch.advance(C, P);
+    }
+  }
+}
+
 // out = x * s (+ residual, ReLU), 16 bytes per thread and step; C*P is a
 // multiple of the vector, so a vector never spans two samples.
 template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kTwoPassThreads) scale_forward_vec_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, const acc_t* __restrict__ scale,
-    scalar_t* __restrict__ out, index_t vectors, index_t C, index_t P) {
+    scalar_t* __restrict__ out, index_t vectors, index_t C, index_t P, bool runs) {
   constexpr int V = Vec16<scalar_t>::kSize;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
     const index_t e0 = i * V, n = e0 / (C * P);
-    ElementChannel<index_t, kChannelsLast> ch(e0 - n * C * P, C, P);
-    const acc_t* s = scale + n * C;
     const Vec16<scalar_t> xv = load16(x + e0);
     Vec16<scalar_t> rv{}, ov;
     if (residual != nullptr) rv = load16(residual + e0);
+    acc_t s[V];
+    channel_values<V, kChannelsLast>(scale + n * C, e0 - n * C * P, C, P, runs, s);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      acc_t y = static_cast<acc_t>(xv.v[e]) * s[ch.c];
+      acc_t y = static_cast<acc_t>(xv.v[e]) * s[e];
       if (residual != nullptr) y = relu_keep_nan(y + static_cast<acc_t>(rv.v[e]));
       ov.v[e] = static_cast<scalar_t>(y);
-      ch.advance(C, P);
     }
     store16(out + e0, ov);
   }
@@ -295,15 +331,15 @@ template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLas
 __global__ void __launch_bounds__(kTwoPassThreads) scale_backward_vec_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out, const acc_t* __restrict__ scale,
     const acc_t* __restrict__ dz_over_p, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_residual,
-    index_t vectors, index_t C, index_t P) {
+    index_t vectors, index_t C, index_t P, bool runs) {
   constexpr int V = Vec16<scalar_t>::kSize;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
     const index_t e0 = i * V, n = e0 / (C * P);
-    ElementChannel<index_t, kChannelsLast> ch(e0 - n * C * P, C, P);
-    const acc_t* s = scale + n * C;
-    const acc_t* d = dz_over_p + n * C;
     Vec16<scalar_t> gv = load16(grad_out + e0), dx;
+    acc_t s[V], d[V];
+    channel_values<V, kChannelsLast>(scale + n * C, e0 - n * C * P, C, P, runs, s);
+    channel_values<V, kChannelsLast>(dz_over_p + n * C, e0 - n * C * P, C, P, runs, d);
     if (out != nullptr) {
       const Vec16<scalar_t> ov = load16(out + e0);
 #pragma unroll
@@ -312,12 +348,16 @@ __global__ void __launch_bounds__(kTwoPassThreads) scale_backward_vec_kernel(
       store16(grad_residual + e0, gv);
     }
 #pragma unroll
-    for (int e = 0; e < V; ++e) {
-      dx.v[e] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[e]) * s[ch.c] + d[ch.c]);
-      ch.advance(C, P);
-    }
+    for (int e = 0; e < V; ++e) dx.v[e] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[e]) * s[e] + d[e]);
     store16(grad_x + e0, dx);
   }
+}
+
+// Whether the vector kernels may load each vector's per-channel values as a run
+// (channel_values): the layout's condition, and the arrays aligned for the wide loads.
+bool channel_runs(const SEProblem& p, int vector_size, std::initializer_list<const void*> per_channel) {
+  const bool layout = p.channels_last ? p.C % vector_size == 0 : p.P % vector_size == 0;
+  return layout && std::all_of(per_channel.begin(), per_channel.end(), [](const void* a) { return aligned16(a); });
 }
 
 int elementwise_blocks(int64_t total) {
@@ -595,7 +635,7 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
     using acc_t = at::opmath_type<scalar_t>;
     launch_channel_sums<scalar_t, acc_t>(p, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
                                          pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(p.P), stream);
-    if (excitation_kernels_apply(pooled, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias})) {
+    if (excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias})) {
       excitation_forward_kernels(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, scale, p, stream);
     } else {
       std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
@@ -611,7 +651,8 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
         scale_forward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
             <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-                static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+                static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P),
+                channel_runs(p, V, {scale.const_data_ptr()}));
       } else {
         scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
             <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
@@ -648,7 +689,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                         {grad_out.const_data_ptr(), x.const_data_ptr(), out_ptr, grad_x.const_data_ptr(), gres_ptr});
   }
   // The MLP kernels (excitation_cuda.h) unless the parameters' dtypes or SE_FUSED_CUDA_MLP say ATen.
-  const bool mlp_kernels = excitation_kernels_apply(pooled, {&fc1_weight, &fc2_weight});
+  const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc2_weight});
   at::Tensor dv, du, ds;
   if (plan.use) {
     dv = at::empty({p.N, p.C}, pooled.options());
@@ -698,7 +739,8 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                 <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
                     grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
                     dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
-                    static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+                    static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P),
+                    channel_runs(p, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}));
           } else {
             scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
                 <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
