@@ -65,9 +65,9 @@ def variants(device: torch.device) -> List[tuple]:
     if device.type == "cuda":
         fused = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"})] \
             if "cuda" in usable else []
-        # Triton as shipped (the batch in L2-sized chunks, an MLP per chunk) and in one chunk
-        # (one MLP over the batch; pass 2 then re-reads x from HBM instead of L2).
-        fused += [("triton", "triton", {}), ("triton/one-chunk", "triton", {"triton_chunk_bytes": 0})] \
+        # Triton as shipped (the whole batch in one chunk: one MLP over the batch) and in
+        # L2-sized chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP).
+        fused += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"})] \
             if "triton" in usable else []
     else:
         fused = [("cpu", "cpu", {})] if "cpu" in usable else []
@@ -77,7 +77,7 @@ def variants(device: torch.device) -> List[tuple]:
 def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
-    budget (``SE_FUSED_TRITON_CHUNK_BYTES``; 0: the whole batch in one chunk)."""
+    budget (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
     if settings.get("mlp") is None:
         os.environ.pop("SE_FUSED_CUDA_MLP", None)
     else:

@@ -253,6 +253,22 @@ def test_split_reductions_and_chunks(split_case, memory_format, residual, monkey
         assert torch.equal(chunked[name], t), f"{name} changed when the batch was processed in chunks"
 
 
+def test_chunk_budget(monkeypatch):
+    """The batch is one chunk unless a budget is set: bytes (at least one sample per chunk), or "l2"
+    (half of the device's L2; off a GPU, half of an H100's)."""
+    from se_fused.triton import _common
+    device = torch.device("cpu")
+    monkeypatch.setattr(_common, "CHUNK_BYTES_OVERRIDE", None)
+    assert _common.samples_per_chunk(256, 10 << 20, device) == 256
+    monkeypatch.setattr(_common, "CHUNK_BYTES_OVERRIDE", 0)
+    assert _common.samples_per_chunk(256, 10 << 20, device) == 256
+    monkeypatch.setattr(_common, "CHUNK_BYTES_OVERRIDE", 30 << 20)
+    assert _common.samples_per_chunk(256, 10 << 20, device) == 3
+    assert _common.samples_per_chunk(256, 100 << 20, device) == 1
+    monkeypatch.setattr(_common, "CHUNK_BYTES_OVERRIDE", "l2")
+    assert _common.samples_per_chunk(256, 1 << 20, device) == _common.DEFAULT_CHUNK_BYTES // (1 << 20)
+
+
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -29,18 +29,23 @@ INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACTIVATION_CODES = {"relu": 0, "silu": 1}
 GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 
-# Batch chunking (two-pass path): the samples whose re-read bytes fit in this
-# fraction of L2 are processed together, so that pass 2 re-reads them from L2.
+# Batch chunking (two-pass path). By default the whole batch is one chunk: one MLP
+# over the batch, pass 2 re-reading from HBM. Chunks sized to half of L2 (so that pass
+# 2 re-reads from L2; the default until the H200 profile at 3c2a7b3) cost more in
+# per-chunk MLP launches than they saved: forward device time 1.18 / 0.47 / 0.26 /
+# 0.21 ms in chunks against 0.41 / 0.22 / 0.14 / 0.17 ms in one chunk at conv2_x-conv5_x
+# (batch 256, bf16, channels_last), and 56 / 28 / 16 / 8 launches against 4
+# (benchmarks/results/2026-11-26-h200-3c2a7b3-gpu_check.log).
 CHUNK_L2_FRACTION = 0.5
-# The budget when the device reports no L2 size (half of an H100's 50 MB), and under the
-# interpreter (no cache to fit; a large budget keeps CPU runs to few launches).
+# The L2 budget when the device reports no L2 size (half of an H100's 50 MB).
 DEFAULT_CHUNK_BYTES = 25 << 20
-# Replaces the L2-derived chunk budget (re-read bytes per chunk); 0 or less: the
-# whole batch in one chunk. From SE_FUSED_TRITON_CHUNK_BYTES, for measuring the trade-off
-# on a GPU (each chunk costs four kernel launches, see ops.py); tests set it to force
-# one-sample chunks on small tensors.
-CHUNK_BYTES_OVERRIDE: Optional[int] = (int(os.environ["SE_FUSED_TRITON_CHUNK_BYTES"])
-                                       if os.environ.get("SE_FUSED_TRITON_CHUNK_BYTES") else None)
+# SE_FUSED_TRITON_CHUNK_BYTES: a budget of re-read bytes per chunk (an int; 0 or less,
+# or unset: the whole batch), or "l2" for CHUNK_L2_FRACTION of the device's L2. Tests
+# set it to force one-sample chunks on small tensors.
+CHUNK_BYTES_OVERRIDE: Optional[Union[int, str]] = None
+_chunk_env = os.environ.get("SE_FUSED_TRITON_CHUNK_BYTES", "").strip()
+if _chunk_env:
+    CHUNK_BYTES_OVERRIDE = _chunk_env if _chunk_env == "l2" else int(_chunk_env)
 # SE_FUSED_TRITON_AUTOTUNE=1: the element-wise kernels pick their tile by timing
 # (see elementwise_autotune_configs); never under the interpreter.
 AUTOTUNE: bool = os.environ.get("SE_FUSED_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETED
@@ -213,21 +218,21 @@ def _l2_bytes(device_index: int) -> int:
 def samples_per_chunk(n: int, reread_bytes_per_sample: int, device: torch.device) -> int:
     """Samples processed together by the two-pass path (at least 1, at most ``n``).
 
-    ``reread_bytes_per_sample``: the bytes of one sample that pass 2 reads again
-    (x in the forward; grad_out, and the saved output in the residual form, in
-    the backward, where pass 1 streams x with an evict-first hint). A chunk's
-    re-read bytes fit in :data:`CHUNK_L2_FRACTION` of L2, so pass 2 finds them there.
+    The whole batch unless :data:`CHUNK_BYTES_OVERRIDE` sets a budget of
+    ``reread_bytes_per_sample`` (the bytes of one sample that pass 2 reads again:
+    x in the forward; grad_out, and the saved output in the residual form, in
+    the backward) per chunk; ``"l2"``: :data:`CHUNK_L2_FRACTION` of the
+    device's L2, so that pass 2 finds a chunk there.
     """
-    if CHUNK_BYTES_OVERRIDE is not None:
-        if CHUNK_BYTES_OVERRIDE <= 0:
-            return max(1, n)
-        budget = CHUNK_BYTES_OVERRIDE
-    elif device.type == "cuda" and not INTERPRETED and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        budget = int(_l2_bytes(index) * CHUNK_L2_FRACTION) or DEFAULT_CHUNK_BYTES
-    else:
+    budget = CHUNK_BYTES_OVERRIDE
+    if budget is None or (isinstance(budget, int) and budget <= 0):
+        return max(1, n)
+    if budget == "l2":
         budget = DEFAULT_CHUNK_BYTES
-    return max(1, min(n, budget // max(1, reread_bytes_per_sample)))
+        if device.type == "cuda" and not INTERPRETED and torch.cuda.is_available():
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            budget = int(_l2_bytes(index) * CHUNK_L2_FRACTION) or DEFAULT_CHUNK_BYTES
+    return max(1, min(n, int(budget) // max(1, reread_bytes_per_sample)))
 
 
 @triton.jit

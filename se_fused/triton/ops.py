@@ -8,12 +8,13 @@ behaviour and autograd formula as the compiled ``se_fused::`` ops (_ops.py).
   hidden, scale, activation, gate) -> (grad_x, grad_residual, grad_fc1_weight, grad_fc1_bias,
   grad_fc2_weight, grad_fc2_bias)``; ``grad_residual`` is empty (shape ``[0]``) without ``out``.
 
-Both run the two-pass path over the batch in chunks (see
-:func:`se_fused.triton._common.samples_per_chunk`): per chunk, pass 1 reduces
-over ``H·W`` (channel_reduce.py), the MLP runs batched over the chunk's samples
-(batched_linear.py), and pass 2 re-reads the chunk — still in L2 on a GPU —
-to write the output (excite_forward.py / excite_backward.py). The weight
-gradients are reduced over the whole batch at the end (weight_grad.py).
+Both run the two-pass path over the batch, in one chunk unless a budget is set
+(see :func:`se_fused.triton._common.samples_per_chunk`): per chunk, pass 1
+reduces over ``H·W`` (channel_reduce.py), the MLP runs batched over the chunk's
+samples (batched_linear.py), and pass 2 re-reads the chunk (from L2 when the
+chunks are sized for it) to write the output (excite_forward.py /
+excite_backward.py). The weight gradients are reduced over the whole batch at
+the end (weight_grad.py).
 """
 from typing import Optional, Tuple
 
