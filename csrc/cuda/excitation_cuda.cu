@@ -17,8 +17,8 @@
 //   issue-bound (6 cycles per issued instruction, 25% occupancy by registers),
 //   most of their instructions the per-value butterflies.
 // - v5 (not yet measured): one transposing reduction per warp
-//   (warp_transpose_sum), 32-bit indices, the weight-gradient kernel at three
-//   blocks per SM.
+//   (warp_transpose_sum), 16-byte shared loads feeding 4 FMAs in the rows
+//   kernels, 32-bit indices, the weight-gradient kernel at three blocks per SM.
 // A block handles kSamples samples, so each weight is read from L2 once per
 // block. Sums run in a fixed order (reduction trees, warps in order, splits in
 // order, samples in order): bitwise reproducible.
@@ -258,14 +258,16 @@ __device__ __forceinline__ float warp_transpose_sum(float (&v)[V], int lane) {
 // out[n, j] = sum_k in(n, k) * W[j, k], W (J, K) row-major. Block: kSamples samples
 // (blockIdx.z), kWarps * kRowsPerWarp rows (blockIdx.x), the k range of split
 // blockIdx.y (k_split values, staged kWidth at a time). A warp owns kRowsPerWarp
-// rows, its lanes across k (coalesced weight reads, all of a chunk's in flight at
-// once); the lanes' sums meet in a butterfly.
+// rows; a lane owns groups of 4 consecutive k (one 16-byte shared load per sample
+// feeds 4 FMAs: ncu had the rows kernels issue-bound), all of a chunk's weight
+// loads in flight at once; the lanes' sums meet in one transposing reduction.
 template <typename w_t, int kRowsPerWarp, int Kind, int kWidth>
 __global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                    int64_t N, int J, int K, int k_split,
                                                                    int activation, int gate) {
-  constexpr int kPerLane = kWidth / kWarp;
-  __shared__ float tile[kSamples][kWidth];
+  constexpr int kGroups = kWidth / (4 * kWarp);  // groups of 4 k per lane in a staged piece
+  static_assert(kWidth % (4 * kWarp) == 0, "whole groups of 4 per lane");
+  __shared__ alignas(16) float tile[kSamples][kWidth];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const BlockSpan b(in, N, K, k_split);
   int rows[kRowsPerWarp];
@@ -276,26 +278,41 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, 
     bias[r] = rows[r] < J ? bias_of<w_t>(o, b.split, rows[r]) : 0.f;
   }
   float acc[kRowsPerWarp * kSamples] = {};  // [r * kSamples + s]
-  w_t w[kRowsPerWarp][kPerLane];
+  w_t w[kRowsPerWarp][kGroups][4];
+  // The first k of group g of this lane (within the staged piece).
+  const auto group_k = [&](int g) { return (g * kWarp + lane) * 4; };
   const auto load_weights = [&](int k0, int kc) {
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int kk = lane + i * kWarp;
-        w[r][i] = W[rows[r] < J && kk < kc ? static_cast<int64_t>(rows[r]) * K + k0 + kk : 0];
-      }
+      for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int kk = group_k(g) + q;
+          w[r][g][q] = W[rows[r] < J && kk < kc ? static_cast<int64_t>(rows[r]) * K + k0 + kk : 0];
+        }
   };
   const auto compute = [&](int, int kc) {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r)
+    for (int g = 0; g < kGroups; ++g) {
+      float4 staged[kSamples];
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int kk = lane + i * kWarp;
-        const float weight = kk < kc ? static_cast<float>(w[r][i]) : 0.f;  // the tile is 0 there too
+      for (int s = 0; s < kSamples; ++s) staged[s] = *reinterpret_cast<const float4*>(&tile[s][group_k(g)]);
 #pragma unroll
-        for (int s = 0; s < kSamples; ++s) acc[r * kSamples + s] += weight * tile[s][kk];
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        float weight[4];  // 0 past kc (the tile is 0 there too)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) weight[q] = group_k(g) + q < kc ? static_cast<float>(w[r][g][q]) : 0.f;
+#pragma unroll
+        for (int s = 0; s < kSamples; ++s) {
+          float& a = acc[r * kSamples + s];
+          a = fmaf(weight[0], staged[s].x, a);
+          a = fmaf(weight[1], staged[s].y, a);
+          a = fmaf(weight[2], staged[s].z, a);
+          a = fmaf(weight[3], staged[s].w, a);
+        }
       }
+    }
   };
   for_each_staged_chunk<Kind, kWidth>(tile, in, b, K, activation, gate, load_weights, compute);
   constexpr int kValues = kRowsPerWarp * kSamples, kLanesPerValue = kWarp / kValues;
