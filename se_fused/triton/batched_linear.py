@@ -95,7 +95,12 @@ def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, 
         # Masked k have a finite a and W = 0, so they add nothing.
         w = tl.load(w_ptr + j[:, None] * stride_wj + k[None, :] * stride_wk,
                     mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
-        acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        if ACC_FP64:
+            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        else:
+            # float32 products (input_precision="ieee", not TF32) as a register-tiled dot instead
+            # of a [BLOCK_N, BLOCK_J, BLOCK_K] broadcast product reduced over k.
+            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
 
     if OUT_BIAS:
         acc += tl.load(bias_ptr + j, mask=j_mask, other=0.0).to(acc_dtype)[None, :]
