@@ -30,13 +30,13 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <type_traits>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../squeeze_excitation.h"
 #include "cluster.h"
