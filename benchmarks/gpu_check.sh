@@ -156,11 +156,13 @@ if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
     --output-dir "$WORK/train"
 fi
 
-# --- 6b. Nsight Compute on the excitation-MLP and weight-gradient kernels (conv5_x, the
-# shape where they cost most): where a latency-bound kernel's warps wait. Into the log.
+# --- 6b. Nsight Compute on one forward+backward's MLP, weight-gradient and scale kernels
+# at conv5_x (where the MLP costs most): where the warps wait, and whether the scale
+# kernels' per-channel loads are wide (channel_values). Into the log.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
-  step ncu 60 "$NCU" -k "regex:excitation_|weight_gradients" -c 5 --section SpeedOfLight --section Occupancy \
+  step ncu 60 "$NCU" -k "regex:excitation_|weight_gradients|scale_(forward|backward)_vec" -c 7 \
+    --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
     --passes forward+backward --calls 1 --out "$WORK" --json-name ncu-profile.json
 fi

@@ -205,3 +205,11 @@ def test_profile_rows(tmp_path):
         assert row["top"] and all(k["us_per_call"] >= 0 for k in row["top"])
     # The fused forward is one op, named as registered.
     assert any("se_fused::squeeze_excitation_forward" in k["name"] for k in rows[("forward", "cpu")]["top"])
+
+
+def test_gpu_check_script_parses():
+    """benchmarks/gpu_check.sh, which only a GPU machine runs in full, is valid bash (its
+    rehearsal, ``--dry-run``, takes minutes and is run by hand before a GPU session)."""
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
