@@ -63,6 +63,9 @@ skip() { SUMMARY+=("$(printf '%-14s %-14s %s' "$1" "skipped" "$2")"); echo "=== 
 
 left() { echo $(( BUDGET - $(elapsed) )); }
 
+# keep FILE...: copy what a step wrote from the work folder to $OUT_DIR (8 files in all, see above).
+keep() { local f; for f in "$@"; do [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT_DIR/"; done; return 0; }
+
 if [[ $DRY_RUN -eq 1 ]]; then
   DEVICE_ARGS=(--device cpu)
   SANITIZE=()
@@ -121,7 +124,7 @@ fi
 # Host vs device time per call, and the MLP as kernels vs ATen ops, side by side (profile.json).
 if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv5_x --calls 5); else PROFILE_ARGS=(--device cuda); fi
 step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
-for f in profile.json block.png network.png; do [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT_DIR/"; done
+keep profile.json block.png network.png
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------
 for tool in memcheck racecheck; do
@@ -146,8 +149,9 @@ for extra in nchw compile; do
                 --residual no --passes forward+backward); fi
   step "bench-$extra" $(( $(left) - 60 )) "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" "${EXTRA_ARGS[@]}" \
     --out "$WORK" --json-name "block-$extra.json" --no-progress
-  for f in "$WORK"/block-"$extra".json "$WORK"/block-nchw.png; do [[ -f "$f" ]] && cp "$f" "$OUT_DIR/"; done
+  keep "block-$extra.json"
 done
+keep block-nchw.png
 
 # --- 6. a short training run on the GPU (the DDP entry point, single process) ----
 if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then

@@ -61,6 +61,35 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// Sums each of V values over the warp's lanes (V a power of two up to kWarp): halving
+// exchanges, each sending half of a lane's values to its partner, take V - 1 shuffles plus
+// one per offset left, against 5 per value for separate butterflies (the excitation
+// rows kernels' reductions, where they were most of the instructions at K = R). Lane l
+// returns the total of value l / (kWarp / V); every value's sum runs in a fixed order.
+template <int N, int Offset, int V>
+__device__ __forceinline__ float halving_sums(float (&v)[V], int lane) {
+  if constexpr (N > 1) {  // compile-time indices throughout, so v stays in registers
+    const bool upper = (lane & Offset) != 0;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const float send = upper ? v[i] : v[i + N / 2];
+      const float keep = upper ? v[i + N / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, Offset);
+    }
+    return halving_sums<N / 2, Offset / 2>(v, lane);
+  } else {
+#pragma unroll
+    for (int offset = Offset; offset > 0; offset /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    return v[0];
+  }
+}
+
+template <int V>
+__device__ __forceinline__ float warp_transpose_sum(float (&v)[V], int lane) {
+  static_assert(V >= 1 && V <= kWarp && (V & (V - 1)) == 0, "a power of two up to a warp");
+  return halving_sums<V, kWarp / 2>(v, lane);
+}
+
 // 16 bytes of `T`, loaded and stored as one access.
 template <typename T>
 struct alignas(16) Vec16 {
