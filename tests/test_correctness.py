@@ -197,13 +197,17 @@ def test_two_dimensional_weights(se_device_backend, residual, se_inputs):
         torch.testing.assert_close(two_d[name].reshape(t.shape), t, rtol=0, atol=0, msg=name)
 
 
+def _cpu_backend_or_skip():
+    if "cpu" not in se_fused.available_backends():
+        pytest.skip("backend 'cpu' not built")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_cpu_backend_is_deterministic(dtype, memory_format, residual, se_inputs):
     """Backend "cpu": the same inputs give bitwise the same output and gradients (run twice, all threads)."""
-    if "cpu" not in se_fused.available_backends():
-        pytest.skip("backend 'cpu' not built")
+    _cpu_backend_or_skip()
     inputs = se_inputs(STAGE_SHAPES[0], dtype, memory_format, "cpu", residual)
     first = backend_se(inputs, "cpu")
     second = backend_se(inputs, "cpu")
@@ -217,8 +221,7 @@ def test_cpu_backend_is_deterministic(dtype, memory_format, residual, se_inputs)
 def test_cpu_backend_independent_of_thread_count(shape, memory_format, residual, se_inputs):
     """Backend "cpu": 1, 2 and 3 threads give bitwise the same output and gradients (every sum is cut into
     fixed blocks reduced in a fixed order, whoever computes them)."""
-    if "cpu" not in se_fused.available_backends():
-        pytest.skip("backend 'cpu' not built")
+    _cpu_backend_or_skip()
     inputs = se_inputs(shape, torch.float32, memory_format, "cpu", residual)
     threads = torch.get_num_threads()
     try:
@@ -231,6 +234,43 @@ def test_cpu_backend_independent_of_thread_count(shape, memory_format, residual,
     for n in (2, 3):
         for name in results[1]:
             assert torch.equal(results[1][name], results[n][name]), f"{name}: {n} threads differ from 1"
+
+
+# The CPU kernel's two cache settings (csrc/cpu/squeeze_excitation_cpu.cpp,
+# kCacheBudgetBytes), read per call: at the test shapes the defaults take one
+# chunk and plain stores, so these force the other paths.
+CPU_CACHE_SETTINGS = {"streamed-outputs": {"SE_FUSED_CPU_STREAM_BYTES": "0"},
+                      "one-sample-chunks": {"SE_FUSED_CPU_CHUNK_BYTES": "1"}}
+
+
+@pytest.mark.parametrize("setting", list(CPU_CACHE_SETTINGS))
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpu_backend_cache_paths(setting, se_odd_shape, se_dtype, memory_format, residual, se_inputs, monkeypatch,
+                                 request):
+    """Backend "cpu" with streaming stores for every output, or one sample per chunk, on the odd shapes
+    (rows shorter than a cache line, rows with partial lines at both ends, N = 1-3)."""
+    _cpu_backend_or_skip()
+    for name, value in CPU_CACHE_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    check_backend(se_inputs(se_odd_shape, se_dtype, memory_format, "cpu", residual), "cpu", request=request)
+
+
+@pytest.mark.parametrize("shape", [STAGE_SHAPES[0], STAGE_SHAPES[3], SEShape(3, 37, 3, 7, 7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpu_streaming_changes_no_value(shape, dtype, memory_format, residual, se_inputs, monkeypatch):
+    """Backend "cpu": streaming stores change where bytes go, never a value: bitwise the same results."""
+    _cpu_backend_or_skip()
+    inputs = se_inputs(shape, dtype, memory_format, "cpu", residual)
+    results = {}
+    for threshold in ("0", str(1 << 60)):
+        monkeypatch.setenv("SE_FUSED_CPU_STREAM_BYTES", threshold)
+        results[threshold] = backend_se(inputs, "cpu")
+    streamed, plain = results.values()
+    for name in plain:
+        assert torch.equal(streamed[name], plain[name]), f"{name} differs when the outputs are streamed"
 
 
 def test_backends_under_test_include_eager_and_cpu():

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -81,6 +82,73 @@ void map_row(const F& f, T* out, int64_t n, const In*... in) {
   int64_t k = 0;
   for (; k + L <= n; k += L) f(Vec<T>::loadu(in + k)...).store(out + k);
   if (k < n) store_partial(f(load_partial(in + k, n - k)...), out + k, n - k);
+}
+
+// Non-temporal ("streaming") stores write whole 64-byte lines to memory
+// without first reading them into the cache (the read-for-ownership a plain
+// store pays, a third of a scale sweep's DRAM traffic) and without keeping
+// them there. They pay off for outputs too large to stay in the cache; a
+// thread that streams must `stream_fence()` before another thread may read.
+// Without AVX2 they are plain stores.
+template <typename T>
+void stream_store(const Vec<T>& v, T* p) {  // p aligned to the vector's size
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  static_assert(sizeof(Vec<T>) == 32);
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  _mm_sfence();
+#endif
+}
+
+// How many of the n elements at p come before its first 64-byte boundary (n
+// when p is not even aligned to its type, so nothing is streamed then).
+template <typename T>
+int64_t elements_before_line(const T* p, int64_t n) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  if (address % sizeof(T) != 0) return n;
+  return std::min<int64_t>(n, static_cast<int64_t>(((64 - address % 64) % 64) / sizeof(T)));
+}
+
+// map_row whose whole 64-byte lines of `out` are streamed (the partial lines
+// at either end, shared with the neighbouring rows, are plain stores).
+template <typename T, typename F, typename... In>
+void stream_row(const F& f, T* out, int64_t n, const In*... in) {
+  constexpr int64_t L = Vec<T>::size(), per_line = 64 / sizeof(T);
+  int64_t k = elements_before_line(out, n);
+  map_row<T>(f, out, k, in...);
+  for (; k + per_line <= n; k += per_line) {
+    for (int64_t v = 0; v < per_line; v += L) stream_store(f(Vec<T>::loadu(in + k + v)...), out + k + v);
+  }
+  map_row<T>(f, out + k, n - k, (in + k)...);
+}
+
+// at::vec::convert(src, dst, n) from the accumulation type to a 16-bit
+// storage type, with dst's whole 64-byte lines streamed.
+template <typename S, typename T>
+void stream_convert(const T* src, S* dst, int64_t n) {
+  static_assert(sizeof(S) == 2 && std::is_same_v<T, float>);
+  constexpr int64_t L = Vec<T>::size(), per_line = 64 / sizeof(S);
+  static_assert(per_line % Vec<S>::size() == 0 && Vec<S>::size() == 2 * L);
+  int64_t k = elements_before_line(dst, n);
+  at::vec::convert(src, dst, k);
+  for (; k + per_line <= n; k += per_line) {
+    for (int64_t v = 0; v < per_line; v += 2 * L)
+      stream_store(at::vec::convert_from_float<S>(Vec<T>::loadu(src + k + v), Vec<T>::loadu(src + k + v + L)),
+                   dst + k + v);
+  }
+  at::vec::convert(src + k, dst + k, n - k);
 }
 
 // map_row over n elements spread over the threads (pointwise: how the range is

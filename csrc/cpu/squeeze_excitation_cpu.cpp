@@ -12,16 +12,15 @@
 // (a chunk of 5 samples keeps 2 threads busy); partial sums are reduced in
 // block order, so results do not depend on the thread count and are bitwise
 // reproducible. Weight gradients are summed over the whole batch in sample order.
-// Tried and dropped on a 2-core EPYC VM: non-temporal stores for the outputs
-// (no write-allocate read), first through a staging buffer (conv4_x forward
-// scale sweep 425 against 289 us), then as a flat sweep of aligned vectors
-// over each block with the per-channel values blended in (NCHW conv4_x
-// forward+backward 1.5-1.6 against 1.3-1.4 ms, with or without streaming),
-// although a bare streamed 8-26 MB scale was 25-30% faster than a plain one.
-// Also no better: the second sweep walking each thread's share backwards (to
-// start in what the first sweep left in L2), chunk budgets of 2 or 16 MiB, and
-// non-temporal stores for the weight gradients (conv5_x backward 566-606
-// against 516-547 us).
+// Outputs larger than the cache budget are written with streaming stores,
+// row by row (see kCacheBudgetBytes). Tried and dropped on a 2-core EPYC VM:
+// streaming conv4_x's outputs, through a staging buffer (forward scale sweep
+// 425 against 289 us) or as a flat sweep of aligned vectors over each block
+// with the per-channel values blended in (NCHW forward+backward 1.5-1.6
+// against 1.3-1.4 ms, with or without streaming); the second sweep walking
+// each thread's share backwards (to start in what the first sweep left in
+// L2); chunk budgets of 2 or 16 MiB; and streaming the weight gradients
+// (conv5_x backward 566-606 against 516-547 us).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -65,29 +64,43 @@ class RowReader {
   std::vector<acc_t> buf_;
 };
 
-// A row to be written as storage, computed in the accumulation type.
+// Writes rows of storage elements computed in the accumulation type: in
+// place when the types agree, else through a buffer converted on the way out.
+// A streaming writer sends the rows' whole cache lines past the cache
+// (cpu::stream_store); its owner calls cpu::stream_fence() when done.
 template <typename scalar_t>
 class RowWriter {
  public:
   using acc_t = opmath<scalar_t>;
-  acc_t* open(scalar_t* dst, int64_t n) {
-    dst_ = dst;
-    n_ = n;
+  explicit RowWriter(bool stream) : stream_(stream) {}
+
+  // dst[k] = f(in[k]...) for k < n. Returns the values written, in the
+  // accumulation type (dst itself or the buffer): read them back only from a
+  // writer that does not stream.
+  template <typename F, typename... In>
+  const acc_t* write(const F& f, scalar_t* dst, int64_t n, const In*... in) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (stream_) {
+        cpu::stream_row<acc_t>(f, dst, n, in...);
+      } else {
+        cpu::map_row<acc_t>(f, dst, n, in...);
+      }
       return dst;
     } else {
       buf_.resize(n);
+      cpu::map_row<acc_t>(f, buf_.data(), n, in...);
+      if (stream_) {
+        cpu::stream_convert(buf_.data(), dst, n);
+      } else {
+        at::vec::convert(buf_.data(), dst, n);
+      }
       return buf_.data();
     }
   }
-  void commit() {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buf_.data(), dst_, n_);
-  }
 
  private:
+  bool stream_;
   std::vector<acc_t> buf_;
-  scalar_t* dst_ = nullptr;
-  int64_t n_ = 0;
 };
 
 // The ReLU of the residual epilogue lets the gradient through wherever its
@@ -204,89 +217,100 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
 }
 
 // out = x * s (+ residual, ReLU) for the samples [n0, n1); scale is (N, C).
+// `stream`: write out with streaming stores.
 template <typename scalar_t>
 void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x, const scalar_t* residual,
-                   const opmath<scalar_t>* scale, scalar_t* out) {
+                   const opmath<scalar_t>* scale, scalar_t* out, bool stream) {
   using acc_t = opmath<scalar_t>;
   using V = Vec<acc_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
     RowReader<scalar_t> rx, rr;
-    RowWriter<scalar_t> wo;
+    RowWriter<scalar_t> wo(stream);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const acc_t* xv = rx.read(x + off, len);
-      acc_t* ov = wo.open(out + off, len);
       if (p.channels_last) {  // a pixel's channels against the sample's scale vector
         const acc_t* sv = scale + n * p.C;
         if (residual) {
-          cpu::map_row<acc_t>([](V a, V s, V res) { return at::vec::maximum(a * s + res, V(0)); }, ov, len, xv, sv,
-                              rr.read(residual + off, len));
+          wo.write([](V a, V s, V res) { return at::vec::maximum(a * s + res, V(0)); }, out + off, len, xv, sv,
+                   rr.read(residual + off, len));
         } else {
-          cpu::map_row<acc_t>([](V a, V s) { return a * s; }, ov, len, xv, sv);
+          wo.write([](V a, V s) { return a * s; }, out + off, len, xv, sv);
         }
       } else {
         const V s(scale[n * p.C + r]);
         if (residual) {
-          cpu::map_row<acc_t>([s](V a, V res) { return at::vec::maximum(a * s + res, V(0)); }, ov, len, xv,
-                              rr.read(residual + off, len));
+          wo.write([s](V a, V res) { return at::vec::maximum(a * s + res, V(0)); }, out + off, len, xv,
+                   rr.read(residual + off, len));
         } else {
-          cpu::map_row<acc_t>([s](V a) { return a * s; }, ov, len, xv);
+          wo.write([s](V a) { return a * s; }, out + off, len, xv);
         }
       }
-      wo.commit();
     }
+    if (stream) cpu::stream_fence();
   });
 }
 
 // grad_x = g' * s + dz/P for the samples [n0, n1), and grad_residual = g'
 // (g' = grad_out masked by the ReLU output) when `out` is given. scale is
-// (N, C); dz_over_p is (n1 - n0, C).
+// (N, C); dz_over_p is (n1 - n0, C). `stream`: write grad_x with streaming
+// stores (grad_residual never: its row is read back at once for grad_x).
 template <typename scalar_t>
 void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* grad_out, const scalar_t* out,
                     const opmath<scalar_t>* scale, const opmath<scalar_t>* dz_over_p, scalar_t* grad_x,
-                    scalar_t* grad_res) {
+                    scalar_t* grad_res, bool stream) {
   using acc_t = opmath<scalar_t>;
   using V = Vec<acc_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
     RowReader<scalar_t> rg, ro;
-    RowWriter<scalar_t> wx, wr;
+    RowWriter<scalar_t> wx(stream), wr(false);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const acc_t* gv = rg.read(grad_out + off, len);
-      if (out) {
-        acc_t* masked = wr.open(grad_res + off, len);
-        cpu::map_row<acc_t>(relu_mask<V>, masked, len, gv, ro.read(out + off, len));
-        gv = masked;
-      }
-      acc_t* dx = wx.open(grad_x + off, len);
+      if (out) gv = wr.write(relu_mask<V>, grad_res + off, len, gv, ro.read(out + off, len));
       if (p.channels_last) {
-        cpu::map_row<acc_t>([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, dx, len, gv, scale + n * p.C,
-                            dz_over_p + (n - n0) * p.C);
+        wx.write([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, grad_x + off, len, gv, scale + n * p.C,
+                 dz_over_p + (n - n0) * p.C);
       } else {
         const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
-        cpu::map_row<acc_t>([s, d](V g) { return at::vec::fmadd(g, s, d); }, dx, len, gv);
+        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, grad_x + off, len, gv);
       }
-      wx.commit();
-      if (out) wr.commit();
     }
+    if (stream) cpu::stream_fence();
   });
+}
+
+// The share of the last-level cache the sweeps plan with: 8 MiB, a quarter of
+// a typical server LLC slice, leaving room for the outputs streaming past.
+// Samples are taken in chunks whose re-read bytes fit it (the second sweep
+// then reads them from the cache), and outputs larger than it are written
+// with streaming stores: a plain store first reads each line into the cache,
+// which only pays when the line is already there (an output buffer recycled
+// from a small previous call) or is read again soon from the cache. Measured
+// on the 2-core EPYC VM (32 MiB L3 slice, batch 8 fp32 NCHW, forward+backward
+// through the module): streaming took 21-23% off conv2_x/conv3_x (25.7 and
+// 12.8 MB outputs) and added 10-36% at conv4_x/conv5_x (6.4 and 3.2 MB).
+// SE_FUSED_CPU_CHUNK_BYTES and SE_FUSED_CPU_STREAM_BYTES override the two
+// uses (read per call).
+constexpr int64_t kCacheBudgetBytes = int64_t(8) << 20;
+
+int64_t bytes_setting(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && env[0] != '\0' ? std::max<int64_t>(0, std::atoll(env)) : kCacheBudgetBytes;
 }
 
 // Samples per chunk: as many as keep `bytes_per_sample` (the bytes the second
 // sweep reads again) within the cache budget, at least one.
-// SE_FUSED_CPU_CHUNK_BYTES overrides the budget (8 MiB: a share of a typical
-// last-level cache that leaves room for the outputs streaming past).
 int64_t samples_per_chunk(int64_t bytes_per_sample) {
-  static const int64_t budget = [] {
-    const char* env = std::getenv("SE_FUSED_CPU_CHUNK_BYTES");
-    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
-  }();
-  return std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_sample));
+  return std::max<int64_t>(1, bytes_setting("SE_FUSED_CPU_CHUNK_BYTES") / std::max<int64_t>(1, bytes_per_sample));
 }
+
+// Whether a call writing `output_bytes` of full-size outputs streams them.
+bool stream_outputs(int64_t output_bytes) { return output_bytes > bytes_setting("SE_FUSED_CPU_STREAM_BYTES"); }
 
 // H·W = 1 is NCHW and NHWC at once (the same bytes): read it as NHWC, one row
 // of C channels per sample, rather than C rows of one element.
@@ -324,6 +348,7 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
     acc_t* zp = pooled.mutable_data_ptr<acc_t>();
     acc_t* hp = hidden.mutable_data_ptr<acc_t>();
     acc_t* sp = scale.mutable_data_ptr<acc_t>();
+    const bool stream = stream_outputs(out.nbytes());
     std::vector<acc_t> act(std::min(chunk, p.N) * p.R), partial;
     const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
@@ -332,7 +357,7 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
       channel_sums<scalar_t>(p, n0, n1, xp, nullptr, nullptr, z, partial);
       for (int64_t i = 0; i < (n1 - n0) * p.C; ++i) z[i] *= inv_p;
       cpu::excitation_forward_rows<acc_t>(p, weights, z, n1 - n0, hp + n0 * p.R, act.data(), sp + n0 * p.C);
-      scale_forward<scalar_t>(p, n0, n1, xp, rp, sp, op);
+      scale_forward<scalar_t>(p, n0, n1, xp, rp, sp, op, stream);
     }
   });
   return {out, pooled, hidden, scale};
@@ -370,6 +395,7 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
     const acc_t* zp = pooled.const_data_ptr<acc_t>();
     const acc_t* hp = hidden.const_data_ptr<acc_t>();
     const acc_t* sp = scale.const_data_ptr<acc_t>();
+    const bool stream = stream_outputs(grad_x.nbytes());
     // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
     std::vector<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C), partial;
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
@@ -378,7 +404,7 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
       cpu::excitation_backward_rows<acc_t>(p, weights, ds.data(), hp + n0 * p.R, sp + n0 * p.C, g,
                                            dv.data() + n0 * p.C, dh.data(), du.data() + n0 * p.R, dz.data());
       for (int64_t i = 0; i < g * p.C; ++i) dz[i] /= static_cast<acc_t>(p.P);
-      scale_backward<scalar_t>(p, n0, n1, gp, op, sp, dz.data(), gxp, grp);
+      scale_backward<scalar_t>(p, n0, n1, gp, op, sp, dz.data(), gxp, grp, stream);
     }
     std::vector<acc_t> act(p.N * p.R);
     cpu::activate_all(hp, p.N * p.R, p.activation, act.data());
