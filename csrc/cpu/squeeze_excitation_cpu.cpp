@@ -44,8 +44,13 @@ namespace {
 template <typename T>
 using opmath = at::opmath_type<T>;
 
+// Elements of padding after a converted row (RowReader, RowWriter), so that
+// whole-vector sweeps (cpu::map_row_padded) may run past the row's end.
+template <typename T>
+constexpr int64_t kRowPadding = cpu::Vec<T>::size();
+
 // A row of storage elements seen in the accumulation type: read in place when
-// the types agree, else converted into a buffer the reader owns.
+// the types agree, else converted into a buffer the reader owns (padded).
 template <typename scalar_t>
 class RowReader {
  public:
@@ -54,7 +59,7 @@ class RowReader {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return src;
     } else {
-      buf_.resize(n);
+      buf_.resize(n + kRowPadding<acc_t>);
       at::vec::convert(src, buf_.data(), n);
       return buf_.data();
     }
@@ -65,30 +70,31 @@ class RowReader {
 };
 
 // Writes rows of storage elements computed in the accumulation type: in
-// place when the types agree, else through a buffer converted on the way out.
-// A streaming writer sends the rows' whole cache lines past the cache
-// (cpu::stream_store); its owner calls cpu::stream_fence() when done.
+// place when the types agree, else through a (padded) buffer converted on the
+// way out. A streaming writer sends the rows' whole cache lines past the
+// cache (cpu::stream_store); its owner calls cpu::stream_fence() when done.
 template <typename scalar_t>
 class RowWriter {
  public:
   using acc_t = opmath<scalar_t>;
   explicit RowWriter(bool stream) : stream_(stream) {}
 
-  // dst[k] = f(in[k]...) for k < n. Returns the values written, in the
-  // accumulation type (dst itself or the buffer): read them back only from a
-  // writer that does not stream.
+  // dst[k] = f(in[k]...) for k < n. `padded`: the inputs, and dst when it is
+  // written in place, may be read and written past n (cpu::map_row_padded).
+  // Returns the values written, in the accumulation type (dst itself or the
+  // buffer): read them back only from a writer that does not stream.
   template <typename F, typename... In>
-  const acc_t* write(const F& f, scalar_t* dst, int64_t n, const In*... in) {
+  const acc_t* write(const F& f, bool padded, scalar_t* dst, int64_t n, const In*... in) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (stream_) {
-        cpu::stream_row<acc_t>(f, dst, n, in...);
+        cpu::stream_row<acc_t>(f, padded, dst, n, in...);
       } else {
-        cpu::map_row<acc_t>(f, dst, n, in...);
+        map<acc_t>(f, padded, dst, n, in...);
       }
       return dst;
     } else {
-      buf_.resize(n);
-      cpu::map_row<acc_t>(f, buf_.data(), n, in...);
+      buf_.resize(n + kRowPadding<acc_t>);
+      map<acc_t>(f, padded, buf_.data(), n, in...);
       if (stream_) {
         cpu::stream_convert(buf_.data(), dst, n);
       } else {
@@ -99,6 +105,15 @@ class RowWriter {
   }
 
  private:
+  template <typename T, typename F, typename... In>
+  static void map(const F& f, bool padded, T* out, int64_t n, const In*... in) {
+    if (padded) {
+      cpu::map_row_padded<T>(f, out, n, in...);
+    } else {
+      cpu::map_row<T>(f, out, n, in...);
+    }
+  }
+
   bool stream_;
   std::vector<acc_t> buf_;
 };
@@ -168,6 +183,19 @@ void for_each_row_block(const RowBlocks& b, int64_t n0, int64_t n1, const F& f) 
   });
 }
 
+// Whether row r of a block ending at r1 may be swept in whole vectors
+// (RowWriter::write's `padded`): NCHW only (an NHWC row's per-channel inputs
+// end with the row), and when the row is read and written in place, only if
+// the block's following rows, which this thread rewrites afterwards, cover
+// the overrun.
+template <typename scalar_t>
+bool padded_row(const SEProblem& p, int64_t r, int64_t r1, int64_t len) {
+  if (p.channels_last) return false;
+  if constexpr (!std::is_same_v<scalar_t, opmath<scalar_t>>) return true;  // converted through padded buffers
+  constexpr int64_t L = Vec<opmath<scalar_t>>::size();
+  return (r1 - r) * len >= (len + L - 1) / L * L;
+}
+
 // sums[n - n0, c] = sum_p a[n, c, p] * (b ? b[n, c, p] : 1) for the samples
 // [n0, n1), with a masked by the ReLU output `mask_by` when given. `partial`
 // is scratch for the NHWC per-block sums.
@@ -234,18 +262,19 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
       if (p.channels_last) {  // a pixel's channels against the sample's scale vector
         const acc_t* sv = scale + n * p.C;
         if (residual) {
-          wo.write([](V a, V s, V res) { return at::vec::maximum(a * s + res, V(0)); }, out + off, len, xv, sv,
-                   rr.read(residual + off, len));
+          wo.write([](V a, V s, V res) { return at::vec::maximum(a * s + res, V(0)); }, false, out + off, len, xv,
+                   sv, rr.read(residual + off, len));
         } else {
-          wo.write([](V a, V s) { return a * s; }, out + off, len, xv, sv);
+          wo.write([](V a, V s) { return a * s; }, false, out + off, len, xv, sv);
         }
       } else {
         const V s(scale[n * p.C + r]);
+        const bool padded = padded_row<scalar_t>(p, r, r1, len);
         if (residual) {
-          wo.write([s](V a, V res) { return at::vec::maximum(a * s + res, V(0)); }, out + off, len, xv,
+          wo.write([s](V a, V res) { return at::vec::maximum(a * s + res, V(0)); }, padded, out + off, len, xv,
                    rr.read(residual + off, len));
         } else {
-          wo.write([s](V a) { return a * s; }, out + off, len, xv);
+          wo.write([s](V a) { return a * s; }, padded, out + off, len, xv);
         }
       }
     }
@@ -270,14 +299,15 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
     RowWriter<scalar_t> wx(stream), wr(false);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
+      const bool padded = padded_row<scalar_t>(p, r, r1, len);
       const acc_t* gv = rg.read(grad_out + off, len);
-      if (out) gv = wr.write(relu_mask<V>, grad_res + off, len, gv, ro.read(out + off, len));
+      if (out) gv = wr.write(relu_mask<V>, padded, grad_res + off, len, gv, ro.read(out + off, len));
       if (p.channels_last) {
-        wx.write([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, grad_x + off, len, gv, scale + n * p.C,
-                 dz_over_p + (n - n0) * p.C);
+        wx.write([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, grad_x + off, len, gv,
+                 scale + n * p.C, dz_over_p + (n - n0) * p.C);
       } else {
         const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
-        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, grad_x + off, len, gv);
+        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded, grad_x + off, len, gv);
       }
     }
     if (stream) cpu::stream_fence();
