@@ -21,9 +21,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "../squeeze_excitation.h"
 
@@ -178,8 +180,8 @@ void parallel_map(const F& f, T* out, int64_t n, const In*... in) {
 // sums[i] = sum of the lanes of acc[i] for i < n. Eight float vectors are
 // reduced together by a tree of horizontal adds on AVX2 (about one
 // instruction per sum instead of six); other types and ISAs one by one.
-template <typename T, int64_t n>
-void sum_lanes_of(const Vec<T> (&acc)[n], T* sums) {
+template <typename T, std::size_t n>
+void sum_lanes_of(const std::array<Vec<T>, n>& acc, T* sums) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
   if constexpr (std::is_same_v<T, float> && n == 8 && Vec<T>::size() == 8) {
     const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
@@ -189,7 +191,16 @@ void sum_lanes_of(const Vec<T> (&acc)[n], T* sums) {
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) sums[i] = sum_lanes(acc[i]);
+  for (std::size_t i = 0; i < n; ++i) sums[i] = sum_lanes(acc[i]);
+}
+
+// The NB·NR products w[r]·x[b] (index b·NR + r) as a new array: built from
+// the values, not default-constructed (ATen's Vectorized() zeroes itself, and
+// an array of 8 compiled to a memset of the stack, ~30 cycles a tile).
+template <typename T, int64_t NB, int64_t NR, std::size_t... I>
+std::array<Vec<T>, NB * NR> outer_products(const Vec<T> (&w)[NR], const Vec<T> (&x)[NB],
+                                           std::index_sequence<I...>) {
+  return {{(w[I % NR] * x[I / NR])...}};
 }
 
 // out[g, j] = bias[j] + sum_k W[j, k] * in[g, k] for the NB samples from g0
@@ -198,27 +209,33 @@ void sum_lanes_of(const Vec<T> (&acc)[n], T* sums) {
 template <typename T, int64_t NB, int64_t NR>
 void dot_tile(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int64_t g0, int64_t j0, T* out) {
   constexpr int64_t L = Vec<T>::size();
-  Vec<T> acc[NB * NR];
-  for (auto& a : acc) a = Vec<T>(0);
-  int64_t k = 0;
+  // Lanes [k, k + count) of the tile's weight rows and samples (a masked load for the tail).
+  Vec<T> w[NR], x[NB];
+  auto load = [&](int64_t k, int64_t count) {
+    for (int64_t r = 0; r < NR; ++r)
+      w[r] = count == L ? Vec<T>::loadu(W + (j0 + r) * K + k) : load_partial(W + (j0 + r) * K + k, count);
+    for (int64_t b = 0; b < NB; ++b)
+      x[b] = count == L ? Vec<T>::loadu(in + (g0 + b) * K + k) : load_partial(in + (g0 + b) * K + k, count);
+  };
+  load(0, std::min(K, L));
+  auto acc = outer_products<T, NB, NR>(w, x, std::make_index_sequence<NB * NR>{});
+  auto accumulate = [&]() {
+    for (int64_t b = 0; b < NB; ++b)
+      for (int64_t r = 0; r < NR; ++r) acc[b * NR + r] = at::vec::fmadd(w[r], x[b], acc[b * NR + r]);
+  };
+  int64_t k = L;
   for (; k + L <= K; k += L) {
-    Vec<T> w[NR];
-    for (int64_t r = 0; r < NR; ++r) w[r] = Vec<T>::loadu(W + (j0 + r) * K + k);
-    for (int64_t b = 0; b < NB; ++b) {
-      const Vec<T> x = Vec<T>::loadu(in + (g0 + b) * K + k);
-      for (int64_t r = 0; r < NR; ++r) acc[b * NR + r] = at::vec::fmadd(w[r], x, acc[b * NR + r]);
-    }
+    load(k, L);
+    accumulate();
+  }
+  if (k < K) {
+    load(k, K - k);
+    accumulate();
   }
   T sums[NB * NR];
   sum_lanes_of(acc, sums);
   for (int64_t b = 0; b < NB; ++b) {
-    for (int64_t r = 0; r < NR; ++r) {
-      const T* w = W + (j0 + r) * K;
-      const T* x = in + (g0 + b) * K;
-      T s = sums[b * NR + r];
-      for (int64_t t = k; t < K; ++t) s += w[t] * x[t];
-      out[(g0 + b) * J + j0 + r] = (bias ? bias[j0 + r] : T(0)) + s;
-    }
+    for (int64_t r = 0; r < NR; ++r) out[(g0 + b) * J + j0 + r] = (bias ? bias[j0 + r] : T(0)) + sums[b * NR + r];
   }
 }
 
