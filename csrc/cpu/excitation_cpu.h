@@ -194,13 +194,26 @@ void sum_lanes_of(const std::array<Vec<T>, n>& acc, T* sums) {
   for (std::size_t i = 0; i < n; ++i) sums[i] = sum_lanes(acc[i]);
 }
 
-// The NB·NR products w[r]·x[b] (index b·NR + r) as a new array: built from
-// the values, not default-constructed (ATen's Vectorized() zeroes itself, and
-// an array of 8 compiled to a memset of the stack, ~30 cycles a tile).
-template <typename T, int64_t NB, int64_t NR, std::size_t... I>
-std::array<Vec<T>, NB * NR> outer_products(const Vec<T> (&w)[NR], const Vec<T> (&x)[NB],
-                                           std::index_sequence<I...>) {
-  return {{(w[I % NR] * x[I / NR])...}};
+// An array of N vectors, element i = f(i) with i a compile-time constant,
+// built from the values. Default-constructing an array of ATen vectors
+// zeroes it (Vectorized() does) through the stack, and filling it afterwards
+// went through memory in 16-byte halves read back as 32 bytes, which stalls
+// store forwarding: together the better part of a tile at K = 64 or N = 8.
+template <typename F, std::size_t... I>
+auto make_vectors(const F& f, std::index_sequence<I...>) {
+  using V = decltype(f(std::integral_constant<std::size_t, 0>{}));
+  return std::array<V, sizeof...(I)>{{f(std::integral_constant<std::size_t, I>{})...}};
+}
+
+template <std::size_t N, typename F>
+auto make_vectors(const F& f) {
+  return make_vectors(f, std::make_index_sequence<N>{});
+}
+
+// count (<= one vector) elements at p: a whole vector or a masked load.
+template <typename T>
+Vec<T> load_lanes(const T* p, int64_t count) {
+  return count == Vec<T>::size() ? Vec<T>::loadu(p) : load_partial(p, count);
 }
 
 // out[g, j] = bias[j] + sum_k W[j, k] * in[g, k] for the NB samples from g0
@@ -209,29 +222,24 @@ std::array<Vec<T>, NB * NR> outer_products(const Vec<T> (&w)[NR], const Vec<T> (
 template <typename T, int64_t NB, int64_t NR>
 void dot_tile(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int64_t g0, int64_t j0, T* out) {
   constexpr int64_t L = Vec<T>::size();
-  // Lanes [k, k + count) of the tile's weight rows and samples (a masked load for the tail).
-  Vec<T> w[NR], x[NB];
-  auto load = [&](int64_t k, int64_t count) {
-    for (int64_t r = 0; r < NR; ++r)
-      w[r] = count == L ? Vec<T>::loadu(W + (j0 + r) * K + k) : load_partial(W + (j0 + r) * K + k, count);
-    for (int64_t b = 0; b < NB; ++b)
-      x[b] = count == L ? Vec<T>::loadu(in + (g0 + b) * K + k) : load_partial(in + (g0 + b) * K + k, count);
+  const T* w = W + j0 * K;
+  const T* x = in + g0 * K;
+  // Element b·NR + r: sample g0 + b against row j0 + r. The first step sets
+  // the sums, the K % L tail is one masked step.
+  const int64_t first = std::min(K, L);
+  auto acc = make_vectors<NB * NR>([&](auto i) {
+    return load_lanes(w + (i % NR) * K, first) * load_lanes(x + (i / NR) * K, first);
+  });
+  auto step = [&](int64_t k, int64_t count) {
+    for (int64_t b = 0; b < NB; ++b) {
+      const Vec<T> xv = load_lanes(x + b * K + k, count);
+      for (int64_t r = 0; r < NR; ++r)
+        acc[b * NR + r] = at::vec::fmadd(load_lanes(w + r * K + k, count), xv, acc[b * NR + r]);
+    }
   };
-  load(0, std::min(K, L));
-  auto acc = outer_products<T, NB, NR>(w, x, std::make_index_sequence<NB * NR>{});
-  auto accumulate = [&]() {
-    for (int64_t b = 0; b < NB; ++b)
-      for (int64_t r = 0; r < NR; ++r) acc[b * NR + r] = at::vec::fmadd(w[r], x[b], acc[b * NR + r]);
-  };
-  int64_t k = L;
-  for (; k + L <= K; k += L) {
-    load(k, L);
-    accumulate();
-  }
-  if (k < K) {
-    load(k, K - k);
-    accumulate();
-  }
+  int64_t k = first;
+  for (; k + L <= K; k += L) step(k, L);
+  if (k < K) step(k, K - k);
   T sums[NB * NR];
   sum_lanes_of(acc, sums);
   for (int64_t b = 0; b < NB; ++b) {
@@ -271,11 +279,29 @@ void matmul_transposed_weight(const T* W, const T* bias, int64_t J, int64_t K, c
 }
 
 // out[g, k0:k0+width] = sum_j in[g, j] * W[j, k0:k0+width] for NB samples
-// starting at g0; width <= VB vectors.
+// starting at g0; width <= VB vectors. A full-width block keeps its NB·VB
+// accumulators in registers (the masked variant, for the last block of a
+// row, stored them to the stack on every j).
 template <typename T, int64_t NB, int64_t VB>
 void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64_t width, const T* in, int64_t g0,
                              T* out) {
   constexpr int64_t L = Vec<T>::size();
+  if (width == VB * L) {
+    const T* w = W + k0;
+    // Element b·VB + v: sample g0 + b, vector v of the block.
+    auto acc = make_vectors<NB * VB>(
+        [&](auto i) { return Vec<T>(in[(g0 + i / VB) * J]) * Vec<T>::loadu(w + (i % VB) * L); });
+    for (int64_t j = 1; j < J; ++j) {
+      for (int64_t b = 0; b < NB; ++b) {
+        const Vec<T> a(in[(g0 + b) * J + j]);
+        for (int64_t v = 0; v < VB; ++v)
+          acc[b * VB + v] = at::vec::fmadd(a, Vec<T>::loadu(w + j * K + v * L), acc[b * VB + v]);
+      }
+    }
+    for (int64_t b = 0; b < NB; ++b)
+      for (int64_t v = 0; v < VB; ++v) acc[b * VB + v].store(out + (g0 + b) * K + k0 + v * L);
+    return;
+  }
   int64_t lanes[VB];
   for (int64_t v = 0; v < VB; ++v) lanes[v] = std::clamp<int64_t>(width - v * L, 0, L);
   Vec<T> acc[NB][VB];
@@ -320,42 +346,65 @@ void matmul_weight(const T* W, int64_t J, int64_t K, const T* in, int64_t G, T* 
   });
 }
 
+// grad_W[j0 + jb, k + v·L ...] over the batch for JB rows from j0 and VB
+// vectors from k: JB·VB independent FMA chains over n (4 chains, one row,
+// waited on the FMA latency), samples in order.
+template <typename T, int64_t JB, int64_t VB>
+void gradient_tile(const T* coef, const T* rows, int64_t N, int64_t J, int64_t K, int64_t j0, int64_t k, T* grad_w) {
+  constexpr int64_t L = Vec<T>::size();
+  // Element jb·VB + v: row j0 + jb, vector v from k.
+  auto acc = make_vectors<JB * VB>(
+      [&](auto i) { return Vec<T>(coef[j0 + i / VB]) * Vec<T>::loadu(rows + k + (i % VB) * L); });
+  for (int64_t n = 1; n < N; ++n) {
+    for (int64_t jb = 0; jb < JB; ++jb) {
+      const Vec<T> c(coef[n * J + j0 + jb]);
+      for (int64_t v = 0; v < VB; ++v)
+        acc[jb * VB + v] = at::vec::fmadd(c, Vec<T>::loadu(rows + n * K + k + v * L), acc[jb * VB + v]);
+    }
+  }
+  for (int64_t jb = 0; jb < JB; ++jb)
+    for (int64_t v = 0; v < VB; ++v) acc[jb * VB + v].store(grad_w + (j0 + jb) * K + k + v * L);
+}
+
 // grad_W (J, K) = coefᵀ (J, N) · rows (N, K) and grad_b (J) = sum_n coef[n, :]:
-// a weight gradient summed over the batch, samples in order. kGradientVectors
-// vectors of a row are summed side by side (independent FMA chains over n).
-constexpr int64_t kGradientVectors = 4;
+// a weight gradient summed over the batch, samples in order. Tiles of
+// kGradientRows rows × kGradientVectors vectors, then single vectors and
+// single elements for K's tail.
+constexpr int64_t kGradientRows = 2, kGradientVectors = 4;
 
 template <typename T>
 void weight_gradient(const T* coef, const T* rows, int64_t N, int64_t J, int64_t K, T* grad_w, T* grad_b) {
   constexpr int64_t L = Vec<T>::size(), KB = kGradientVectors * L;
+  if (N == 0) {
+    std::fill(grad_w, grad_w + J * K, T(0));
+    std::fill(grad_b, grad_b + J, T(0));
+    return;
+  }
   at::parallel_for(0, J, std::max<int64_t>(1, 2048 / K), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      T* o = grad_w + j * K;
+    for (int64_t j = j0; j < j1;) {
+      const bool pair = j + kGradientRows <= j1;
       int64_t k = 0;
       for (; k + KB <= K; k += KB) {
-        Vec<T> acc[kGradientVectors];
-        for (int64_t v = 0; v < kGradientVectors; ++v) acc[v] = Vec<T>(0);
-        for (int64_t n = 0; n < N; ++n) {
-          const Vec<T> a(coef[n * J + j]);
-          for (int64_t v = 0; v < kGradientVectors; ++v)
-            acc[v] = at::vec::fmadd(a, Vec<T>::loadu(rows + n * K + k + v * L), acc[v]);
+        if (pair) {
+          gradient_tile<T, kGradientRows, kGradientVectors>(coef, rows, N, J, K, j, k, grad_w);
+        } else {
+          gradient_tile<T, 1, kGradientVectors>(coef, rows, N, J, K, j, k, grad_w);
         }
-        for (int64_t v = 0; v < kGradientVectors; ++v) acc[v].store(o + k + v * L);
       }
-      for (; k + L <= K; k += L) {
-        Vec<T> acc(0);
-        for (int64_t n = 0; n < N; ++n)
-          acc = at::vec::fmadd(Vec<T>(coef[n * J + j]), Vec<T>::loadu(rows + n * K + k), acc);
-        acc.store(o + k);
+      const int64_t rows_here = pair ? kGradientRows : 1;
+      for (int64_t jj = j; jj < j + rows_here; ++jj) {
+        for (int64_t kk = k; kk + L <= K; kk += L) gradient_tile<T, 1, 1>(coef, rows, N, J, K, jj, kk, grad_w);
+        T* o = grad_w + jj * K;
+        for (int64_t t = k + (K - k) / L * L; t < K; ++t) {
+          T s = 0;
+          for (int64_t n = 0; n < N; ++n) s += coef[n * J + jj] * rows[n * K + t];
+          o[t] = s;
+        }
+        T b = 0;
+        for (int64_t n = 0; n < N; ++n) b += coef[n * J + jj];
+        grad_b[jj] = b;
       }
-      for (; k < K; ++k) {
-        T s = 0;
-        for (int64_t n = 0; n < N; ++n) s += coef[n * J + j] * rows[n * K + k];
-        o[k] = s;
-      }
-      T b = 0;
-      for (int64_t n = 0; n < N; ++n) b += coef[n * J + j];
-      grad_b[j] = b;
+      j += rows_here;
     }
   });
 }
