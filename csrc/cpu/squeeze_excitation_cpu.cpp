@@ -19,8 +19,17 @@
 // with the per-channel values blended in (NCHW forward+backward 1.5-1.6
 // against 1.3-1.4 ms, with or without streaming); the second sweep walking
 // each thread's share backwards (to start in what the first sweep left in
-// L2); chunk budgets of 2 or 16 MiB; and streaming the weight gradients
-// (conv5_x backward 566-606 against 516-547 us).
+// L2); chunk budgets of 2 or 16 MiB, and (measured again) one sample per
+// chunk, whose second sweep reads from L2; streaming the
+// weight gradients (conv5_x backward 566-606 against 516-547 us); summing
+// short NCHW rows 8 at a time with one reduction (1.6x faster on rows of 49
+// floats in cache, but the conv5_x backward went 0.77 -> 0.98 ms); and
+// handing out a sweep's blocks to whichever thread is free instead of equal
+// shares (no gain on either side of the noise, although one thread often ran
+// ~35% slower than the other over the same rows). At conv3_x-conv5_x the
+// sweeps run at about the VM's DRAM bandwidth (a cold 6.4 MB channel sum takes
+// as long as a bare one), so the fixed costs (the MLP, ~60 us of Python and
+// autograd per forward+backward) decide the rest.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
