@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -125,6 +126,19 @@ class RowWriter {
 
   bool stream_;
   std::vector<acc_t> buf_;
+};
+
+// n accumulation values left uninitialised (a std::vector zeroes them on
+// every call), for scratch that is written before it is read.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(new T[n]) {}
+  T* data() { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
 };
 
 // The ReLU of the residual epilogue lets the gradient through wherever its
@@ -388,7 +402,8 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
     acc_t* hp = hidden.mutable_data_ptr<acc_t>();
     acc_t* sp = scale.mutable_data_ptr<acc_t>();
     const bool stream = stream_outputs(out.nbytes());
-    std::vector<acc_t> act(std::min(chunk, p.N) * p.R), partial;
+    Scratch<acc_t> act(std::min(chunk, p.N) * p.R);
+    std::vector<acc_t> partial;
     const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
       const int64_t n1 = std::min(p.N, n0 + chunk);
@@ -436,7 +451,8 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
     const acc_t* sp = scale.const_data_ptr<acc_t>();
     const bool stream = stream_outputs(grad_x.nbytes());
     // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
-    std::vector<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C), partial;
+    Scratch<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C);
+    std::vector<acc_t> partial;
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
       const int64_t n1 = std::min(p.N, n0 + chunk), g = n1 - n0;
       channel_sums<scalar_t>(p, n0, n1, gp, xp, op, ds.data(), partial);
@@ -445,7 +461,7 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
       for (int64_t i = 0; i < g * p.C; ++i) dz[i] /= static_cast<acc_t>(p.P);
       scale_backward<scalar_t>(p, n0, n1, gp, op, sp, dz.data(), gxp, grp, stream);
     }
-    std::vector<acc_t> act(p.N * p.R);
+    Scratch<acc_t> act(p.N * p.R);
     cpu::activate_all(hp, p.N * p.R, p.activation, act.data());
     cpu::weight_gradient(du.data(), zp, p.N, p.R, p.C, dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>());
     cpu::weight_gradient(dv.data(), act.data(), p.N, p.C, p.R, dw2.mutable_data_ptr<acc_t>(),
