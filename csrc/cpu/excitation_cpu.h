@@ -347,8 +347,8 @@ void matmul_weight(const T* W, int64_t J, int64_t K, const T* in, int64_t G, T* 
 }
 
 // grad_W[j0 + jb, k + v·L ...] over the batch for JB rows from j0 and VB
-// vectors from k: JB·VB independent FMA chains over n (4 chains, one row,
-// waited on the FMA latency), samples in order.
+// vectors from k: JB·VB independent FMA chains over n, samples in order (the
+// 4 chains of a single row left the FMA units waiting on their latency).
 template <typename T, int64_t JB, int64_t VB>
 void gradient_tile(const T* coef, const T* rows, int64_t N, int64_t J, int64_t K, int64_t j0, int64_t k, T* grad_w) {
   constexpr int64_t L = Vec<T>::size();
