@@ -228,10 +228,10 @@ void for_each_row_block(const RowBlocks& b, int64_t n0, int64_t n1, const F& f) 
 }
 
 // Whether row r of a block ending at r1 may be swept in whole vectors
-// (RowWriter::write's `padded`): NCHW only (an NHWC row's per-channel inputs
-// end with the row), and when the row is read and written in place, only if
-// the block's following rows, which this thread rewrites afterwards, cover
-// the overrun.
+// (cpu::map_row_padded, RowWriter::write's `padded`): NCHW only (an NHWC
+// row's per-channel inputs end with the row), and when the row is read or
+// written in place, only if the block's following rows (which this thread
+// rewrites afterwards) cover the overrun.
 template <typename scalar_t>
 bool padded_row(const SEProblem& p, int64_t r, int64_t r1, int64_t len) {
   if (p.channels_last) return false;
@@ -253,14 +253,19 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
   if (p.channels_last) partial.resize((n1 - n0) * blocks.per_sample * p.C);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t item, int64_t r0, int64_t r1) {
     RowReader<scalar_t> ra, rb, rm;
-    std::vector<acc_t> masked(mask_by ? len : 0);
+    std::vector<acc_t> masked(mask_by ? len + kRowPadding<acc_t> : 0);
     acc_t* acc = p.channels_last ? partial.data() + item * p.C : nullptr;
     if (acc) std::fill(acc, acc + p.C, acc_t(0));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const acc_t* av = ra.read(a + off, len);
       if (mask_by) {
-        cpu::map_row<acc_t>(relu_mask<Vec<acc_t>>, masked.data(), len, av, rm.read(mask_by + off, len));
+        const acc_t* ov = rm.read(mask_by + off, len);
+        if (padded_row<scalar_t>(p, r, r1, len)) {
+          cpu::map_row_padded<acc_t>(relu_mask<Vec<acc_t>>, masked.data(), len, av, ov);
+        } else {
+          cpu::map_row<acc_t>(relu_mask<Vec<acc_t>>, masked.data(), len, av, ov);
+        }
         av = masked.data();
       }
       const acc_t* bv = b ? rb.read(b + off, len) : nullptr;
