@@ -6,6 +6,8 @@
 // grad_out and x once and writes grad_x (3T; +2T for the residual). Per chunk:
 //   forward:  channel sums -> the MLP batched over the chunk -> x*s (+res, ReLU)
 //   backward: sum g'*x     -> MLP backward over the chunk    -> g'*s + dz/P
+// (residual form: the first backward sweep writes g' = grad_out·[out > 0],
+// the residual's gradient, and the second reads it instead of grad_out and out).
 // The MLP (excitation_cpu.h) is batched over the chunk, so each weight is read
 // once per chunk, not once per sample. A sweep cuts every sample of the chunk
 // into the same fixed blocks of rows and spreads all of them over the threads
@@ -241,11 +243,14 @@ bool padded_row(const SEProblem& p, int64_t r, int64_t r1, int64_t len) {
 }
 
 // sums[n - n0, c] = sum_p a[n, c, p] * (b ? b[n, c, p] : 1) for the samples
-// [n0, n1), with a masked by the ReLU output `mask_by` when given. `partial`
-// is scratch for the NHWC per-block sums.
+// [n0, n1). With `mask_by` (the residual form's output), a is first masked by
+// its ReLU (a' = a where mask_by > 0) and a' is written to `masked_out`: the
+// residual's gradient, which the second sweep then reads instead of a and
+// mask_by. `partial` is scratch for the NHWC per-block sums.
 template <typename scalar_t>
 void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a, const scalar_t* b,
-                  const scalar_t* mask_by, opmath<scalar_t>* sums, std::vector<opmath<scalar_t>>& partial) {
+                  const scalar_t* mask_by, scalar_t* masked_out, opmath<scalar_t>* sums,
+                  std::vector<opmath<scalar_t>>& partial) {
   using acc_t = opmath<scalar_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
@@ -253,20 +258,15 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
   if (p.channels_last) partial.resize((n1 - n0) * blocks.per_sample * p.C);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t item, int64_t r0, int64_t r1) {
     RowReader<scalar_t> ra, rb, rm;
-    std::vector<acc_t> masked(mask_by ? len + kRowPadding<acc_t> : 0);
+    RowWriter<scalar_t> wm(false);  // read back at once
     acc_t* acc = p.channels_last ? partial.data() + item * p.C : nullptr;
     if (acc) std::fill(acc, acc + p.C, acc_t(0));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const acc_t* av = ra.read(a + off, len);
       if (mask_by) {
-        const acc_t* ov = rm.read(mask_by + off, len);
-        if (padded_row<scalar_t>(p, r, r1, len)) {
-          cpu::map_row_padded<acc_t>(relu_mask<Vec<acc_t>>, masked.data(), len, av, ov);
-        } else {
-          cpu::map_row<acc_t>(relu_mask<Vec<acc_t>>, masked.data(), len, av, ov);
-        }
-        av = masked.data();
+        av = wm.write(relu_mask<Vec<acc_t>>, padded_row<scalar_t>(p, r, r1, len), masked_out + off, len, av,
+                      rm.read(mask_by + off, len));
       }
       const acc_t* bv = b ? rb.read(b + off, len) : nullptr;
       if (acc) {  // NHWC: this pixel's channels into the block's partial sums
@@ -331,32 +331,30 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
   });
 }
 
-// grad_x = g' * s + dz/P for the samples [n0, n1), and grad_residual = g'
-// (g' = grad_out masked by the ReLU output) when `out` is given. scale is
-// (N, C); dz_over_p is (n1 - n0, C). `stream`: write grad_x with streaming
-// stores (grad_residual never: its row is read back at once for grad_x).
+// grad_x = g' * s + dz/P for the samples [n0, n1), where g' is grad_out, or
+// in the residual form the residual's gradient the first sweep wrote
+// (channel_sums). scale is (N, C); dz_over_p is (n1 - n0, C). `stream`: write
+// grad_x with streaming stores.
 template <typename scalar_t>
-void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* grad_out, const scalar_t* out,
-                    const opmath<scalar_t>* scale, const opmath<scalar_t>* dz_over_p, scalar_t* grad_x,
-                    scalar_t* grad_res, bool stream) {
+void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* g, const opmath<scalar_t>* scale,
+                    const opmath<scalar_t>* dz_over_p, scalar_t* grad_x, bool stream) {
   using acc_t = opmath<scalar_t>;
   using V = Vec<acc_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    RowReader<scalar_t> rg, ro;
-    RowWriter<scalar_t> wx(stream), wr(false);
+    RowReader<scalar_t> rg;
+    RowWriter<scalar_t> wx(stream);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
-      const bool padded = padded_row<scalar_t>(p, r, r1, len);
-      const acc_t* gv = rg.read(grad_out + off, len);
-      if (out) gv = wr.write(relu_mask<V>, padded, grad_res + off, len, gv, ro.read(out + off, len));
+      const acc_t* gv = rg.read(g + off, len);
       if (p.channels_last) {
         wx.write([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, grad_x + off, len, gv,
                  scale + n * p.C, dz_over_p + (n - n0) * p.C);
       } else {
         const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
-        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded, grad_x + off, len, gv);
+        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<scalar_t>(p, r, r1, len),
+                 grad_x + off, len, gv);
       }
     }
     if (stream) cpu::stream_fence();
@@ -434,7 +432,7 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
       const int64_t n1 = std::min(p.N, n0 + chunk);
       acc_t* z = zp + n0 * p.C;
-      channel_sums<scalar_t>(p, n0, n1, xp, nullptr, nullptr, z, partial);
+      channel_sums<scalar_t>(p, n0, n1, xp, nullptr, nullptr, nullptr, z, partial);
       for (int64_t i = 0; i < (n1 - n0) * p.C; ++i) z[i] *= inv_p;
       cpu::excitation_forward_rows<acc_t>(p, weights, z, n1 - n0, hp + n0 * p.R, act.data(), sp + n0 * p.C);
       scale_forward<scalar_t>(p, n0, n1, xp, rp, sp, op, stream);
@@ -464,8 +462,8 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
     using acc_t = opmath<scalar_t>;
     const cpu::ExcitationWeights<acc_t> weights{w1.const_data_ptr<acc_t>(), nullptr, w2.const_data_ptr<acc_t>(),
                                                nullptr};
-    // The second sweep reads grad_out (and out) again.
-    const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)) * (out ? 2 : 1));
+    // The second sweep reads grad_out again (the residual form: the residual's gradient the first wrote).
+    const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)));
     const int64_t rows = std::min(chunk, p.N);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -481,11 +479,11 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
     std::vector<acc_t> partial;
     for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
       const int64_t n1 = std::min(p.N, n0 + chunk), g = n1 - n0;
-      channel_sums<scalar_t>(p, n0, n1, gp, xp, op, ds.data(), partial);
+      channel_sums<scalar_t>(p, n0, n1, gp, xp, op, grp, ds.data(), partial);
       cpu::excitation_backward_rows<acc_t>(p, weights, ds.data(), hp + n0 * p.R, sp + n0 * p.C, g,
                                            dv.data() + n0 * p.C, dh.data(), du.data() + n0 * p.R, dz.data());
       for (int64_t i = 0; i < g * p.C; ++i) dz[i] /= static_cast<acc_t>(p.P);
-      scale_backward<scalar_t>(p, n0, n1, gp, op, sp, dz.data(), gxp, grp, stream);
+      scale_backward<scalar_t>(p, n0, n1, op ? grp : gp, sp, dz.data(), gxp, stream);
     }
     Scratch<acc_t> act(p.N * p.R);
     cpu::activate_all(hp, p.N * p.R, p.activation, act.data());
