@@ -86,14 +86,15 @@ void map_row(const F& f, T* out, int64_t n, const In*... in) {
   if (k < n) store_partial(f(load_partial(in + k, n - k)...), out + k, n - k);
 }
 
-// map_row with the tail computed as a whole vector too: reads every `in` and
-// writes `out` up to L - 1 elements past n, which the caller must own (the
-// next row of a block, rewritten later by the same thread, or a buffer's
-// padding). It saves the masked store that ends a row: AVX2 masked stores are
-// slow on AMD cores (a third of an in-cache scale sweep over rows of 49
-// floats on the EPYC VM).
+// map_row, with the tail computed as a whole vector too when `padded`: then
+// it reads every `in` and writes `out` up to L - 1 elements past n, which the
+// caller must own (the next row of a block, rewritten later by the same
+// thread, or a buffer's padding). That saves the masked store that ends a
+// row: AVX2 masked stores are slow on AMD cores (a third of an in-cache scale
+// sweep over rows of 49 floats on the EPYC VM).
 template <typename T, typename F, typename... In>
-void map_row_padded(const F& f, T* out, int64_t n, const In*... in) {
+void map_row_padded(const F& f, bool padded, T* out, int64_t n, const In*... in) {
+  if (!padded) return map_row<T>(f, out, n, in...);
   constexpr int64_t L = Vec<T>::size();
   for (int64_t k = 0; k < n; k += L) f(Vec<T>::loadu(in + k)...).store(out + k);
 }
@@ -146,11 +147,7 @@ void stream_row(const F& f, bool padded, T* out, int64_t n, const In*... in) {
   for (; k + per_line <= n; k += per_line) {
     for (int64_t v = 0; v < per_line; v += L) stream_store(f(Vec<T>::loadu(in + k + v)...), out + k + v);
   }
-  if (padded) {
-    map_row_padded<T>(f, out + k, n - k, (in + k)...);
-  } else {
-    map_row<T>(f, out + k, n - k, (in + k)...);
-  }
+  map_row_padded<T>(f, padded, out + k, n - k, (in + k)...);
 }
 
 // at::vec::convert(src, dst, n) from the accumulation type to a 16-bit
@@ -279,49 +276,45 @@ void matmul_transposed_weight(const T* W, const T* bias, int64_t J, int64_t K, c
 }
 
 // out[g, k0:k0+width] = sum_j in[g, j] * W[j, k0:k0+width] for NB samples
-// starting at g0; width <= VB vectors. A full-width block keeps its NB·VB
-// accumulators in registers (the masked variant, for the last block of a
-// row, stored them to the stack on every j).
-template <typename T, int64_t NB, int64_t VB>
-void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64_t width, const T* in, int64_t g0,
-                             T* out) {
+// starting at g0; width <= VB vectors. kFull (width = VB vectors, all but
+// the last block of a row) compiles the loads without masks: with a per-vector
+// choice in the j loop the accumulators went to the stack on every j.
+template <typename T, int64_t NB, int64_t VB, bool kFull>
+void column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64_t width, const T* in, int64_t g0, T* out) {
   constexpr int64_t L = Vec<T>::size();
-  if (width == VB * L) {
-    const T* w = W + k0;
-    // Element b·VB + v: sample g0 + b, vector v of the block.
-    auto acc = make_vectors<NB * VB>(
-        [&](auto i) { return Vec<T>(in[(g0 + i / VB) * J]) * Vec<T>::loadu(w + (i % VB) * L); });
-    for (int64_t j = 1; j < J; ++j) {
-      for (int64_t b = 0; b < NB; ++b) {
-        const Vec<T> a(in[(g0 + b) * J + j]);
-        for (int64_t v = 0; v < VB; ++v)
-          acc[b * VB + v] = at::vec::fmadd(a, Vec<T>::loadu(w + j * K + v * L), acc[b * VB + v]);
-      }
-    }
-    for (int64_t b = 0; b < NB; ++b)
-      for (int64_t v = 0; v < VB; ++v) acc[b * VB + v].store(out + (g0 + b) * K + k0 + v * L);
-    return;
-  }
   int64_t lanes[VB];
-  for (int64_t v = 0; v < VB; ++v) lanes[v] = std::clamp<int64_t>(width - v * L, 0, L);
-  Vec<T> acc[NB][VB];
-  for (auto& row : acc)
-    for (auto& a : row) a = Vec<T>(0);
-  for (int64_t j = 0; j < J; ++j) {
-    const T* row = W + j * K + k0;
-    Vec<T> w[VB];
-    for (int64_t v = 0; v < VB; ++v)
-      w[v] = lanes[v] == L ? Vec<T>::loadu(row + v * L)
-                           : (lanes[v] > 0 ? load_partial(row + v * L, lanes[v]) : Vec<T>(0));
+  for (int64_t v = 0; v < VB; ++v) lanes[v] = kFull ? L : std::clamp<int64_t>(width - v * L, 0, L);
+  const T* w = W + k0;
+  auto load_w = [&](int64_t j, int64_t v) {
+    return kFull ? Vec<T>::loadu(w + j * K + v * L) : load_lanes(w + j * K + v * L, lanes[v]);
+  };
+  // Element b·VB + v: sample g0 + b, vector v of the block.
+  auto acc = make_vectors<NB * VB>([&](auto i) { return Vec<T>(in[(g0 + i / VB) * J]) * load_w(0, i % VB); });
+  for (int64_t j = 1; j < J; ++j) {
     for (int64_t b = 0; b < NB; ++b) {
       const Vec<T> a(in[(g0 + b) * J + j]);
-      for (int64_t v = 0; v < VB; ++v) acc[b][v] = at::vec::fmadd(a, w[v], acc[b][v]);
+      for (int64_t v = 0; v < VB; ++v) acc[b * VB + v] = at::vec::fmadd(a, load_w(j, v), acc[b * VB + v]);
     }
   }
   for (int64_t b = 0; b < NB; ++b) {
-    T* o = out + (g0 + b) * K + k0;
-    for (int64_t v = 0; v < VB; ++v)
-      if (lanes[v] > 0) store_partial(acc[b][v], o + v * L, lanes[v]);
+    for (int64_t v = 0; v < VB; ++v) {
+      T* o = out + (g0 + b) * K + k0 + v * L;
+      if (kFull) {
+        acc[b * VB + v].store(o);
+      } else if (lanes[v] > 0) {
+        store_partial(acc[b * VB + v], o, lanes[v]);
+      }
+    }
+  }
+}
+
+template <typename T, int64_t NB, int64_t VB>
+void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t k0, int64_t width, const T* in, int64_t g0,
+                             T* out) {
+  if (width == VB * Vec<T>::size()) {
+    column_block<T, NB, VB, true>(W, J, K, k0, width, in, g0, out);
+  } else {
+    column_block<T, NB, VB, false>(W, J, K, k0, width, in, g0, out);
   }
 }
 

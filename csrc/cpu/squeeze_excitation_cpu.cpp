@@ -102,12 +102,12 @@ class RowWriter {
       if (stream_) {
         cpu::stream_row<acc_t>(f, padded, dst, n, in...);
       } else {
-        map<acc_t>(f, padded, dst, n, in...);
+        cpu::map_row_padded<acc_t>(f, padded, dst, n, in...);
       }
       return dst;
     } else {
       buf_.resize(n + kRowPadding<acc_t>);
-      map<acc_t>(f, padded, buf_.data(), n, in...);
+      cpu::map_row_padded<acc_t>(f, padded, buf_.data(), n, in...);
       if (stream_) {
         cpu::stream_convert(buf_.data(), dst, n);
       } else {
@@ -118,15 +118,6 @@ class RowWriter {
   }
 
  private:
-  template <typename T, typename F, typename... In>
-  static void map(const F& f, bool padded, T* out, int64_t n, const In*... in) {
-    if (padded) {
-      cpu::map_row_padded<T>(f, out, n, in...);
-    } else {
-      cpu::map_row<T>(f, out, n, in...);
-    }
-  }
-
   bool stream_;
   std::vector<acc_t> buf_;
 };
