@@ -76,14 +76,47 @@ void store_partial(const Vec<T>& v, T* p, int64_t count) {
   v.store(p, count);
 }
 
+// One vector of accumulation-type values (T) from storage elements at p (S):
+// the same type is a plain load, a 16-bit float type is converted in
+// registers (8 elements widened to float), so sweeps read reduced-precision
+// tensors in place instead of converting each row into a buffer first (a
+// buffer round trip per element made a bfloat16 sweep slower than the
+// float32 one over twice the bytes).
+template <typename T, typename S>
+Vec<T> load_as(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Vec<T>::loadu(p);
+  } else {
+    static_assert(std::is_same_v<T, float> && at::is_reduced_floating_point_v<S>);
+    Vec<float> v;
+    at::vec::load_to_float<S>(p, v);
+    return v;
+  }
+}
+
+// The first `count` (< one vector) storage elements at p as accumulation
+// values; the lanes past count are 0 for 16-bit types (read through a stack
+// copy, so nothing past count is touched).
+template <typename T, typename S>
+Vec<T> load_partial_as(const S* p, int64_t count) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load_partial(p, count);
+  } else {
+    S part[Vec<T>::size()] = {};
+    std::copy(p, p + count, part);
+    return load_as<T>(part);
+  }
+}
+
 // out[k] = f(in[k]...) for k < n: whole vectors, then the tail as one partial
 // vector through the same formula (lanes past n are computed, never stored).
+// Each input is read as accumulation values (load_as): T or a 16-bit type.
 template <typename T, typename F, typename... In>
 void map_row(const F& f, T* out, int64_t n, const In*... in) {
   constexpr int64_t L = Vec<T>::size();
   int64_t k = 0;
-  for (; k + L <= n; k += L) f(Vec<T>::loadu(in + k)...).store(out + k);
-  if (k < n) store_partial(f(load_partial(in + k, n - k)...), out + k, n - k);
+  for (; k + L <= n; k += L) f(load_as<T>(in + k)...).store(out + k);
+  if (k < n) store_partial(f(load_partial_as<T>(in + k, n - k)...), out + k, n - k);
 }
 
 // map_row, with the tail computed as a whole vector too when `padded`: then
@@ -96,7 +129,7 @@ template <typename T, typename F, typename... In>
 void map_row_padded(const F& f, bool padded, T* out, int64_t n, const In*... in) {
   if (!padded) return map_row<T>(f, out, n, in...);
   constexpr int64_t L = Vec<T>::size();
-  for (int64_t k = 0; k < n; k += L) f(Vec<T>::loadu(in + k)...).store(out + k);
+  for (int64_t k = 0; k < n; k += L) f(load_as<T>(in + k)...).store(out + k);
 }
 
 // Non-temporal ("streaming") stores write whole 64-byte lines to memory
@@ -145,7 +178,7 @@ void stream_row(const F& f, bool padded, T* out, int64_t n, const In*... in) {
   int64_t k = elements_before_line(out, n);
   map_row<T>(f, out, k, in...);
   for (; k + per_line <= n; k += per_line) {
-    for (int64_t v = 0; v < per_line; v += L) stream_store(f(Vec<T>::loadu(in + k + v)...), out + k + v);
+    for (int64_t v = 0; v < per_line; v += L) stream_store(f(load_as<T>(in + k + v)...), out + k + v);
   }
   map_row_padded<T>(f, padded, out + k, n - k, (in + k)...);
 }

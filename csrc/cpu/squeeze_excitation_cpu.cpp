@@ -57,29 +57,28 @@ namespace {
 template <typename T>
 using opmath = at::opmath_type<T>;
 
-// Elements of padding after a converted row (RowReader, RowWriter), so that
-// whole-vector sweeps (cpu::map_row_padded) may run past the row's end.
+// Elements of padding after a converted row (RowWriter), so that whole-vector
+// sweeps (cpu::map_row_padded) may run past the row's end.
 template <typename T>
 constexpr int64_t kRowPadding = cpu::Vec<T>::size();
 
-// A row of storage elements seen in the accumulation type: read in place when
-// the types agree, else converted into a buffer the reader owns (padded).
-template <typename scalar_t>
-class RowReader {
+// A growing, uninitialised buffer: a row writer lives for one block of rows,
+// and a std::vector would allocate and zero its row again for every block (a
+// memset per block and buffer: 2.6% of a bfloat16 conv2_x forward+backward).
+template <typename T>
+class RowBuffer {
  public:
-  using acc_t = opmath<scalar_t>;
-  const acc_t* read(const scalar_t* src, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return src;
-    } else {
-      buf_.resize(n + kRowPadding<acc_t>);
-      at::vec::convert(src, buf_.data(), n);
-      return buf_.data();
+  T* reserve(int64_t n) {
+    if (n > capacity_) {
+      data_.reset(new T[n]);
+      capacity_ = n;
     }
+    return data_.get();
   }
 
  private:
-  std::vector<acc_t> buf_;
+  std::unique_ptr<T[]> data_;
+  int64_t capacity_ = 0;
 };
 
 // Writes rows of storage elements computed in the accumulation type: in
@@ -106,20 +105,20 @@ class RowWriter {
       }
       return dst;
     } else {
-      buf_.resize(n + kRowPadding<acc_t>);
-      cpu::map_row_padded<acc_t>(f, padded, buf_.data(), n, in...);
+      acc_t* row = buf_.reserve(n + kRowPadding<acc_t>);
+      cpu::map_row_padded<acc_t>(f, padded, row, n, in...);
       if (stream_) {
-        cpu::stream_convert(buf_.data(), dst, n);
+        cpu::stream_convert(row, dst, n);
       } else {
-        at::vec::convert(buf_.data(), dst, n);
+        at::vec::convert(row, dst, n);
       }
-      return buf_.data();
+      return row;
     }
   }
 
  private:
   bool stream_;
-  std::vector<acc_t> buf_;
+  RowBuffer<acc_t> buf_;
 };
 
 // n accumulation values left uninitialised (a std::vector zeroes them on
@@ -145,11 +144,12 @@ V relu_mask(V g, V out) {
 template <typename T>
 using Vec = cpu::Vec<T>;
 
-// sum_k a[k] (* b[k] when kDot) over n values: four interleaved vector
-// accumulators (independent add chains), the tail as one masked vector, then
-// the lanes in a fixed order.
-template <bool kDot, typename T>
-T row_sum(const T* a, const T* b, int64_t n) {
+// sum_k a[k] (* b[k] when kDot) over n values, in the accumulation type T
+// (a and b read as T: cpu::load_as): four interleaved vector accumulators
+// (independent add chains), the tail as one masked vector, then the lanes in
+// a fixed order.
+template <bool kDot, typename T, typename A, typename B>
+T row_sum(const A* a, const B* b, int64_t n) {
   constexpr int64_t L = Vec<T>::size();
   auto add = [](const Vec<T>& acc, const Vec<T>& x, const Vec<T>& y) {
     if constexpr (kDot) {
@@ -158,17 +158,24 @@ T row_sum(const T* a, const T* b, int64_t n) {
       return acc + x;
     }
   };
+  auto load = [](const auto* p, int64_t k) { return cpu::load_as<T>(p + k); };
   Vec<T> acc[4] = {Vec<T>(0), Vec<T>(0), Vec<T>(0), Vec<T>(0)};
   int64_t k = 0;
   for (; k + 4 * L <= n; k += 4 * L) {
     for (int64_t i = 0; i < 4; ++i)
-      acc[i] = add(acc[i], Vec<T>::loadu(a + k + i * L), kDot ? Vec<T>::loadu(b + k + i * L) : Vec<T>(0));
+      acc[i] = add(acc[i], load(a, k + i * L), kDot ? load(b, k + i * L) : Vec<T>(0));
   }
-  for (; k + L <= n; k += L) acc[0] = add(acc[0], Vec<T>::loadu(a + k), kDot ? Vec<T>::loadu(b + k) : Vec<T>(0));
-  if (k < n) {
-    acc[1] = add(acc[1], cpu::load_partial(a + k, n - k), kDot ? cpu::load_partial(b + k, n - k) : Vec<T>(0));
+  for (; k + L <= n; k += L) acc[0] = add(acc[0], load(a, k), kDot ? load(b, k) : Vec<T>(0));
+  if constexpr (std::is_same_v<A, T> && std::is_same_v<B, T>) {
+    if (k < n) {
+      acc[1] = add(acc[1], cpu::load_partial(a + k, n - k), kDot ? cpu::load_partial(b + k, n - k) : Vec<T>(0));
+    }
+    return cpu::sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  } else {  // 16-bit elements have no masked load: the tail one by one, after the lanes
+    T sum = cpu::sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; k < n; ++k) sum += kDot ? T(a[k]) * T(b[k]) : T(a[k]);
+    return sum;
   }
-  return cpu::sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
 // Elements per work item of a sweep. Every sample is cut into the same fixed
@@ -222,15 +229,14 @@ void for_each_row_block(const RowBlocks& b, int64_t n0, int64_t n1, const F& f) 
 
 // Whether row r of a block ending at r1 may be swept in whole vectors
 // (cpu::map_row_padded, RowWriter::write's `padded`): NCHW only (an NHWC
-// row's per-channel inputs end with the row), and when the row is read or
-// written in place, only if the block's following rows (which this thread
-// rewrites afterwards) cover the overrun.
-template <typename scalar_t>
+// row's per-channel inputs end with the row), and only if the block's
+// following rows cover the overrun: rows are read in place, and written in
+// place (float32, float64) by this thread, which rewrites the following rows
+// afterwards.
+template <typename acc_t>
 bool padded_row(const SEProblem& p, int64_t r, int64_t r1, int64_t len) {
-  if (p.channels_last) return false;
-  if constexpr (!std::is_same_v<scalar_t, opmath<scalar_t>>) return true;  // converted through padded buffers
-  constexpr int64_t L = Vec<opmath<scalar_t>>::size();
-  return (r1 - r) * len >= (len + L - 1) / L * L;
+  constexpr int64_t L = Vec<acc_t>::size();
+  return !p.channels_last && (r1 - r) * len >= (len + L - 1) / L * L;
 }
 
 // sums[n - n0, c] = sum_p a[n, c, p] * (b ? b[n, c, p] : 1) for the samples
@@ -248,27 +254,30 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
   auto plus = [](Vec<acc_t> s, Vec<acc_t> x) { return s + x; };
   if (p.channels_last) partial.resize((n1 - n0) * blocks.per_sample * p.C);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t item, int64_t r0, int64_t r1) {
-    RowReader<scalar_t> ra, rb, rm;
     RowWriter<scalar_t> wm(false);  // read back at once
     acc_t* acc = p.channels_last ? partial.data() + item * p.C : nullptr;
     if (acc) std::fill(acc, acc + p.C, acc_t(0));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
-      const acc_t* av = ra.read(a + off, len);
-      if (mask_by) {
-        av = wm.write(relu_mask<Vec<acc_t>>, padded_row<scalar_t>(p, r, r1, len), masked_out + off, len, av,
-                      rm.read(mask_by + off, len));
-      }
-      const acc_t* bv = b ? rb.read(b + off, len) : nullptr;
-      if (acc) {  // NHWC: this pixel's channels into the block's partial sums
-        if (bv) {
-          cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x, Vec<acc_t> y) { return at::vec::fmadd(x, y, s); }, acc,
-                              len, acc, av, bv);
-        } else {
-          cpu::map_row<acc_t>(plus, acc, len, acc, av);
+      const scalar_t* bv = b ? b + off : nullptr;
+      // av: the row of a, in place or (masked) as the values the writer wrote.
+      auto accumulate = [&](const auto* av) {
+        if (acc) {  // NHWC: this pixel's channels into the block's partial sums
+          if (bv) {
+            cpu::map_row<acc_t>([](Vec<acc_t> s, Vec<acc_t> x, Vec<acc_t> y) { return at::vec::fmadd(x, y, s); },
+                                acc, len, acc, av, bv);
+          } else {
+            cpu::map_row<acc_t>(plus, acc, len, acc, av);
+          }
+        } else {  // NCHW: the whole channel
+          sums[(n - n0) * p.C + r] = bv ? row_sum<true, acc_t>(av, bv, len) : row_sum<false, acc_t>(av, av, len);
         }
-      } else {  // NCHW: the whole channel
-        sums[(n - n0) * p.C + r] = bv ? row_sum<true>(av, bv, len) : row_sum<false>(av, av, len);
+      };
+      if (mask_by) {
+        accumulate(wm.write(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), masked_out + off, len,
+                            a + off, mask_by + off));
+      } else {
+        accumulate(a + off);
       }
     }
   });
@@ -294,25 +303,24 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    RowReader<scalar_t> rx, rr;
     RowWriter<scalar_t> wo(stream);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
-      const acc_t* xv = rx.read(x + off, len);
+      const scalar_t* xv = x + off;
+      const scalar_t* res = residual ? residual + off : nullptr;
       if (p.channels_last) {  // a pixel's channels against the sample's scale vector
         const acc_t* sv = scale + n * p.C;
-        if (residual) {
-          wo.write([](V a, V s, V res) { return at::vec::maximum(a * s + res, V(0)); }, false, out + off, len, xv,
-                   sv, rr.read(residual + off, len));
+        if (res) {
+          wo.write([](V a, V s, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, false, out + off, len, xv,
+                   sv, res);
         } else {
           wo.write([](V a, V s) { return a * s; }, false, out + off, len, xv, sv);
         }
       } else {
         const V s(scale[n * p.C + r]);
-        const bool padded = padded_row<scalar_t>(p, r, r1, len);
-        if (residual) {
-          wo.write([s](V a, V res) { return at::vec::maximum(a * s + res, V(0)); }, padded, out + off, len, xv,
-                   rr.read(residual + off, len));
+        const bool padded = padded_row<acc_t>(p, r, r1, len);
+        if (res) {
+          wo.write([s](V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, padded, out + off, len, xv, res);
         } else {
           wo.write([s](V a) { return a * s; }, padded, out + off, len, xv);
         }
@@ -334,18 +342,17 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    RowReader<scalar_t> rg;
     RowWriter<scalar_t> wx(stream);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
-      const acc_t* gv = rg.read(g + off, len);
+      const scalar_t* gv = g + off;
       if (p.channels_last) {
         wx.write([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, grad_x + off, len, gv,
                  scale + n * p.C, dz_over_p + (n - n0) * p.C);
       } else {
         const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
-        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<scalar_t>(p, r, r1, len),
-                 grad_x + off, len, gv);
+        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<acc_t>(p, r, r1, len), grad_x + off,
+                 len, gv);
       }
     }
     if (stream) cpu::stream_fence();
