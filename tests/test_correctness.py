@@ -273,6 +273,28 @@ def test_cpu_streaming_changes_no_value(shape, dtype, memory_format, residual, s
         assert torch.equal(streamed[name], plain[name]), f"{name} differs when the outputs are streamed"
 
 
+@pytest.mark.parametrize("shape", [STAGE_SHAPES[3], SEShape(3, 37, 3, 7, 7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpu_weights_in_place_or_copied_agree(shape, dtype, memory_format, residual, se_inputs):
+    """Backend "cpu" with 16-bit x: the MLP reads parameters stored in x's dtype in place (widened as loaded) and
+    converts parameters of another dtype to float32 first. Given float32 parameters holding the same values, the
+    two paths compute the same sums in the same order: bitwise the same output and input gradients, and the
+    same parameter gradients once the float32 ones are rounded to x's dtype."""
+    _cpu_backend_or_skip()
+    inputs = se_inputs(shape, dtype, memory_format, "cpu", residual)
+    params = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    in_place = backend_se(inputs, "cpu")
+    copied = backend_se(inputs.with_(**{name: getattr(inputs, name).float() for name in params}), "cpu")
+    for name, value in in_place.items():
+        other = copied[name]
+        if name in params:
+            assert other.dtype == torch.float32, name
+            other = other.to(dtype)
+        assert torch.equal(value, other), f"{name} differs between parameters read in place and copied"
+
+
 def test_backends_under_test_include_eager_and_cpu():
     """The product above is not silently empty: eager and cpu are usable on every machine this suite runs on."""
     available = se_fused.available_backends()

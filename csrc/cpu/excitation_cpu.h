@@ -240,31 +240,33 @@ auto make_vectors(const F& f) {
   return make_vectors(f, std::make_index_sequence<N>{});
 }
 
-// count (<= one vector) elements at p: a whole vector or a masked load.
-template <typename T>
-Vec<T> load_lanes(const T* p, int64_t count) {
-  return count == Vec<T>::size() ? Vec<T>::loadu(p) : load_partial(p, count);
+// count (<= one vector) elements at p as accumulation values (T): a whole
+// vector or a partial load (load_as, load_partial_as).
+template <typename T, typename S>
+Vec<T> load_lanes(const S* p, int64_t count) {
+  return count == Vec<T>::size() ? load_as<T>(p) : load_partial_as<T>(p, count);
 }
 
 // out[g, j] = bias[j] + sum_k W[j, k] * in[g, k] for the NB samples from g0
 // and the NR rows from j0: NB·NR independent FMA chains, each weight vector
-// loaded once for NB samples and each input vector once for NR rows.
-template <typename T, int64_t NB, int64_t NR>
-void dot_tile(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int64_t g0, int64_t j0, T* out) {
+// loaded once for NB samples and each input vector once for NR rows. The
+// weights (and bias) may be stored in a 16-bit type (W), widened as loaded.
+template <typename T, int64_t NB, int64_t NR, typename W_t>
+void dot_tile(const W_t* W, const W_t* bias, int64_t J, int64_t K, const T* in, int64_t g0, int64_t j0, T* out) {
   constexpr int64_t L = Vec<T>::size();
-  const T* w = W + j0 * K;
+  const W_t* w = W + j0 * K;
   const T* x = in + g0 * K;
   // Element b·NR + r: sample g0 + b against row j0 + r. The first step sets
   // the sums, the K % L tail is one masked step.
   const int64_t first = std::min(K, L);
   auto acc = make_vectors<NB * NR>([&](auto i) {
-    return load_lanes(w + (i % NR) * K, first) * load_lanes(x + (i / NR) * K, first);
+    return load_lanes<T>(w + (i % NR) * K, first) * load_lanes<T>(x + (i / NR) * K, first);
   });
   auto step = [&](int64_t k, int64_t count) {
     for (int64_t b = 0; b < NB; ++b) {
-      const Vec<T> xv = load_lanes(x + b * K + k, count);
+      const Vec<T> xv = load_lanes<T>(x + b * K + k, count);
       for (int64_t r = 0; r < NR; ++r)
-        acc[b * NR + r] = at::vec::fmadd(load_lanes(w + r * K + k, count), xv, acc[b * NR + r]);
+        acc[b * NR + r] = at::vec::fmadd(load_lanes<T>(w + r * K + k, count), xv, acc[b * NR + r]);
     }
   };
   int64_t k = first;
@@ -273,7 +275,8 @@ void dot_tile(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int6
   T sums[NB * NR];
   sum_lanes_of(acc, sums);
   for (int64_t b = 0; b < NB; ++b) {
-    for (int64_t r = 0; r < NR; ++r) out[(g0 + b) * J + j0 + r] = (bias ? bias[j0 + r] : T(0)) + sums[b * NR + r];
+    for (int64_t r = 0; r < NR; ++r)
+      out[(g0 + b) * J + j0 + r] = (bias ? static_cast<T>(bias[j0 + r]) : T(0)) + sums[b * NR + r];
   }
 }
 
@@ -282,8 +285,8 @@ constexpr int64_t kRowBlock = 2;
 
 // out (G, J) = in (G, K) · Wᵀ + bias, with W (J, K) row-major: the layout of
 // both fc weights for the forward products. Threads own blocks of rows j.
-template <typename T>
-void matmul_transposed_weight(const T* W, const T* bias, int64_t J, int64_t K, const T* in, int64_t G, T* out) {
+template <typename T, typename W_t>
+void matmul_transposed_weight(const W_t* W, const W_t* bias, int64_t J, int64_t K, const T* in, int64_t G, T* out) {
   const int64_t pairs = (J + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, pairs, std::max<int64_t>(1, 1024 / K), [&](int64_t p0, int64_t p1) {
     for (int64_t pr = p0; pr < p1; ++pr) {
@@ -336,21 +339,21 @@ inline void prefetch(const void* p) {
 // every element is one FMA chain over j in order. kFull (width = VB vectors,
 // all but the last block of a row) compiles the loads without masks: with a
 // per-vector choice in the j loop the accumulators went to the stack on every j.
-template <typename T, int64_t NB, int64_t VB, bool kFull>
-void column_block(const T* W, int64_t J, int64_t K, int64_t j0, int64_t j1, int64_t k0, int64_t width, const T* in,
+template <typename T, int64_t NB, int64_t VB, bool kFull, typename W_t>
+void column_block(const W_t* W, int64_t J, int64_t K, int64_t j0, int64_t j1, int64_t k0, int64_t width, const T* in,
                   int64_t g0, T* out) {
   constexpr int64_t L = Vec<T>::size();
   int64_t lanes[VB];
   for (int64_t v = 0; v < VB; ++v) lanes[v] = kFull ? L : std::clamp<int64_t>(width - v * L, 0, L);
-  const T* w = W + k0;
+  const W_t* w = W + k0;
   auto load_w = [&](int64_t j, int64_t v) {
-    return kFull ? Vec<T>::loadu(w + j * K + v * L) : load_lanes(w + j * K + v * L, lanes[v]);
+    return kFull ? load_as<T>(w + j * K + v * L) : load_lanes<T>(w + j * K + v * L, lanes[v]);
   };
   auto out_at = [&](int64_t b, int64_t v) { return out + (g0 + b) * K + k0 + v * L; };
   // Element b·VB + v: sample g0 + b, vector v of the block.
   auto acc = make_vectors<NB * VB>([&](auto i) {
     constexpr int64_t b = i / VB, v = i % VB;
-    if (j0 > 0) return kFull ? Vec<T>::loadu(out_at(b, v)) : load_lanes(out_at(b, v), lanes[v]);
+    if (j0 > 0) return kFull ? Vec<T>::loadu(out_at(b, v)) : load_lanes<T>(out_at(b, v), lanes[v]);
     return Vec<T>(in[(g0 + b) * J]) * load_w(0, v);
   });
   for (int64_t j = std::max<int64_t>(j0, 1); j < j1; ++j) {
@@ -371,8 +374,8 @@ void column_block(const T* W, int64_t J, int64_t K, int64_t j0, int64_t j1, int6
   }
 }
 
-template <typename T, int64_t NB, int64_t VB>
-void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t j0, int64_t j1, int64_t k0, int64_t width,
+template <typename T, int64_t NB, int64_t VB, typename W_t>
+void accumulate_column_block(const W_t* W, int64_t J, int64_t K, int64_t j0, int64_t j1, int64_t k0, int64_t width,
                              const T* in, int64_t g0, T* out) {
   if (width == VB * Vec<T>::size()) {
     column_block<T, NB, VB, true>(W, J, K, j0, j1, k0, width, in, g0, out);
@@ -387,8 +390,8 @@ void accumulate_column_block(const T* W, int64_t J, int64_t K, int64_t j0, int64
 // accumulators (8 FMA chains; 8×1 and 2×4 measured the same on a 2-core
 // EPYC). Each thread takes W's rows kWeightRowTile at a time across all its
 // blocks (column_block).
-template <typename T>
-void matmul_weight(const T* W, int64_t J, int64_t K, const T* in, int64_t G, T* out) {
+template <typename T, typename W_t>
+void matmul_weight(const W_t* W, int64_t J, int64_t K, const T* in, int64_t G, T* out) {
   constexpr int64_t KB = kColumnBlockVectors * Vec<T>::size();
   const int64_t blocks = (K + KB - 1) / KB;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -512,19 +515,20 @@ void activate_all(const T* hidden, int64_t n, Activation a, T* act) {
   parallel_map<T>([a](Vec<T> u) { return activate(u, a); }, act, n, hidden);
 }
 
-// The MLP's weights in the accumulation type, as (R, C) and (C, R) row-major.
-template <typename T>
+// The MLP's parameters, as (R, C) and (C, R) row-major, stored in the
+// accumulation type or in the input's 16-bit type (W_t; read as T).
+template <typename W_t>
 struct ExcitationWeights {
-  const T* w1;  // (R, C)
-  const T* b1;  // (R), null in the backward
-  const T* w2;  // (C, R)
-  const T* b2;  // (C), null in the backward
+  const W_t* w1;  // (R, C)
+  const W_t* b1;  // (R), null in the backward
+  const W_t* w2;  // (C, R)
+  const W_t* b2;  // (C), null in the backward
 };
 
 // hidden (G, R) = z W1ᵀ + b1 (pre-activation); scale (G, C) = gate(act(hidden) W2ᵀ + b2).
 // `act` is (G, R) scratch.
-template <typename T>
-void excitation_forward_rows(const SEProblem& p, const ExcitationWeights<T>& w, const T* z, int64_t G, T* hidden,
+template <typename T, typename W_t>
+void excitation_forward_rows(const SEProblem& p, const ExcitationWeights<W_t>& w, const T* z, int64_t G, T* hidden,
                              T* act, T* scale) {
   matmul_transposed_weight(w.w1, w.b1, p.R, p.C, z, G, hidden);
   activate_all(hidden, G * p.R, p.activation, act);
@@ -535,8 +539,8 @@ void excitation_forward_rows(const SEProblem& p, const ExcitationWeights<T>& w, 
 
 // From ds (G, C) = sum_p g*x: dv (G, C) at the gate's input, du (G, R) at the
 // activation's input, dz (G, C) at the pooled means. `dh` is (G, R) scratch.
-template <typename T>
-void excitation_backward_rows(const SEProblem& p, const ExcitationWeights<T>& w, const T* ds, const T* hidden,
+template <typename T, typename W_t>
+void excitation_backward_rows(const SEProblem& p, const ExcitationWeights<W_t>& w, const T* ds, const T* hidden,
                               const T* scale, int64_t G, T* dv, T* dh, T* du, T* dz) {
   const Gate gate = p.gate;
   const Activation activation = p.activation;

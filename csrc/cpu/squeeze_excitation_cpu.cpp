@@ -62,12 +62,16 @@ using opmath = at::opmath_type<T>;
 template <typename T>
 constexpr int64_t kRowPadding = cpu::Vec<T>::size();
 
-// A growing, uninitialised buffer: a row writer lives for one block of rows,
-// and a std::vector would allocate and zero its row again for every block (a
-// memset per block and buffer: 2.6% of a bfloat16 conv2_x forward+backward).
+// Uninitialised scratch of T, for values written before they are read: a
+// std::vector zeroes its elements, per call for the per-sample scratch and
+// per block of rows for a row writer (there a memset per block and buffer
+// took 2.6% of a bfloat16 conv2_x forward+backward).
 template <typename T>
-class RowBuffer {
+class Scratch {
  public:
+  Scratch() = default;
+  explicit Scratch(int64_t n) { reserve(n); }
+  // At least n elements (grown, contents not kept, when fewer).
   T* reserve(int64_t n) {
     if (n > capacity_) {
       data_.reset(new T[n]);
@@ -75,6 +79,8 @@ class RowBuffer {
     }
     return data_.get();
   }
+  T* data() { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
 
  private:
   std::unique_ptr<T[]> data_;
@@ -118,20 +124,7 @@ class RowWriter {
 
  private:
   bool stream_;
-  RowBuffer<acc_t> buf_;
-};
-
-// n accumulation values left uninitialised (a std::vector zeroes them on
-// every call), for scratch that is written before it is read.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : data_(new T[n]) {}
-  T* data() { return data_.get(); }
-  T& operator[](int64_t i) { return data_[i]; }
-
- private:
-  std::unique_ptr<T[]> data_;
+  Scratch<acc_t> buf_;
 };
 
 // The ReLU of the residual epilogue lets the gradient through wherever its
@@ -399,6 +392,32 @@ at::Tensor accumulation_view(const at::Tensor& t, at::IntArrayRef sizes, at::Sca
   return t.reshape(sizes).to(acc).contiguous();
 }
 
+// Calls f(cpu::ExcitationWeights<...>) with the MLP's parameters (b1 and b2
+// may be null): read in place when all of them are contiguous and stored as
+// scalar_t (a module in x's dtype), else as accumulation-type copies. For
+// 16-bit inputs the copies cost a conversion of every weight per call (at
+// C = 2048, 2 MB allocated and converted per forward and per backward).
+template <typename scalar_t, typename F>
+void with_weights(const SEProblem& p, const at::Tensor& w1, const at::Tensor* b1, const at::Tensor& w2,
+                  const at::Tensor* b2, const F& f) {
+  using acc_t = opmath<scalar_t>;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    auto stored = [](const at::Tensor* t) {
+      return t == nullptr || (t->scalar_type() == c10::CppTypeToScalarType<scalar_t>::value && t->is_contiguous());
+    };
+    if (stored(&w1) && stored(b1) && stored(&w2) && stored(b2)) {
+      auto ptr = [](const at::Tensor* t) { return t ? t->const_data_ptr<scalar_t>() : nullptr; };
+      return f(cpu::ExcitationWeights<scalar_t>{ptr(&w1), ptr(b1), ptr(&w2), ptr(b2)});
+    }
+  }
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor cw1 = accumulation_view(w1, {p.R, p.C}, acc), cw2 = accumulation_view(w2, {p.C, p.R}, acc);
+  const at::Tensor cb1 = b1 ? accumulation_view(*b1, {p.R}, acc) : at::Tensor();
+  const at::Tensor cb2 = b2 ? accumulation_view(*b2, {p.C}, acc) : at::Tensor();
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+  f(cpu::ExcitationWeights<acc_t>{ptr(cw1), ptr(cb1), ptr(cw2), ptr(cb2)});
+}
+
 ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::Tensor& fc1_weight,
                                              const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
                                              const at::Tensor& fc2_bias, const c10::optional<at::Tensor>& residual_in,
@@ -409,32 +428,29 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
                                                         std::string(activation), std::string(gate)));
   auto [out, pooled, hidden, scale] = allocate_forward_outputs(x, p);
   if (p.N == 0) return {out, pooled, hidden, scale};
-  const auto acc = pooled.scalar_type();
-  const at::Tensor w1 = accumulation_view(fc1_weight, {p.R, p.C}, acc), b1 = accumulation_view(fc1_bias, {p.R}, acc);
-  const at::Tensor w2 = accumulation_view(fc2_weight, {p.C, p.R}, acc), b2 = accumulation_view(fc2_bias, {p.C}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cpu", [&] {
-    using acc_t = opmath<scalar_t>;
-    const cpu::ExcitationWeights<acc_t> weights{w1.const_data_ptr<acc_t>(), b1.const_data_ptr<acc_t>(),
-                                               w2.const_data_ptr<acc_t>(), b2.const_data_ptr<acc_t>()};
-    const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)));
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    acc_t* zp = pooled.mutable_data_ptr<acc_t>();
-    acc_t* hp = hidden.mutable_data_ptr<acc_t>();
-    acc_t* sp = scale.mutable_data_ptr<acc_t>();
-    const bool stream = stream_outputs(out.nbytes());
-    Scratch<acc_t> act(std::min(chunk, p.N) * p.R);
-    std::vector<acc_t> partial;
-    const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
-    for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-      const int64_t n1 = std::min(p.N, n0 + chunk);
-      acc_t* z = zp + n0 * p.C;
-      channel_sums<scalar_t>(p, n0, n1, xp, nullptr, nullptr, nullptr, z, partial);
-      for (int64_t i = 0; i < (n1 - n0) * p.C; ++i) z[i] *= inv_p;
-      cpu::excitation_forward_rows<acc_t>(p, weights, z, n1 - n0, hp + n0 * p.R, act.data(), sp + n0 * p.C);
-      scale_forward<scalar_t>(p, n0, n1, xp, rp, sp, op, stream);
-    }
+    with_weights<scalar_t>(p, fc1_weight, &fc1_bias, fc2_weight, &fc2_bias, [&](const auto& weights) {
+      using acc_t = opmath<scalar_t>;
+      const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)));
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      acc_t* zp = pooled.mutable_data_ptr<acc_t>();
+      acc_t* hp = hidden.mutable_data_ptr<acc_t>();
+      acc_t* sp = scale.mutable_data_ptr<acc_t>();
+      const bool stream = stream_outputs(out.nbytes());
+      Scratch<acc_t> act(std::min(chunk, p.N) * p.R);
+      std::vector<acc_t> partial;
+      const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
+      for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+        const int64_t n1 = std::min(p.N, n0 + chunk);
+        acc_t* z = zp + n0 * p.C;
+        channel_sums<scalar_t>(p, n0, n1, xp, nullptr, nullptr, nullptr, z, partial);
+        for (int64_t i = 0; i < (n1 - n0) * p.C; ++i) z[i] *= inv_p;
+        cpu::excitation_forward_rows<acc_t>(p, weights, z, n1 - n0, hp + n0 * p.R, act.data(), sp + n0 * p.C);
+        scale_forward<scalar_t>(p, n0, n1, xp, rp, sp, op, stream);
+      }
+    });
   });
   return {out, pooled, hidden, scale};
 }
@@ -451,43 +467,40 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
                                                          scale, std::string(activation), std::string(gate)));
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_res = p.has_residual ? at::empty_like(x) : at::empty({0}, x.options());
-  const auto acc = pooled.scalar_type();
-  const at::Tensor w1 = accumulation_view(fc1_weight, {p.R, p.C}, acc);
-  const at::Tensor w2 = accumulation_view(fc2_weight, {p.C, p.R}, acc);
   at::Tensor dw1 = at::empty({p.R, p.C}, pooled.options()), db1 = at::empty({p.R}, pooled.options());
   at::Tensor dw2 = at::empty({p.C, p.R}, pooled.options()), db2 = at::empty({p.C}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_backward_cpu", [&] {
-    using acc_t = opmath<scalar_t>;
-    const cpu::ExcitationWeights<acc_t> weights{w1.const_data_ptr<acc_t>(), nullptr, w2.const_data_ptr<acc_t>(),
-                                               nullptr};
-    // The second sweep reads grad_out again (the residual form: the residual's gradient the first wrote).
-    const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)));
-    const int64_t rows = std::min(chunk, p.N);
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* op = out ? out->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-    scalar_t* grp = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
-    const acc_t* zp = pooled.const_data_ptr<acc_t>();
-    const acc_t* hp = hidden.const_data_ptr<acc_t>();
-    const acc_t* sp = scale.const_data_ptr<acc_t>();
-    const bool stream = stream_outputs(grad_x.nbytes());
-    // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
-    Scratch<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C);
-    std::vector<acc_t> partial;
-    for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-      const int64_t n1 = std::min(p.N, n0 + chunk), g = n1 - n0;
-      channel_sums<scalar_t>(p, n0, n1, gp, xp, op, grp, ds.data(), partial);
-      cpu::excitation_backward_rows<acc_t>(p, weights, ds.data(), hp + n0 * p.R, sp + n0 * p.C, g,
-                                           dv.data() + n0 * p.C, dh.data(), du.data() + n0 * p.R, dz.data());
-      for (int64_t i = 0; i < g * p.C; ++i) dz[i] /= static_cast<acc_t>(p.P);
-      scale_backward<scalar_t>(p, n0, n1, op ? grp : gp, sp, dz.data(), gxp, stream);
-    }
-    Scratch<acc_t> act(p.N * p.R);
-    cpu::activate_all(hp, p.N * p.R, p.activation, act.data());
-    cpu::weight_gradient(du.data(), zp, p.N, p.R, p.C, dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>());
-    cpu::weight_gradient(dv.data(), act.data(), p.N, p.C, p.R, dw2.mutable_data_ptr<acc_t>(),
-                         db2.mutable_data_ptr<acc_t>());
+    with_weights<scalar_t>(p, fc1_weight, nullptr, fc2_weight, nullptr, [&](const auto& weights) {
+      using acc_t = opmath<scalar_t>;
+      // The second sweep reads grad_out again (the residual form: the residual's gradient the first wrote).
+      const int64_t chunk = samples_per_chunk(p.C * p.P * static_cast<int64_t>(sizeof(scalar_t)));
+      const int64_t rows = std::min(chunk, p.N);
+      const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* op = out ? out->const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+      scalar_t* grp = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+      const acc_t* zp = pooled.const_data_ptr<acc_t>();
+      const acc_t* hp = hidden.const_data_ptr<acc_t>();
+      const acc_t* sp = scale.const_data_ptr<acc_t>();
+      const bool stream = stream_outputs(grad_x.nbytes());
+      // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
+      Scratch<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C);
+      std::vector<acc_t> partial;
+      for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+        const int64_t n1 = std::min(p.N, n0 + chunk), g = n1 - n0;
+        channel_sums<scalar_t>(p, n0, n1, gp, xp, op, grp, ds.data(), partial);
+        cpu::excitation_backward_rows<acc_t>(p, weights, ds.data(), hp + n0 * p.R, sp + n0 * p.C, g,
+                                             dv.data() + n0 * p.C, dh.data(), du.data() + n0 * p.R, dz.data());
+        for (int64_t i = 0; i < g * p.C; ++i) dz[i] /= static_cast<acc_t>(p.P);
+        scale_backward<scalar_t>(p, n0, n1, op ? grp : gp, sp, dz.data(), gxp, stream);
+      }
+      Scratch<acc_t> act(p.N * p.R);
+      cpu::activate_all(hp, p.N * p.R, p.activation, act.data());
+      cpu::weight_gradient(du.data(), zp, p.N, p.R, p.C, dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>());
+      cpu::weight_gradient(dv.data(), act.data(), p.N, p.C, p.R, dw2.mutable_data_ptr<acc_t>(),
+                           db2.mutable_data_ptr<acc_t>());
+    });
   });
   // Shaped like the parameter, typed like its weight (the bias gradients too, as the CUDA op returns them).
   auto like = [](const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef sizes) {
