@@ -1,4 +1,5 @@
-// The excitation MLP of the CPU kernel, on raw rows in the accumulation type.
+// The excitation MLP of the CPU kernel, on raw rows in the accumulation type
+// (the parameters may stay in a 16-bit storage type, widened as loaded).
 //
 // Per call the MLP is a handful of products of a (G, C) or (G, R) block of
 // per-sample vectors with a (R, C) weight: G is the batch (8 at the benchmark
@@ -432,7 +433,9 @@ void gradient_tile(const T* coef, const T* rows, int64_t N, int64_t J, int64_t K
 // grad_W (J, K) = coefᵀ (J, N) · rows (N, K) and grad_b (J) = sum_n coef[n, :]:
 // a weight gradient summed over the batch, samples in order. Tiles of
 // kGradientRows rows × kGradientVectors vectors, then single vectors and
-// single elements for K's tail.
+// single elements for K's tail. Tiles of 1×4 and 2×2 measured the same at
+// C = 2048 (each weight gradient 50-70 us on 2 threads against ~25 us of
+// FMAs; more likely limited by its 1 MB of stores than by the tile).
 constexpr int64_t kGradientRows = 2, kGradientVectors = 4;
 
 template <typename T>
