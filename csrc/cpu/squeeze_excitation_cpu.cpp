@@ -368,23 +368,36 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
 // on the 2-core EPYC VM (32 MiB L3 slice, batch 8 fp32 NCHW, forward+backward
 // through the module): streaming took 21-23% off conv2_x/conv3_x (25.7 and
 // 12.8 MB outputs) and added 10-36% at conv4_x/conv5_x (6.4 and 3.2 MB).
-// SE_FUSED_CPU_CHUNK_BYTES and SE_FUSED_CPU_STREAM_BYTES override the two
-// uses (read per call).
+// SE_FUSED_CPU_CHUNK_BYTES overrides the chunk budget (read per call).
 constexpr int64_t kCacheBudgetBytes = int64_t(8) << 20;
-
-int64_t bytes_setting(const char* name) {
-  const char* env = std::getenv(name);
-  return env != nullptr && env[0] != '\0' ? std::max<int64_t>(0, std::atoll(env)) : kCacheBudgetBytes;
-}
 
 // Samples per chunk: as many as keep `bytes_per_sample` (the bytes the second
 // sweep reads again) within the cache budget, at least one.
 int64_t samples_per_chunk(int64_t bytes_per_sample) {
-  return std::max<int64_t>(1, bytes_setting("SE_FUSED_CPU_CHUNK_BYTES") / std::max<int64_t>(1, bytes_per_sample));
+  const char* env = std::getenv("SE_FUSED_CPU_CHUNK_BYTES");
+  const int64_t budget = env != nullptr && env[0] != '\0' ? std::max<int64_t>(0, std::atoll(env)) : kCacheBudgetBytes;
+  return std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_sample));
 }
 
-// Whether a call writing `output_bytes` of full-size outputs streams them.
-bool stream_outputs(int64_t output_bytes) { return output_bytes > bytes_setting("SE_FUSED_CPU_STREAM_BYTES"); }
+// Streaming also pays for smaller outputs whose rows are long: a row is
+// streamed in whole 64-byte lines with plain stores at its partial ends, and
+// on short rows that mix costs more than the read-for-ownership it saves.
+// Interleaved A/B through the module, forward+backward, float32 batch 8
+// (streamed against plain): channels_last conv4_x -13%/-14%, conv5_x
+// -8%/-17% (rows of 4 and 8 KiB; at batch 2 and 4 conv5_x -18% and -9%, at
+// batch 1 within 2%); NCHW conv4_x +4%/-1% and conv5_x +19%/+28% (rows of
+// 784 and 196 bytes).
+constexpr int64_t kStreamRowBytes = int64_t(2) << 10, kStreamMinBytes = int64_t(1) << 20;
+
+// Whether a call writing full-size outputs like `output` streams them.
+// SE_FUSED_CPU_STREAM_BYTES, when set, replaces the rule: outputs over that
+// many bytes are streamed.
+bool stream_outputs(const SEProblem& p, const at::Tensor& output) {
+  const int64_t output_bytes = output.nbytes(), row_bytes = RowBlocks(p).length * output.element_size();
+  const char* env = std::getenv("SE_FUSED_CPU_STREAM_BYTES");
+  if (env != nullptr && env[0] != '\0') return output_bytes > std::max<int64_t>(0, std::atoll(env));
+  return output_bytes > kCacheBudgetBytes || (row_bytes >= kStreamRowBytes && output_bytes > kStreamMinBytes);
+}
 
 // H·W = 1 is NCHW and NHWC at once (the same bytes): read it as NHWC, one row
 // of C channels per sample, rather than C rows of one element.
@@ -444,7 +457,7 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
       acc_t* zp = pooled.mutable_data_ptr<acc_t>();
       acc_t* hp = hidden.mutable_data_ptr<acc_t>();
       acc_t* sp = scale.mutable_data_ptr<acc_t>();
-      const bool stream = stream_outputs(out.nbytes());
+      const bool stream = stream_outputs(p, out);
       Scratch<acc_t> act(std::min(chunk, p.N) * p.R);
       std::vector<acc_t> partial;
       const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
@@ -489,7 +502,7 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
       const acc_t* zp = pooled.const_data_ptr<acc_t>();
       const acc_t* hp = hidden.const_data_ptr<acc_t>();
       const acc_t* sp = scale.const_data_ptr<acc_t>();
-      const bool stream = stream_outputs(grad_x.nbytes());
+      const bool stream = stream_outputs(p, grad_x);
       // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
       Scratch<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C);
       std::vector<acc_t> partial;
