@@ -251,7 +251,7 @@ Vec<T> load_lanes(const S* p, int64_t count) {
 // out[g, j] = bias[j] + sum_k W[j, k] * in[g, k] for the NB samples from g0
 // and the NR rows from j0: NB·NR independent FMA chains, each weight vector
 // loaded once for NB samples and each input vector once for NR rows. The
-// weights (and bias) may be stored in a 16-bit type (W), widened as loaded.
+// weights (and bias) may be stored in a 16-bit type (W_t), widened as loaded.
 template <typename T, int64_t NB, int64_t NR, typename W_t>
 void dot_tile(const W_t* W, const W_t* bias, int64_t J, int64_t K, const T* in, int64_t g0, int64_t j0, T* out) {
   constexpr int64_t L = Vec<T>::size();

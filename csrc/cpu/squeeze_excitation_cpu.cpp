@@ -16,9 +16,10 @@
 // reproducible. Weight gradients are summed over the whole batch in sample order.
 // 16-bit tensors (and parameters stored like x) are read in place and widened
 // to float32 in registers (cpu::load_as); outputs go through a float32 row.
-// Outputs larger than the cache budget are written with streaming stores,
-// row by row (see kCacheBudgetBytes). Tried and dropped on a 2-core EPYC VM:
-// streaming conv4_x's outputs, through a staging buffer (forward scale sweep
+// Outputs larger than the cache budget, or over 1 MiB in long rows, are
+// written with streaming stores, row by row (see kCacheBudgetBytes,
+// stream_outputs). Tried and dropped on a 2-core EPYC VM: streaming NCHW
+// conv4_x's outputs, through a staging buffer (forward scale sweep
 // 425 against 289 us) or as a flat sweep of aligned vectors over each block
 // with the per-channel values blended in (NCHW forward+backward 1.5-1.6
 // against 1.3-1.4 ms, with or without streaming); the second sweep walking
@@ -146,7 +147,7 @@ using Vec = cpu::Vec<T>;
 // sum_k a[k] (* b[k] when kDot) over n values, in the accumulation type T
 // (a and b read as T: cpu::load_as): four interleaved vector accumulators
 // (independent add chains), the tail as one masked vector, then the lanes in
-// a fixed order.
+// a fixed order (16-bit inputs: the lanes, then the tail element by element).
 template <bool kDot, typename T, typename A, typename B>
 T row_sum(const A* a, const B* b, int64_t n) {
   constexpr int64_t L = Vec<T>::size();
