@@ -184,21 +184,43 @@ void stream_row(const F& f, bool padded, T* out, int64_t n, const In*... in) {
   map_row_padded<T>(f, padded, out + k, n - k, (in + k)...);
 }
 
-// at::vec::convert(src, dst, n) from the accumulation type to a 16-bit
-// storage type, with dst's whole 64-byte lines streamed.
-template <typename S, typename T>
-void stream_convert(const T* src, S* dst, int64_t n) {
+// dst[k] = f(in[k]...) for k < n, dst of a 16-bit type S: two vectors of T at
+// a time, converted and stored together (no float32 row in between); with
+// `stream`, dst's whole 64-byte lines are streamed. The last elements (fewer
+// than two vectors) are computed from whole vectors when `padded` (the
+// inputs may be read up to L - 1 elements past n, as in map_row_padded;
+// only n elements are stored), else, like the elements before dst's first
+// line boundary, through a small row on the stack.
+template <typename T, typename S, typename F, typename... In>
+void map_row_narrow(const F& f, bool padded, bool stream, S* dst, int64_t n, const In*... in) {
   static_assert(sizeof(S) == 2 && std::is_same_v<T, float>);
-  constexpr int64_t L = Vec<T>::size(), per_line = 64 / sizeof(S);
-  static_assert(per_line % Vec<S>::size() == 0 && Vec<S>::size() == 2 * L);
-  int64_t k = elements_before_line(dst, n);
-  at::vec::convert(src, dst, k);
-  for (; k + per_line <= n; k += per_line) {
-    for (int64_t v = 0; v < per_line; v += 2 * L)
-      stream_store(at::vec::convert_from_float<S>(Vec<T>::loadu(src + k + v), Vec<T>::loadu(src + k + v + L)),
-                   dst + k + v);
+  constexpr int64_t L = Vec<T>::size(), W = 2 * L, per_line = 64 / sizeof(S);
+  static_assert(Vec<S>::size() == W && per_line % W == 0);
+  auto two = [&](int64_t k) {
+    return at::vec::convert_from_float<S>(f(load_as<T>(in + k)...), f(load_as<T>(in + k + L)...));
+  };
+  auto few = [&](int64_t k, int64_t count) {
+    T row[W];
+    map_row<T>(f, row, count, (in + k)...);
+    at::vec::convert(row, dst + k, count);
+  };
+  int64_t k = 0;
+  if (stream) {
+    const int64_t head = elements_before_line(dst, n);
+    for (; k + W <= head; k += W) two(k).store(dst + k);
+    if (k < head) few(k, head - k);
+    for (k = head; k + per_line <= n; k += per_line) {
+      for (int64_t v = 0; v < per_line; v += W) stream_store(two(k + v), dst + k + v);
+    }
   }
-  at::vec::convert(src + k, dst + k, n - k);
+  for (; k + W <= n; k += W) two(k).store(dst + k);
+  if (k < n && padded) {
+    const Vec<T> lo = f(load_as<T>(in + k)...);
+    const Vec<T> hi = n - k > L ? f(load_as<T>(in + k + L)...) : Vec<T>(0);
+    at::vec::convert_from_float<S>(lo, hi).store(dst + k, static_cast<int>(n - k));
+  } else if (k < n) {
+    few(k, n - k);
+  }
 }
 
 // map_row over n elements spread over the threads (pointwise: how the range is

@@ -15,7 +15,7 @@
 // block order, so results do not depend on the thread count and are bitwise
 // reproducible. Weight gradients are summed over the whole batch in sample order.
 // 16-bit tensors (and parameters stored like x) are read in place and widened
-// to float32 in registers (cpu::load_as); outputs go through a float32 row.
+// to float32 in registers (cpu::load_as), and outputs narrowed the same way.
 // Outputs larger than the cache budget, or over 1 MiB in long rows, are
 // written with streaming stores, row by row (see kCacheBudgetBytes,
 // stream_outputs). Tried and dropped on a 2-core EPYC VM: streaming NCHW
@@ -64,74 +64,48 @@ namespace {
 template <typename T>
 using opmath = at::opmath_type<T>;
 
-// Elements of padding after a converted row (RowWriter), so that whole-vector
-// sweeps (cpu::map_row_padded) may run past the row's end.
-template <typename T>
-constexpr int64_t kRowPadding = cpu::Vec<T>::size();
-
-// Uninitialised scratch of T, for values written before they are read: a
-// std::vector zeroes its elements, per call for the per-sample scratch and
-// per block of rows for a row writer (there a memset per block and buffer
-// took 2.6% of a bfloat16 conv2_x forward+backward).
+// n values of T left uninitialised (a std::vector zeroes them on every
+// call), for scratch that is written before it is read.
 template <typename T>
 class Scratch {
  public:
-  Scratch() = default;
-  explicit Scratch(int64_t n) { reserve(n); }
-  // At least n elements (grown, contents not kept, when fewer).
-  T* reserve(int64_t n) {
-    if (n > capacity_) {
-      data_.reset(new T[n]);
-      capacity_ = n;
-    }
-    return data_.get();
-  }
+  explicit Scratch(int64_t n) : data_(new T[n]) {}
   T* data() { return data_.get(); }
   T& operator[](int64_t i) { return data_[i]; }
 
  private:
   std::unique_ptr<T[]> data_;
-  int64_t capacity_ = 0;
 };
 
 // Writes rows of storage elements computed in the accumulation type: in
-// place when the types agree, else through a (padded) buffer converted on the
-// way out. A streaming writer sends the rows' whole cache lines past the
-// cache (cpu::stream_store); its owner calls cpu::stream_fence() when done.
+// place (float32, float64), or two vectors at a time converted to a 16-bit
+// type (cpu::map_row_narrow). A streaming writer sends the rows' whole cache
+// lines past the cache (cpu::stream_store); its owner calls
+// cpu::stream_fence() when done.
 template <typename scalar_t>
 class RowWriter {
  public:
   using acc_t = opmath<scalar_t>;
   explicit RowWriter(bool stream) : stream_(stream) {}
 
-  // dst[k] = f(in[k]...) for k < n. `padded`: the inputs, and dst when it is
-  // written in place, may be read and written past n (cpu::map_row_padded).
-  // Returns the values written, in the accumulation type (dst itself or the
-  // buffer): read them back only from a writer that does not stream.
+  // dst[k] = f(in[k]...) for k < n. `padded`: the inputs may be read past n,
+  // and dst written past n when it has the accumulation type
+  // (cpu::map_row_padded, cpu::map_row_narrow).
   template <typename F, typename... In>
-  const acc_t* write(const F& f, bool padded, scalar_t* dst, int64_t n, const In*... in) {
+  void write(const F& f, bool padded, scalar_t* dst, int64_t n, const In*... in) const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (stream_) {
         cpu::stream_row<acc_t>(f, padded, dst, n, in...);
       } else {
         cpu::map_row_padded<acc_t>(f, padded, dst, n, in...);
       }
-      return dst;
     } else {
-      acc_t* row = buf_.reserve(n + kRowPadding<acc_t>);
-      cpu::map_row_padded<acc_t>(f, padded, row, n, in...);
-      if (stream_) {
-        cpu::stream_convert(row, dst, n);
-      } else {
-        at::vec::convert(row, dst, n);
-      }
-      return row;
+      cpu::map_row_narrow<acc_t>(f, padded, stream_, dst, n, in...);
     }
   }
 
  private:
   bool stream_;
-  Scratch<acc_t> buf_;
 };
 
 // The ReLU of the residual epilogue lets the gradient through wherever its
@@ -260,7 +234,7 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const scalar_t* bv = b ? b + off : nullptr;
-      // av: the row of a, in place or (masked) as the values the writer wrote.
+      // av: the row of a, or (masked) of the residual's gradient just written.
       auto accumulate = [&](const auto* av) {
         if (acc) {  // NHWC: this pixel's channels into the block's partial sums
           if (bv) {
@@ -273,9 +247,10 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
           sums[(n - n0) * p.C + r] = bv ? row_sum<true, acc_t>(av, bv, len) : row_sum<false, acc_t>(av, av, len);
         }
       };
-      if (mask_by) {
-        accumulate(wm.write(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), masked_out + off, len,
-                            a + off, mask_by + off));
+      if (mask_by) {  // read back from the output: exact in any dtype (grad_out or 0)
+        wm.write(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), masked_out + off, len, a + off,
+                 mask_by + off);
+        accumulate(masked_out + off);
       } else {
         accumulate(a + off);
       }
