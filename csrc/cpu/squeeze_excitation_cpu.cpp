@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -77,36 +78,25 @@ class Scratch {
   std::unique_ptr<T[]> data_;
 };
 
-// Writes rows of storage elements computed in the accumulation type: in
-// place (float32, float64), or two vectors at a time converted to a 16-bit
-// type (cpu::map_row_narrow). A streaming writer sends the rows' whole cache
-// lines past the cache (cpu::stream_store); its owner calls
-// cpu::stream_fence() when done.
-template <typename scalar_t>
-class RowWriter {
- public:
+// dst[k] = f(in[k]...) for k < n: a row of storage elements computed in the
+// accumulation type, in place (float32, float64) or two vectors at a time
+// narrowed to a 16-bit type (cpu::map_row_narrow). `padded`: the inputs may
+// be read past n, and dst written past n when it has the accumulation type
+// (cpu::map_row_padded). `stream`: dst's whole cache lines go past the cache
+// (cpu::stream_store); the caller calls cpu::stream_fence() when done.
+template <typename scalar_t, typename F, typename... In>
+void write_row(const F& f, bool padded, bool stream, scalar_t* dst, int64_t n, const In*... in) {
   using acc_t = opmath<scalar_t>;
-  explicit RowWriter(bool stream) : stream_(stream) {}
-
-  // dst[k] = f(in[k]...) for k < n. `padded`: the inputs may be read past n,
-  // and dst written past n when it has the accumulation type
-  // (cpu::map_row_padded, cpu::map_row_narrow).
-  template <typename F, typename... In>
-  void write(const F& f, bool padded, scalar_t* dst, int64_t n, const In*... in) const {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (stream_) {
-        cpu::stream_row<acc_t>(f, padded, dst, n, in...);
-      } else {
-        cpu::map_row_padded<acc_t>(f, padded, dst, n, in...);
-      }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stream) {
+      cpu::stream_row<acc_t>(f, padded, dst, n, in...);
     } else {
-      cpu::map_row_narrow<acc_t>(f, padded, stream_, dst, n, in...);
+      cpu::map_row_padded<acc_t>(f, padded, dst, n, in...);
     }
+  } else {
+    cpu::map_row_narrow<acc_t>(f, padded, stream, dst, n, in...);
   }
-
- private:
-  bool stream_;
-};
+}
 
 // The ReLU of the residual epilogue lets the gradient through wherever its
 // output is not <= 0 (NaN included), as PyTorch's threshold_backward does.
@@ -202,7 +192,7 @@ void for_each_row_block(const RowBlocks& b, int64_t n0, int64_t n1, const F& f) 
 }
 
 // Whether row r of a block ending at r1 may be swept in whole vectors
-// (cpu::map_row_padded, RowWriter::write's `padded`): NCHW only (an NHWC
+// (cpu::map_row_padded, write_row's `padded`): NCHW only (an NHWC
 // row's per-channel inputs end with the row), and only if the block's
 // following rows cover the overrun: rows are read in place, and written in
 // place (float32, float64) by this thread, which rewrites the following rows
@@ -228,7 +218,6 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
   auto plus = [](Vec<acc_t> s, Vec<acc_t> x) { return s + x; };
   if (p.channels_last) partial.resize((n1 - n0) * blocks.per_sample * p.C);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t item, int64_t r0, int64_t r1) {
-    RowWriter<scalar_t> wm(false);  // read back at once
     acc_t* acc = p.channels_last ? partial.data() + item * p.C : nullptr;
     if (acc) std::fill(acc, acc + p.C, acc_t(0));
     for (int64_t r = r0; r < r1; ++r) {
@@ -248,8 +237,8 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
         }
       };
       if (mask_by) {  // read back from the output: exact in any dtype (grad_out or 0)
-        wm.write(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), masked_out + off, len, a + off,
-                 mask_by + off);
+        write_row(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), false, masked_out + off, len, a + off,
+                  mask_by + off);
         accumulate(masked_out + off);
       } else {
         accumulate(a + off);
@@ -278,7 +267,6 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    RowWriter<scalar_t> wo(stream);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const scalar_t* xv = x + off;
@@ -286,18 +274,19 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
       if (p.channels_last) {  // a pixel's channels against the sample's scale vector
         const acc_t* sv = scale + n * p.C;
         if (res) {
-          wo.write([](V a, V s, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, false, out + off, len, xv,
-                   sv, res);
+          write_row([](V a, V s, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, false, stream, out + off,
+                    len, xv, sv, res);
         } else {
-          wo.write([](V a, V s) { return a * s; }, false, out + off, len, xv, sv);
+          write_row([](V a, V s) { return a * s; }, false, stream, out + off, len, xv, sv);
         }
       } else {
         const V s(scale[n * p.C + r]);
         const bool padded = padded_row<acc_t>(p, r, r1, len);
         if (res) {
-          wo.write([s](V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, padded, out + off, len, xv, res);
+          write_row([s](V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, padded, stream, out + off, len,
+                    xv, res);
         } else {
-          wo.write([s](V a) { return a * s; }, padded, out + off, len, xv);
+          write_row([s](V a) { return a * s; }, padded, stream, out + off, len, xv);
         }
       }
     }
@@ -317,17 +306,16 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    RowWriter<scalar_t> wx(stream);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const scalar_t* gv = g + off;
       if (p.channels_last) {
-        wx.write([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, grad_x + off, len, gv,
-                 scale + n * p.C, dz_over_p + (n - n0) * p.C);
+        write_row([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, stream, grad_x + off, len, gv,
+                  scale + n * p.C, dz_over_p + (n - n0) * p.C);
       } else {
         const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
-        wx.write([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<acc_t>(p, r, r1, len), grad_x + off,
-                 len, gv);
+        write_row([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<acc_t>(p, r, r1, len), stream,
+                  grad_x + off, len, gv);
       }
     }
     if (stream) cpu::stream_fence();
@@ -343,15 +331,23 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
 // from a small previous call) or is read again soon from the cache. Measured
 // on the 2-core EPYC VM (32 MiB L3 slice, batch 8 fp32 NCHW, forward+backward
 // through the module): streaming took 21-23% off conv2_x/conv3_x (25.7 and
-// 12.8 MB outputs) and added 10-36% at conv4_x/conv5_x (6.4 and 3.2 MB).
+// 12.8 MB outputs) and added 10-36% at conv4_x/conv5_x (6.4 and 3.2 MB; for
+// long rows see stream_outputs).
 // SE_FUSED_CPU_CHUNK_BYTES overrides the chunk budget (read per call).
 constexpr int64_t kCacheBudgetBytes = int64_t(8) << 20;
+
+// A byte count from the environment variable `name` (read per call, so tests
+// can force either path), or nothing when it is unset or empty.
+std::optional<int64_t> bytes_from_env(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || env[0] == '\0') return std::nullopt;
+  return std::max<int64_t>(0, std::atoll(env));
+}
 
 // Samples per chunk: as many as keep `bytes_per_sample` (the bytes the second
 // sweep reads again) within the cache budget, at least one.
 int64_t samples_per_chunk(int64_t bytes_per_sample) {
-  const char* env = std::getenv("SE_FUSED_CPU_CHUNK_BYTES");
-  const int64_t budget = env != nullptr && env[0] != '\0' ? std::max<int64_t>(0, std::atoll(env)) : kCacheBudgetBytes;
+  const int64_t budget = bytes_from_env("SE_FUSED_CPU_CHUNK_BYTES").value_or(kCacheBudgetBytes);
   return std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_sample));
 }
 
@@ -370,8 +366,7 @@ constexpr int64_t kStreamRowBytes = int64_t(2) << 10, kStreamMinBytes = int64_t(
 // many bytes are streamed.
 bool stream_outputs(const SEProblem& p, const at::Tensor& output) {
   const int64_t output_bytes = output.nbytes(), row_bytes = RowBlocks(p).length * output.element_size();
-  const char* env = std::getenv("SE_FUSED_CPU_STREAM_BYTES");
-  if (env != nullptr && env[0] != '\0') return output_bytes > std::max<int64_t>(0, std::atoll(env));
+  if (const auto threshold = bytes_from_env("SE_FUSED_CPU_STREAM_BYTES")) return output_bytes > *threshold;
   return output_bytes > kCacheBudgetBytes || (row_bytes >= kStreamRowBytes && output_bytes > kStreamMinBytes);
 }
 
