@@ -8,9 +8,13 @@ The C++ library (``se_fused._C``, sources in ``csrc/``) defines two ops in one
 * ``se_fused::squeeze_excitation_backward(grad_out, x, out?, fc1_weight, fc2_weight, pooled,
   hidden, scale, activation, gate) -> (grad_x, grad_residual, grad_fc1_weight, grad_fc1_bias,
   grad_fc2_weight, grad_fc2_bias)``
+* ``se_fused::squeeze_excitation(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual?,
+  activation, gate) -> out``: the forward made differentiable in C++ (its autograd node calls the
+  backward op without Python); what :func:`se_fused.squeeze_excitation` calls for the compiled
+  backends.
 
 This module gives them fake (meta) kernels, so ``torch.compile`` traces them,
-and an autograd formula, so the forward op is differentiable on its own.
+and the forward op an autograd formula, so it is differentiable on its own too.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ except ImportError as exc:  # a source checkout that was never built
 
 FORWARD_OP = "se_fused::squeeze_excitation_forward"
 BACKWARD_OP = "se_fused::squeeze_excitation_backward"
+DIFFERENTIABLE_OP = "se_fused::squeeze_excitation"
 
 
 def extension_loaded() -> bool:
@@ -60,6 +65,12 @@ def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation,
     """Call the compiled forward op (CPU or CUDA by ``x``'s device)."""
     return torch.ops.se_fused.squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                                          residual, activation, gate)
+
+
+def differentiable_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
+    """Call the differentiable op (CPU or CUDA by ``x``'s device): ``out`` alone, its backward in C++."""
+    return torch.ops.se_fused.squeeze_excitation(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                                                 activation, gate)
 
 
 def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):
@@ -102,6 +113,11 @@ if extension_loaded():
         acc = acc_dtype(x.dtype)
         return (torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, r), dtype=acc),
                 x.new_empty((n, c), dtype=acc))
+
+    @torch.library.register_fake(DIFFERENTIABLE_OP)
+    def _differentiable_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
+        validate_se_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate)
+        return torch.empty_like(x)
 
     @torch.library.register_fake(BACKWARD_OP)
     def _backward_fake(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):

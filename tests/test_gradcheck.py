@@ -44,7 +44,8 @@ SHAPE_FORMATS = [(s, f) for s in GRADCHECK_SHAPES for f in ("nchw", "channels_la
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("shape,memory_format", SHAPE_FORMATS, ids=[f"{s.id}-{f}" for s, f in SHAPE_FORMATS])
 def test_gradcheck_public_api(shape, memory_format, residual, activation, gate, backend):
-    """``se_fused.squeeze_excitation`` (FusedSEFunction): gradients of x, both weights, both biases, residual."""
+    """``se_fused.squeeze_excitation``: gradients of x, both weights, both biases, residual (through the C++
+    autograd of ``se_fused::squeeze_excitation`` for "cpu", through FusedSEFunction for "eager")."""
     inputs = make_se_inputs(shape, torch.float64, memory_format, "cpu", residual, activation, gate)
     leaves = _leaves(inputs)
     args = [t for t in leaves if t is not None]
@@ -53,6 +54,24 @@ def test_gradcheck_public_api(shape, memory_format, residual, activation, gate, 
         x, w1, b1, w2, b2 = tensors[:5]
         res = tensors[5] if residual else None
         return se_fused.squeeze_excitation(x, w1, b1, w2, b2, res, activation, gate, backend)
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in se_fused.available_backends(), reason="se_fused._C not built")
+@pytest.mark.parametrize("activation,gate", ACT_GATES, ids=[f"{a}-{g}" for a, g in ACT_GATES])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_gradcheck_function_with_cpu_kernel(memory_format, residual, activation, gate):
+    """``FusedSEFunction.apply`` with backend "cpu": the Python autograd path over the same kernels
+    (``squeeze_excitation`` takes the C++ one, checked above)."""
+    inputs = make_se_inputs(GRADCHECK_SHAPES[2], torch.float64, memory_format, "cpu", residual, activation, gate)
+    leaves = _leaves(inputs)
+    args = [t for t in leaves if t is not None]
+
+    def fn(*tensors):
+        res = tensors[5] if residual else None
+        return se_fused.FusedSEFunction.apply(*tensors[:5], res, activation, gate, "cpu")
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -81,7 +100,8 @@ def test_gradcheck_registered_op(residual, activation, gate, memory_format):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_detects_a_wrong_backward(backend, monkeypatch):
-    """The check above can fail: with grad_x off by a tiny factor, gradcheck must reject it."""
+    """The check above can fail: with grad_x off by a tiny factor, gradcheck must reject it (the backend's
+    backward skewed in Python, so the call goes through FusedSEFunction)."""
     from se_fused import backends
 
     real = backends._BACKENDS[backend]
@@ -97,3 +117,29 @@ def test_gradcheck_detects_a_wrong_backward(backend, monkeypatch):
     with pytest.raises(GradcheckError):
         torch.autograd.gradcheck(lambda *t: se_fused.squeeze_excitation(*t, None, "silu", "sigmoid", backend),
                                  args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in se_fused.available_backends(), reason="se_fused._C not built")
+def test_gradcheck_detects_a_wrong_backward_op():
+    """The C++ autograd path can fail too: with the backward op's grad_x off by a tiny factor (a Python
+    kernel put in front of it at AutogradCPU for this test), gradcheck of ``squeeze_excitation`` must reject it."""
+    backward_op = torch.ops.se_fused.squeeze_excitation_backward.default
+
+    def skewed(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = backward_op(*args)
+        return (grads[0] * (1 + 1e-3),) + tuple(grads[1:])
+
+    inputs = make_se_inputs(GRADCHECK_SHAPES[0], torch.float64, "nchw", "cpu", False, "silu", "sigmoid")
+    args = [t for t in _leaves(inputs) if t is not None]
+    check = lambda: torch.autograd.gradcheck(  # noqa: E731
+        lambda *t: se_fused.squeeze_excitation(*t, None, "silu", "sigmoid", "cpu"), args, eps=1e-6, atol=1e-7,
+        rtol=1e-5)
+    lib = torch.library.Library("se_fused", "IMPL")
+    try:
+        lib.impl("squeeze_excitation_backward", skewed, "AutogradCPU")
+        with pytest.raises(GradcheckError):
+            check()
+    finally:
+        lib._destroy()
+    assert check()   # the real kernel again

@@ -1,4 +1,4 @@
-"""torch.library.opcheck on the two registered ops, with all of its default tests.
+"""torch.library.opcheck on the three registered ops, with all of its default tests.
 
 opcheck's defaults are ``test_schema`` (the schema's aliasing/mutation claims
 hold), ``test_autograd_registration`` (autograd is registered the supported
@@ -24,6 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 
 FORWARD = torch.ops.se_fused.squeeze_excitation_forward.default
 BACKWARD = torch.ops.se_fused.squeeze_excitation_backward.default
+DIFFERENTIABLE = torch.ops.se_fused.squeeze_excitation.default
 
 SHAPE = SEShape(2, 37, 3, 5, 3)   # C not a multiple of 8, H·W = 15
 
@@ -61,6 +62,15 @@ def test_opcheck_forward(device, dtype, memory_format, residual, activation, gat
     """``se_fused::squeeze_excitation_forward``: all default opcheck tests."""
     _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad, device)
     torch.library.opcheck(FORWARD, args)
+
+
+@pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_differentiable(device, dtype, memory_format, residual, activation, gate, requires_grad):
+    """``se_fused::squeeze_excitation`` (the forward with its autograd in C++): all default opcheck tests."""
+    _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad, device)
+    torch.library.opcheck(DIFFERENTIABLE, args)
 
 
 @pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)

@@ -12,8 +12,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 #include <cstdio>
@@ -33,6 +33,8 @@ using ForwardSig = ForwardOut(const Tensor&, const Tensor&, const Tensor&, const
 using BackwardSig = BackwardOut(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view,
                                 c10::string_view);
+using DifferentiableSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const std::optional<Tensor>&, c10::string_view, c10::string_view);
 
 int failures = 0;
 int checks = 0;
@@ -215,43 +217,16 @@ void check_case(const Case& c, at::ScalarType dtype, uint64_t seed, at::Device d
   }
 }
 
-// The ops as a differentiable function for C++ training code (the example of docs/cpp.md):
-// forward saves x, the weights, the small per-sample intermediates and, in the residual form,
-// the output; backward calls the backward op.
-struct SqueezeExcitationFunction : public torch::autograd::Function<SqueezeExcitationFunction> {
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w1,
-                        const Tensor& b1, const Tensor& w2, const Tensor& b2, const std::optional<Tensor>& residual,
-                        const std::string& act, const std::string& gt) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
-                         .typed<ForwardSig>();
-    auto [out, pooled, hidden, scale] = op.call(x, w1, b1, w2, b2, residual, act, gt);
-    ctx->save_for_backward({x, residual ? out : Tensor(), w1, w2, pooled, hidden, scale});
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["gate"] = gt;
-    ctx->saved_data["residual"] = residual.has_value();
-    return out;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("se_fused::squeeze_excitation_backward", "")
-                         .typed<BackwardSig>();
-    auto s = ctx->get_saved_variables();
-    const bool has_residual = ctx->saved_data["residual"].toBool();
-    std::optional<Tensor> out;
-    if (has_residual) out = s[1];
-    auto [gx, gres, gw1, gb1, gw2, gb2] =
-        op.call(grads[0], s[0], out, s[2], s[3], s[4], s[5], s[6], ctx->saved_data["act"].toStringRef(),
-                ctx->saved_data["gate"].toStringRef());
-    // One gradient per forward input: x, w1, b1, w2, b2, residual, act, gate.
-    return {gx, gw1, gb1, gw2, gb2, has_residual ? gres : Tensor(), Tensor(), Tensor()};
-  }
-};
-
-// The autograd wrapper gives the reference's gradients (float64, so the bound is the floor).
-void check_autograd_function() {
+// The differentiable op (its autograd is the library's, csrc/squeeze_excitation_autograd.cpp), as C++
+// training code calls it: the reference's gradients in float64 (so the bound is the floor); with no
+// input requiring grad, and in inference mode, the forward op's output and no graph.
+void check_differentiable_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("se_fused::squeeze_excitation", "")
+                       .typed<DifferentiableSig>();
+  static auto forward = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
+                            .typed<ForwardSig>();
   for (bool residual : {false, true}) {
     const Case c{2, 24, 3, 5, 5, true, residual, "silu", "sigmoid"};
     const Inputs in = make_inputs(c, at::kDouble, 1000 + residual);
@@ -261,18 +236,27 @@ void check_autograd_function() {
     for (auto& t : leaves) t = t.detach().requires_grad_(true);
     std::optional<Tensor> res;
     if (residual) res = leaves[5];
-    Tensor out = SqueezeExcitationFunction::apply(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], res,
-                                                  c.act, c.gate);
+    Tensor out = op.call(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], res, c.act, c.gate);
     out.backward(in.grad_out);
     std::vector<Tensor> got = {out.detach()};
     for (auto& t : leaves) got.push_back(t.grad());
     const double floor = 512.0 * eps_of(at::kDouble);
     for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT(got[i].defined(), "differentiable op (residual=%d): %s not computed", residual, kNames[i]);
+      if (!got[i].defined()) continue;
       const double err = max_abs_error(got[i], truth.tensors[i]);
       const double bound = floor * truth.tensors[i].abs().max().item<double>();
-      EXPECT(err <= bound, "autograd function (residual=%d): %s max-abs error %.3e > %.3e", residual, kNames[i],
+      EXPECT(err <= bound, "differentiable op (residual=%d): %s max-abs error %.3e > %.3e", residual, kNames[i],
              err, bound);
     }
+    const Tensor want = std::get<0>(forward.call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate));
+    const Tensor plain = op.call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate);
+    EXPECT(!plain.requires_grad() && at::equal(plain, want), "differentiable op without grad (residual=%d)",
+           residual);
+    c10::InferenceMode inference;
+    const Tensor inferred = op.call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate);
+    EXPECT(inferred.is_inference() && at::equal(inferred, want), "differentiable op in inference mode (residual=%d)",
+           residual);
   }
 }
 
@@ -302,8 +286,9 @@ void check_rejects_bad_input() {
 }  // namespace
 
 int main() {
-  // The library registered both ops when it was loaded.
-  for (const char* name : {"se_fused::squeeze_excitation_forward", "se_fused::squeeze_excitation_backward"}) {
+  // The library registered its ops when it was loaded.
+  for (const char* name : {"se_fused::squeeze_excitation_forward", "se_fused::squeeze_excitation_backward",
+                           "se_fused::squeeze_excitation"}) {
     const bool found = c10::Dispatcher::singleton().findSchema({name, ""}).has_value();
     EXPECT(found, "op %s not registered: is libse_fused_ops linked (--no-as-needed) and loaded?", name);
     if (!found) return 1;
@@ -346,7 +331,7 @@ int main() {
     }
   }
   check_rejects_bad_input();
-  check_autograd_function();
+  check_differentiable_op();
   // The CUDA kernels, when this library has them and a GPU is present.
   const bool cuda_kernels = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
