@@ -16,13 +16,15 @@
 // reproducible. Weight gradients are summed over the whole batch in sample order.
 // 16-bit tensors (and parameters stored like x) are read in place and widened
 // to float32 in registers (cpu::load_as), and outputs narrowed the same way.
-// Outputs larger than the cache budget, or over 1 MiB in long rows, are
-// written with streaming stores, row by row (see kCacheBudgetBytes,
-// stream_outputs). Tried and dropped on a 2-core EPYC VM: streaming NCHW
-// conv4_x's outputs, through a staging buffer (forward scale sweep
-// 425 against 289 us) or as a flat sweep of aligned vectors over each block
-// with the per-channel values blended in (NCHW forward+backward 1.5-1.6
-// against 1.3-1.4 ms, with or without streaming); the second sweep walking
+// Outputs larger than the cache budget, over 1 MiB in long rows, or over
+// 2 MiB in short float32/float64 NCHW rows are written with streaming stores:
+// row by row, or for short NCHW rows as a flat sweep over each block of rows
+// (see kCacheBudgetBytes, stream_outputs). Tried and dropped on a 2-core EPYC
+// VM: streaming NCHW conv4_x's outputs through a staging buffer (forward
+// scale sweep 425 against 289 us); an earlier flat sweep (NCHW
+// forward+backward 1.5-1.6 against 1.3-1.4 ms, not interleaved, with or
+// without streaming: the flat sweep of cpu::stream_rows, measured
+// interleaved, gains, see kStreamFlatMinBytes); the second sweep walking
 // each thread's share backwards (to start in what the first sweep left in
 // L2); chunk budgets of 2 or 16 MiB, and (measured again) one sample per
 // chunk, whose second sweep reads from L2; streaming the
@@ -257,6 +259,13 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
   });
 }
 
+// Whether a streamed NCHW sweep writes each block of rows as one flat sweep
+// (cpu::stream_rows): float32/float64 outputs with rows of at least one vector.
+template <typename scalar_t>
+bool flat_streaming(const SEProblem& p) {
+  return std::is_same_v<scalar_t, opmath<scalar_t>> && !p.channels_last && p.P >= Vec<opmath<scalar_t>>::size();
+}
+
 // out = x * s (+ residual, ReLU) for the samples [n0, n1); scale is (N, C).
 // `stream`: write out with streaming stores.
 template <typename scalar_t>
@@ -266,7 +275,22 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
   using V = Vec<acc_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
+  const bool flat = stream && flat_streaming<scalar_t>(p);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (flat) {
+        const int64_t off = n * slice + r0 * len;
+        const acc_t* s = scale + n * p.C + r0;
+        if (residual) {
+          cpu::stream_rows<acc_t>([](V s, V, V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, r1 - r0,
+                                  len, s, s, out + off, x + off, residual + off);
+        } else {
+          cpu::stream_rows<acc_t>([](V s, V, V a) { return a * s; }, r1 - r0, len, s, s, out + off, x + off);
+        }
+        cpu::stream_fence();
+        return;
+      }
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const scalar_t* xv = x + off;
@@ -305,7 +329,17 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
   using V = Vec<acc_t>;
   const RowBlocks blocks(p);
   const int64_t slice = p.C * p.P, len = blocks.length;
+  const bool flat = stream && flat_streaming<scalar_t>(p);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (flat) {
+        const int64_t off = n * slice + r0 * len;
+        cpu::stream_rows<acc_t>([](V s, V d, V g) { return at::vec::fmadd(g, s, d); }, r1 - r0, len,
+                                scale + n * p.C + r0, dz_over_p + (n - n0) * p.C + r0, grad_x + off, g + off);
+        cpu::stream_fence();
+        return;
+      }
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
       const scalar_t* gv = g + off;
@@ -358,16 +392,28 @@ int64_t samples_per_chunk(int64_t bytes_per_sample) {
 // (streamed against plain): channels_last conv4_x -13%/-14%, conv5_x
 // -8%/-17% (rows of 4 and 8 KiB; at batch 2 and 4 conv5_x -18% and -9%, at
 // batch 1 within 2%); NCHW conv4_x +4%/-1% and conv5_x +19%/+28% (rows of
-// 784 and 196 bytes).
+// 784 and 196 bytes, streamed row by row).
 constexpr int64_t kStreamRowBytes = int64_t(2) << 10, kStreamMinBytes = int64_t(1) << 20;
+
+// Short NCHW rows of float32/float64 are streamed as flat sweeps over whole
+// blocks of rows (cpu::stream_rows), which leave partial lines only at the
+// ends of a block; that pays for outputs over 2 MiB. Interleaved A/B through
+// the module, forward+backward, float32 NCHW, plain/residual, streamed
+// against plain, two runs at batch 8: conv4_x -6%/-11% and -13%/-6%, conv5_x
+// -7%/+2% and -2%/+1%; at batch 4 conv4_x -11%/-1%, conv5_x -1%/+3%; at
+// batch 2 (outputs of 1.6 and 0.8 MB) +3%/+13% and +12%/-2%. Flat against
+// row by row where both stream (conv2_x, conv3_x): within 1%.
+constexpr int64_t kStreamFlatMinBytes = int64_t(2) << 20;
 
 // Whether a call writing full-size outputs like `output` streams them.
 // SE_FUSED_CPU_STREAM_BYTES, when set, replaces the rule: outputs over that
 // many bytes are streamed.
+template <typename scalar_t>
 bool stream_outputs(const SEProblem& p, const at::Tensor& output) {
   const int64_t output_bytes = output.nbytes(), row_bytes = RowBlocks(p).length * output.element_size();
   if (const auto threshold = bytes_from_env("SE_FUSED_CPU_STREAM_BYTES")) return output_bytes > *threshold;
-  return output_bytes > kCacheBudgetBytes || (row_bytes >= kStreamRowBytes && output_bytes > kStreamMinBytes);
+  return output_bytes > kCacheBudgetBytes || (row_bytes >= kStreamRowBytes && output_bytes > kStreamMinBytes) ||
+         (flat_streaming<scalar_t>(p) && output_bytes > kStreamFlatMinBytes);
 }
 
 // H·W = 1 is NCHW and NHWC at once (the same bytes): read it as NHWC, one row
@@ -428,7 +474,7 @@ ForwardResult squeeze_excitation_forward_cpu(const at::Tensor& x_in, const at::T
       acc_t* zp = pooled.mutable_data_ptr<acc_t>();
       acc_t* hp = hidden.mutable_data_ptr<acc_t>();
       acc_t* sp = scale.mutable_data_ptr<acc_t>();
-      const bool stream = stream_outputs(p, out);
+      const bool stream = stream_outputs<scalar_t>(p, out);
       Scratch<acc_t> act(std::min(chunk, p.N) * p.R);
       std::vector<acc_t> partial;
       const acc_t inv_p = acc_t(1) / static_cast<acc_t>(p.P);
@@ -473,7 +519,7 @@ BackwardResult squeeze_excitation_backward_cpu(const at::Tensor& grad_out_in, co
       const acc_t* zp = pooled.const_data_ptr<acc_t>();
       const acc_t* hp = hidden.const_data_ptr<acc_t>();
       const acc_t* sp = scale.const_data_ptr<acc_t>();
-      const bool stream = stream_outputs(p, grad_x);
+      const bool stream = stream_outputs<scalar_t>(p, grad_x);
       // dv and du are kept for the whole batch: the weight gradients sum them over every sample.
       Scratch<acc_t> dv(p.N * p.C), du(p.N * p.R), ds(rows * p.C), dh(rows * p.R), dz(rows * p.C);
       std::vector<acc_t> partial;
