@@ -6,7 +6,10 @@
 // (the interpreter runs cold after a sweep over megabytes). Here the graph node
 // is a C++ torch::autograd::Function, so the backward runs without Python, and
 // libtorch C++ users get a differentiable op too. The compiled backends (cpu,
-// cuda) are called through this op; see se_fused/function.py.
+// cuda) are called through this op; see se_fused/function.py. Forward+backward
+// through autograd, float32 NCHW batch 8, interleaved, the autograd.Function
+// against this op: tiny shape 132 -> 78 us, conv4_x 1499 -> 1392 us, conv5_x
+// 1097 -> 956 us.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

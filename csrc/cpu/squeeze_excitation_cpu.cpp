@@ -40,7 +40,9 @@
 // against 107-132 us) and the forward's scale sweep as long as x.clone(). The
 // fixed costs decide the rest: the MLP (at conv5_x about as long as all the
 // sweeps, its 1 MB weights read in each direction and their gradients
-// written) and Python with autograd (~100 us per forward+backward).
+// written) and autograd (the differentiable op's C++ node: ~55 us per
+// forward+backward at tiny shapes, against ~105 us through the Python
+// autograd.Function, see csrc/squeeze_excitation_autograd.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
