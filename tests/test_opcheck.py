@@ -55,22 +55,18 @@ def _forward_args(dtype, memory_format, residual, activation, gate, requires_gra
     return inputs, (*tensors, activation, gate)
 
 
-@pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
-@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_forward(device, dtype, memory_format, residual, activation, gate, requires_grad):
-    """``se_fused::squeeze_excitation_forward``: all default opcheck tests."""
-    _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad, device)
-    torch.library.opcheck(FORWARD, args)
+# The ops taking the forward's arguments: the forward op, and the same made differentiable in C++.
+FORWARD_LIKE = [pytest.param(FORWARD, id="forward"), pytest.param(DIFFERENTIABLE, id="differentiable")]
 
 
 @pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_differentiable(device, dtype, memory_format, residual, activation, gate, requires_grad):
-    """``se_fused::squeeze_excitation`` (the forward with its autograd in C++): all default opcheck tests."""
+@pytest.mark.parametrize("op", FORWARD_LIKE)
+def test_opcheck_forward(op, device, dtype, memory_format, residual, activation, gate, requires_grad):
+    """``se_fused::squeeze_excitation_forward`` and ``se_fused::squeeze_excitation``: all default opcheck tests."""
     _, args = _forward_args(dtype, memory_format, residual, activation, gate, requires_grad, device)
-    torch.library.opcheck(DIFFERENTIABLE, args)
+    torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("dtype,memory_format,residual,activation,gate", SAMPLES, ids=SAMPLE_IDS)

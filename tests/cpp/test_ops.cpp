@@ -36,6 +36,27 @@ using BackwardSig = BackwardOut(const Tensor&, const Tensor&, const std::optiona
 using DifferentiableSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const std::optional<Tensor>&, c10::string_view, c10::string_view);
 
+// An op of the library, found through the dispatcher by schema name as a C++ user finds it.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const auto& forward_op() {
+  static const auto op = find_op<ForwardSig>("se_fused::squeeze_excitation_forward");
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op = find_op<BackwardSig>("se_fused::squeeze_excitation_backward");
+  return op;
+}
+
+const auto& differentiable_op() {
+  static const auto op = find_op<DifferentiableSig>("se_fused::squeeze_excitation");
+  return op;
+}
+
 int failures = 0;
 int checks = 0;
 
@@ -142,17 +163,11 @@ Result run_reference(const Inputs& in, const Case& c) {
 
 // The ops, called through the dispatcher as a C++ user would.
 Result run_ops(const Inputs& in, const Case& c) {
-  static auto forward = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
-                            .typed<ForwardSig>();
-  static auto backward = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("se_fused::squeeze_excitation_backward", "")
-                             .typed<BackwardSig>();
-  auto [out, pooled, hidden, scale] = forward.call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate);
+  auto [out, pooled, hidden, scale] = forward_op().call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate);
   std::optional<Tensor> saved_out;
   if (c.residual) saved_out = out;
   auto [gx, gres, gw1, gb1, gw2, gb2] =
-      backward.call(in.grad_out, in.x, saved_out, in.w1, in.w2, pooled, hidden, scale, c.act, c.gate);
+      backward_op().call(in.grad_out, in.x, saved_out, in.w1, in.w2, pooled, hidden, scale, c.act, c.gate);
 
   // Layout and dtype promises of the schema (csrc/ops.cpp).
   const auto fmt = c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -221,12 +236,7 @@ void check_case(const Case& c, at::ScalarType dtype, uint64_t seed, at::Device d
 // training code calls it: the reference's gradients in float64 (so the bound is the floor); with no
 // input requiring grad, and in inference mode, the forward op's output and no graph.
 void check_differentiable_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("se_fused::squeeze_excitation", "")
-                       .typed<DifferentiableSig>();
-  static auto forward = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
-                            .typed<ForwardSig>();
+  const auto& op = differentiable_op();
   for (bool residual : {false, true}) {
     const Case c{2, 24, 3, 5, 5, true, residual, "silu", "sigmoid"};
     const Inputs in = make_inputs(c, at::kDouble, 1000 + residual);
@@ -249,7 +259,7 @@ void check_differentiable_op() {
       EXPECT(err <= bound, "differentiable op (residual=%d): %s max-abs error %.3e > %.3e", residual, kNames[i],
              err, bound);
     }
-    const Tensor want = std::get<0>(forward.call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate));
+    const Tensor want = std::get<0>(forward_op().call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate));
     const Tensor plain = op.call(in.x, in.w1, in.b1, in.w2, in.b2, in.residual, c.act, c.gate);
     EXPECT(!plain.requires_grad() && at::equal(plain, want), "differentiable op without grad (residual=%d)",
            residual);
@@ -262,9 +272,7 @@ void check_differentiable_op() {
 
 // An error case must raise c10::Error with a message, never crash.
 void check_rejects_bad_input() {
-  auto forward = c10::Dispatcher::singleton()
-                     .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
-                     .typed<ForwardSig>();
+  const auto& forward = forward_op();
   Tensor x = at::randn({2, 8, 3, 3});
   Tensor w1 = at::randn({2, 8, 1, 1}), b1 = at::randn({2}), w2 = at::randn({8, 2, 1, 1}), b2 = at::randn({8});
   bool threw = false;
@@ -333,9 +341,7 @@ int main() {
   check_rejects_bad_input();
   check_differentiable_op();
   // The CUDA kernels, when this library has them and a GPU is present.
-  const bool cuda_kernels = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("se_fused::squeeze_excitation_forward", "")
-                                .hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  const bool cuda_kernels = forward_op().hasKernelForDispatchKey(c10::DispatchKey::CUDA);
   if (cuda_kernels && at::hasCUDA()) {
     const int before = checks;
     for (at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16}) {
