@@ -118,8 +118,8 @@ def extensions():
     # Imported only now: cpp_extension reads CUDA_HOME when it is first imported.
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp", "squeeze_excitation.cpp",
-                                                      "squeeze_excitation_autograd.cpp")]
+    sources = [os.path.join("csrc", f) for f in (
+        "ops.cpp", "python_module.cpp", "squeeze_excitation.cpp", "squeeze_excitation_autograd.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # The C++ standard is torch's choice (C++20 from torch 2.13).
     link_flags = openmp_flags(torch)

@@ -1,7 +1,7 @@
 """The compiled ``se_fused::`` ops: loading, fake kernels and autograd.
 
-The C++ library (``se_fused._C``, sources in ``csrc/``) defines two ops in one
-``TORCH_LIBRARY`` block and implements them for CPU (and CUDA when built):
+The C++ library (``se_fused._C``, sources in ``csrc/``) defines three ops in one
+``TORCH_LIBRARY`` block and implements the first two for CPU (and CUDA when built):
 
 * ``se_fused::squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
   residual?, activation, gate) -> (out, pooled, hidden, scale)``

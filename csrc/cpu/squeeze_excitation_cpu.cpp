@@ -22,9 +22,9 @@
 // (see kCacheBudgetBytes, stream_outputs). Tried and dropped on a 2-core EPYC
 // VM: streaming NCHW conv4_x's outputs through a staging buffer (forward
 // scale sweep 425 against 289 us); an earlier flat sweep (NCHW
-// forward+backward 1.5-1.6 against 1.3-1.4 ms, not interleaved, with or
-// without streaming: the flat sweep of cpu::stream_rows, measured
-// interleaved, gains, see kStreamFlatMinBytes); the second sweep walking
+// forward+backward 1.5-1.6 against 1.3-1.4 ms, with or without streaming;
+// the flat sweep of cpu::stream_rows, measured interleaved, gains: see
+// kStreamFlatMinBytes); the second sweep walking
 // each thread's share backwards (to start in what the first sweep left in
 // L2); chunk budgets of 2 or 16 MiB, and (measured again) one sample per
 // chunk, whose second sweep reads from L2; streaming the
