@@ -58,6 +58,47 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+// The backward op has no derivative of its own. With create_graph (a gradient
+// penalty, Hessian-vector products) the gradients are passed through this
+// node, which raises when anything differentiates them, rather than letting
+// them act as constants and give second derivatives without this block's
+// terms, silently. Its inputs include the tensors the gradients depend on (x
+// and the weights), so a second backward towards those reaches it.
+class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
+ public:
+  static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList depends_on) {
+    return grads.vec();
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "se_fused: the fused SE block is differentiable once: its backward has no derivative, so a "
+                "double backward (create_graph=True, e.g. a gradient penalty) cannot go through it; "
+                "se_fused.SEBlock (plain PyTorch ops) can");
+    return {};
+  }
+};
+
+// grads unchanged, or (when the engine records a graph of the backward) routed
+// through NotTwiceDifferentiable, depending on `depends_on`.
+variable_list once_differentiable(variable_list grads, const variable_list& depends_on) {
+  if (!at::GradMode::is_enabled()) return grads;
+  std::vector<at::Tensor> defined, inputs;
+  for (const auto& g : grads) {
+    if (g.defined()) defined.push_back(g);
+  }
+  for (const auto& t : depends_on) {
+    if (t.defined() && t.requires_grad()) inputs.push_back(t);
+  }
+  if (inputs.empty()) return grads;
+  const variable_list guarded = NotTwiceDifferentiable::apply(at::TensorList(defined), at::TensorList(inputs));
+  auto next = guarded.begin();
+  for (auto& g : grads) {
+    if (g.defined()) g = *next++;
+  }
+  return grads;
+}
+
 class SqueezeExcitationFunction : public torch::autograd::Function<SqueezeExcitationFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fc1_weight,
@@ -82,22 +123,23 @@ class SqueezeExcitationFunction : public torch::autograd::Function<SqueezeExcita
     const at::Tensor& grad_out = grad_outputs[0];
     const variable_list saved = ctx->get_saved_variables();
     const c10::optional<at::Tensor> out = saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
-    NoAutocast no_autocast;
-    auto [grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2] =
-        call_backward(grad_out, saved[0], out, saved[2], saved[3], saved[4], saved[5], saved[6],
-                      ctx->saved_data["activation"].toStringRef(), ctx->saved_data["gate"].toStringRef());
-    // The backward op types bias gradients like the weights; autograd wants each like its input.
-    auto like_bias = [&](const at::Tensor& g, const char* key) {
-      return g.to(static_cast<at::ScalarType>(ctx->saved_data[key].toInt()));
-    };
-    return {grad_x,
-            grad_w1,
-            like_bias(grad_b1, "fc1_bias_dtype"),
-            grad_w2,
-            like_bias(grad_b2, "fc2_bias_dtype"),
-            out.has_value() ? grad_residual : at::Tensor(),
-            at::Tensor(),
-            at::Tensor()};
+    variable_list grads;
+    {
+      NoAutocast no_autocast;
+      at::NoGradGuard no_grad;  // the op records nothing (see once_differentiable)
+      auto [grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2] =
+          call_backward(grad_out, saved[0], out, saved[2], saved[3], saved[4], saved[5], saved[6],
+                        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["gate"].toStringRef());
+      // The backward op types bias gradients like the weights; autograd wants each like its input.
+      auto like_bias = [&](const at::Tensor& g, const char* key) {
+        return g.to(static_cast<at::ScalarType>(ctx->saved_data[key].toInt()));
+      };
+      grads = {grad_x, grad_w1, like_bias(grad_b1, "fc1_bias_dtype"), grad_w2, like_bias(grad_b2, "fc2_bias_dtype"),
+               out.has_value() ? grad_residual : at::Tensor()};
+    }
+    grads = once_differentiable(std::move(grads), {saved[0], saved[2], saved[3]});  // x, fc1_weight, fc2_weight
+    grads.resize(8);  // none for activation and gate
+    return grads;
   }
 };
 

@@ -143,3 +143,49 @@ def test_gradcheck_detects_a_wrong_backward_op():
     finally:
         lib._destroy()
     assert check()   # the real kernel again
+
+
+# Double backward: the fused paths are differentiable once (their backward reads intermediates the forward saved
+# without a graph), so a second differentiation must raise, never give second derivatives without the SE terms.
+DOUBLE_BACKWARD_PATHS = [
+    pytest.param("squeeze_excitation", "eager", id="function-eager"),
+    pytest.param("squeeze_excitation", "cpu", id="op-cpu", marks=pytest.mark.skipif(
+        "cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")),
+    pytest.param("FusedSEFunction", "cpu", id="function-cpu", marks=pytest.mark.skipif(
+        "cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")),
+]
+
+
+@pytest.mark.parametrize("entry,backend", DOUBLE_BACKWARD_PATHS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_double_backward_raises(entry, backend, residual):
+    """With create_graph=True the first gradients come out (equal to the plain backward's); differentiating them
+    again, towards x or towards the weights (a gradient penalty's ``.backward()``), raises a clear error."""
+    inputs = make_se_inputs(GRADCHECK_SHAPES[0], torch.float64, "nchw", "cpu", residual, "silu", "sigmoid")
+    leaves = _leaves(inputs)
+    x, w1 = leaves[0], leaves[1]
+
+    def run():
+        if entry == "FusedSEFunction":
+            return se_fused.FusedSEFunction.apply(*leaves, "silu", "sigmoid", backend)
+        return se_fused.squeeze_excitation(*leaves, activation="silu", gate="sigmoid", backend=backend)
+
+    want = torch.autograd.grad(run(), [x, w1], inputs.grad_out)
+    got = torch.autograd.grad(run(), [x, w1], inputs.grad_out, create_graph=True)
+    for g, w in zip(got, want):
+        assert g.requires_grad and torch.equal(g.detach(), w)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(got[0].sum(), x)
+    penalty = sum((g ** 2).sum() for g in torch.autograd.grad(run(), [x], inputs.grad_out, create_graph=True))
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        penalty.backward()
+
+
+def test_reference_block_has_second_derivatives():
+    """What the error above points to: SEBlock (plain ops) passes gradgradcheck."""
+    inputs = make_se_inputs(GRADCHECK_SHAPES[0], torch.float64, "nchw", "cpu", False, "silu", "sigmoid")
+    args = [t for t in _leaves(inputs) if t is not None]
+    from se_fused._reference import squeeze_excitation_reference
+
+    assert torch.autograd.gradgradcheck(lambda *t: squeeze_excitation_reference(*t, None, "silu", "sigmoid"), args,
+                                        eps=1e-6, atol=1e-7, rtol=1e-5)
