@@ -63,7 +63,8 @@ struct NoAutocast {
 // node, which raises when anything differentiates them, rather than letting
 // them act as constants and give second derivatives without this block's
 // terms, silently. Its inputs include the tensors the gradients depend on (x
-// and the weights), so a second backward towards those reaches it.
+// and the weights), so a second backward towards those reaches it. The Python
+// autograd paths do the same (se_fused/_once.py).
 class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
  public:
   static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList depends_on) {

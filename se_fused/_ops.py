@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ._once import once_differentiable
 from ._validation import same_layout_as, validate_se_inputs
 
 _LOAD_ERROR: Optional[str] = None
@@ -97,9 +98,11 @@ def backward_formula(backward_fn):
     (a backend's ``backward``: ``grad_residual`` is ``None`` in the plain form)."""
     def formula(ctx, grad_out, _grad_pooled, _grad_hidden, _grad_scale):
         x, out, fc1_weight, fc2_weight, pooled, hidden, scale = ctx.saved_tensors
-        gx, gres, gw1, gb1, gw2, gb2 = backward_fn(same_layout_as(grad_out, x), x, out, fc1_weight, fc2_weight,
-                                                   pooled, hidden, scale, *ctx.options)
-        return (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]), gres, None, None)
+        with torch.no_grad():  # nothing recorded: see once_differentiable
+            gx, gres, gw1, gb1, gw2, gb2 = backward_fn(same_layout_as(grad_out, x), x, out, fc1_weight,
+                                                       fc2_weight, pooled, hidden, scale, *ctx.options)
+            grads = (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]), gres)
+        return (*once_differentiable(grads, (x, fc1_weight, fc2_weight)), None, None)
     return formula
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ._once import once_differentiable
 from ._validation import same_layout_as, validate_se_inputs
 from .backends import resolve_backend
 
@@ -46,39 +47,13 @@ class FusedSEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, out, w1, w2, pooled, hidden, scale = ctx.saved_tensors
-        with _autocast_off(x.device.type), torch.no_grad():
+        with _autocast_off(x.device.type), torch.no_grad():  # nothing recorded: see once_differentiable
             grad_x, grad_res, gw1, gb1, gw2, gb2 = ctx.impl.backward(
                 same_layout_as(grad_out, x), x, out, w1, w2, pooled, hidden, scale, *ctx.options)
         param_grads = [_as_parameter(g, dtype, shape)
                        for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
-        grads = (grad_x, *param_grads, grad_res)
-        if torch.is_grad_enabled():  # create_graph: the saved intermediates carry no graph, see below
-            grads = _NotTwiceDifferentiable.apply(len(grads), *grads, x, w1, w2)
+        grads = once_differentiable((grad_x, *param_grads, grad_res), (x, w1, w2))
         return (*grads, None, None, None)
-
-
-DOUBLE_BACKWARD_MESSAGE = ("se_fused: the fused SE block is differentiable once: its backward has no derivative, "
-                           "so a double backward (create_graph=True, e.g. a gradient penalty) cannot go through it; "
-                           "se_fused.SEBlock (plain PyTorch ops) can")
-
-
-class _NotTwiceDifferentiable(torch.autograd.Function):
-    """``apply(n, *grads, *depends_on)``: the ``n`` gradients unchanged, through a node that raises when they are
-    differentiated (as ``csrc/squeeze_excitation_autograd.cpp`` does for the compiled backends).
-
-    The backward computes from pooled means, pre-activations and scales that the
-    forward saved without a graph, so differentiating it would silently leave out
-    their dependence on x and the weights. ``depends_on`` (x and the weights)
-    are inputs too, so a second backward towards them reaches this node.
-    """
-
-    @staticmethod
-    def forward(ctx, n, *tensors):
-        return tuple(t.view_as(t) if t is not None else None for t in tensors[:n])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
 def _as_parameter(grad: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:

@@ -146,12 +146,15 @@ def test_gradcheck_detects_a_wrong_backward_op():
 
 
 # Double backward: the fused paths are differentiable once (their backward reads intermediates the forward saved
-# without a graph), so a second differentiation must raise, never give second derivatives without the SE terms.
+# without a graph, se_fused/_once.py), so a second differentiation must raise, never give second derivatives
+# without the SE terms.
 DOUBLE_BACKWARD_PATHS = [
     pytest.param("squeeze_excitation", "eager", id="function-eager"),
     pytest.param("squeeze_excitation", "cpu", id="op-cpu", marks=pytest.mark.skipif(
         "cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")),
     pytest.param("FusedSEFunction", "cpu", id="function-cpu", marks=pytest.mark.skipif(
+        "cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")),
+    pytest.param("forward_op", "cpu", id="forward-op-cpu", marks=pytest.mark.skipif(
         "cpu" not in se_fused.available_backends(), reason="backend 'cpu' not built")),
 ]
 
@@ -168,6 +171,8 @@ def test_double_backward_raises(entry, backend, residual):
     def run():
         if entry == "FusedSEFunction":
             return se_fused.FusedSEFunction.apply(*leaves, "silu", "sigmoid", backend)
+        if entry == "forward_op":  # its register_autograd formula
+            return torch.ops.se_fused.squeeze_excitation_forward(*leaves, "silu", "sigmoid")[0]
         return se_fused.squeeze_excitation(*leaves, activation="silu", gate="sigmoid", backend=backend)
 
     want = torch.autograd.grad(run(), [x, w1], inputs.grad_out)
