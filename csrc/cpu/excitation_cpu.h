@@ -184,53 +184,6 @@ void stream_row(const F& f, bool padded, T* out, int64_t n, const In*... in) {
   map_row_padded<T>(f, padded, out + k, n - k, (in + k)...);
 }
 
-// A block of `rows` NCHW rows of P >= one vector of elements each, contiguous
-// in memory: out[r·P + k] = f(c0[r], c1[r], in[r·P + k]...) (the per-row
-// values as vectors), with every whole 64-byte line of out streamed, in one
-// flat sweep of aligned vectors. A vector across the end of a row takes its
-// per-row values blended (its first lanes the ending row's). The partial
-// lines at the block's two ends, shared with the neighbouring blocks, are
-// plain stores. Streaming row by row (stream_row) cannot do this for short
-// rows: a row of 196 or 784 bytes leaves a partial line at both ends.
-template <typename T, typename F, typename... In>
-void stream_rows(const F& f, int64_t rows, int64_t P, const T* c0, const T* c1, T* out, const In*... in) {
-  constexpr int64_t L = Vec<T>::size(), per_line = 64 / sizeof(T);
-  const int64_t n = rows * P;
-  auto plain = [&](int64_t i0, int64_t i1) {  // [i0, i1) row by row with plain stores
-    while (i0 < i1) {
-      const int64_t r = i0 / P, end = std::min(i1, (r + 1) * P);
-      const Vec<T> a(c0[r]), b(c1[r]);
-      map_row<T>([&](auto... v) { return f(a, b, v...); }, out + i0, end - i0, (in + i0)...);
-      i0 = end;
-    }
-  };
-  const int64_t head = elements_before_line(out, n), body_end = head + (n - head) / per_line * per_line;
-  plain(0, head);
-  if (head < body_end) {
-    int64_t r = head / P, row_end = (r + 1) * P;
-    Vec<T> a(c0[r]), b(c1[r]);
-    for (int64_t i = head; i < body_end; i += L) {
-      if (i + L <= row_end) {
-        stream_store(f(a, b, load_as<T>(in + i)...), out + i);
-        if (i + L == row_end && ++r < rows) {
-          row_end += P;
-          a = Vec<T>(c0[r]);
-          b = Vec<T>(c1[r]);
-        }
-      } else {  // lanes [0, k) in row r, the rest in row r + 1 (which exists: i + L <= n)
-        const int64_t k = row_end - i;
-        ++r;
-        row_end += P;
-        const Vec<T> next_a(c0[r]), next_b(c1[r]);
-        stream_store(f(Vec<T>::set(next_a, a, k), Vec<T>::set(next_b, b, k), load_as<T>(in + i)...), out + i);
-        a = next_a;
-        b = next_b;
-      }
-    }
-  }
-  plain(body_end, n);
-}
-
 // dst[k] = f(in[k]...) for k < n, dst of a 16-bit type S: two vectors of T at
 // a time, converted and stored together (no float32 row in between); with
 // `stream`, dst's whole 64-byte lines are streamed. The last elements (fewer
@@ -268,6 +221,91 @@ void map_row_narrow(const F& f, bool padded, bool stream, S* dst, int64_t n, con
   } else if (k < n) {
     few(k, n - k);
   }
+}
+
+// The per-row values (c0[r], c1[r], as vectors) of consecutive vectors of a
+// flat sweep over rows of P >= one vector of elements: a vector across the end
+// of a row gets them blended (its first lanes the ending row's).
+template <typename T>
+class RowValues {
+ public:
+  RowValues(const T* c0, const T* c1, int64_t P, int64_t rows, int64_t start)
+      : c0_(c0), c1_(c1), P_(P), rows_(rows), r_(start / P), row_end_((r_ + 1) * P), a_(c0[r_]), b_(c1[r_]) {}
+
+  // The values for the vector [i, i + L); i advances by L from `start`.
+  // Always inlined: as a call the loop spilled its vectors around it (4x slower).
+  C10_ALWAYS_INLINE std::pair<Vec<T>, Vec<T>> at(int64_t i) {
+    constexpr int64_t L = Vec<T>::size();
+    if (i + L <= row_end_) {
+      const auto values = std::make_pair(a_, b_);
+      if (i + L == row_end_) advance();
+      return values;
+    }
+    // Lanes [0, k) in row r, the rest in row r + 1 (which exists: the sweep ends on a row end).
+    const int64_t k = row_end_ - i;
+    const Vec<T> a = a_, b = b_;
+    advance();
+    return {Vec<T>::set(a_, a, k), Vec<T>::set(b_, b, k)};
+  }
+
+ private:
+  C10_ALWAYS_INLINE void advance() {
+    if (++r_ >= rows_) return;
+    row_end_ += P_;
+    a_ = Vec<T>(c0_[r_]);
+    b_ = Vec<T>(c1_[r_]);
+  }
+
+  const T *c0_, *c1_;
+  int64_t P_, rows_, r_, row_end_;
+  Vec<T> a_, b_;
+};
+
+// A block of `rows` NCHW rows of P >= one vector of elements each, contiguous
+// in memory: out[r·P + k] = f(c0[r], c1[r], in[r·P + k]...) computed in T
+// (the per-row values as vectors; out of type T, or of a 16-bit type S
+// narrowed two vectors at a time), with every whole 64-byte line of out
+// streamed, in one flat sweep of aligned vectors (RowValues blends the
+// per-row values where a vector crosses a row end). The partial lines at the
+// block's two ends, shared with the neighbouring blocks, are plain stores.
+// Streaming row by row (stream_row, map_row_narrow) cannot do this for short
+// rows: a row of 196 or 784 bytes leaves a partial line at both ends.
+template <typename T, typename S, typename F, typename... In>
+void stream_rows(const F& f, int64_t rows, int64_t P, const T* c0, const T* c1, S* out, const In*... in) {
+  constexpr bool kNarrow = !std::is_same_v<S, T>;
+  constexpr int64_t L = Vec<T>::size(), step = kNarrow ? 2 * L : L, per_line = 64 / sizeof(S);
+  const int64_t n = rows * P;
+  auto plain = [&](int64_t i0, int64_t i1) {  // [i0, i1) row by row with plain stores
+    while (i0 < i1) {
+      const int64_t r = i0 / P, end = std::min(i1, (r + 1) * P);
+      const Vec<T> a(c0[r]), b(c1[r]);
+      auto g = [&](auto... v) { return f(a, b, v...); };
+      if constexpr (kNarrow) {
+        map_row_narrow<T>(g, false, false, out + i0, end - i0, (in + i0)...);
+      } else {
+        map_row<T>(g, out + i0, end - i0, (in + i0)...);
+      }
+      i0 = end;
+    }
+  };
+  const int64_t head = elements_before_line(out, n), body_end = head + (n - head) / per_line * per_line;
+  plain(0, head);
+  if (head < body_end) {
+    RowValues<T> values(c0, c1, P, rows, head);
+    auto compute = [&](int64_t i) {
+      const auto [a, b] = values.at(i);
+      return f(a, b, load_as<T>(in + i)...);
+    };
+    for (int64_t i = head; i < body_end; i += step) {
+      if constexpr (kNarrow) {
+        const Vec<T> lo = compute(i);
+        stream_store(at::vec::convert_from_float<S>(lo, compute(i + L)), out + i);
+      } else {
+        stream_store(compute(i), out + i);
+      }
+    }
+  }
+  plain(body_end, n);
 }
 
 // map_row over n elements spread over the threads (pointwise: how the range is

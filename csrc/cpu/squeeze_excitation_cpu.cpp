@@ -17,9 +17,8 @@
 // 16-bit tensors (and parameters stored like x) are read in place and widened
 // to float32 in registers (cpu::load_as), and outputs narrowed the same way.
 // Outputs larger than the cache budget, over 1 MiB in long rows, or over
-// 2 MiB in short float32/float64 NCHW rows are written with streaming stores:
-// row by row, or for short NCHW rows as a flat sweep over each block of rows
-// (see kCacheBudgetBytes, stream_outputs). Tried and dropped on a 2-core EPYC
+// 2 MiB in NCHW are written with streaming stores: NHWC row by row, NCHW as a
+// flat sweep over each block of rows (see kCacheBudgetBytes, stream_outputs). Tried and dropped on a 2-core EPYC
 // VM: streaming NCHW conv4_x's outputs through a staging buffer (forward
 // scale sweep 425 against 289 us); an earlier flat sweep (NCHW
 // forward+backward 1.5-1.6 against 1.3-1.4 ms, with or without streaming;
@@ -262,10 +261,10 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
 }
 
 // Whether a streamed NCHW sweep writes each block of rows as one flat sweep
-// (cpu::stream_rows): float32/float64 outputs with rows of at least one vector.
+// (cpu::stream_rows): rows of at least one vector.
 template <typename scalar_t>
 bool flat_streaming(const SEProblem& p) {
-  return std::is_same_v<scalar_t, opmath<scalar_t>> && !p.channels_last && p.P >= Vec<opmath<scalar_t>>::size();
+  return !p.channels_last && p.P >= Vec<opmath<scalar_t>>::size();
 }
 
 // out = x * s (+ residual, ReLU) for the samples [n0, n1); scale is (N, C).
@@ -279,19 +278,17 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
   const int64_t slice = p.C * p.P, len = blocks.length;
   const bool flat = stream && flat_streaming<scalar_t>(p);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (flat) {
-        const int64_t off = n * slice + r0 * len;
-        const acc_t* s = scale + n * p.C + r0;
-        if (residual) {
-          cpu::stream_rows<acc_t>([](V s, V, V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, r1 - r0,
-                                  len, s, s, out + off, x + off, residual + off);
-        } else {
-          cpu::stream_rows<acc_t>([](V s, V, V a) { return a * s; }, r1 - r0, len, s, s, out + off, x + off);
-        }
-        cpu::stream_fence();
-        return;
+    if (flat) {
+      const int64_t off = n * slice + r0 * len;
+      const acc_t* s = scale + n * p.C + r0;
+      if (residual) {
+        cpu::stream_rows<acc_t>([](V s, V, V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, r1 - r0,
+                                len, s, s, out + off, x + off, residual + off);
+      } else {
+        cpu::stream_rows<acc_t>([](V s, V, V a) { return a * s; }, r1 - r0, len, s, s, out + off, x + off);
       }
+      cpu::stream_fence();
+      return;
     }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
@@ -333,14 +330,12 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
   const int64_t slice = p.C * p.P, len = blocks.length;
   const bool flat = stream && flat_streaming<scalar_t>(p);
   for_each_row_block(blocks, n0, n1, [&](int64_t n, int64_t, int64_t r0, int64_t r1) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (flat) {
-        const int64_t off = n * slice + r0 * len;
-        cpu::stream_rows<acc_t>([](V s, V d, V g) { return at::vec::fmadd(g, s, d); }, r1 - r0, len,
-                                scale + n * p.C + r0, dz_over_p + (n - n0) * p.C + r0, grad_x + off, g + off);
-        cpu::stream_fence();
-        return;
-      }
+    if (flat) {
+      const int64_t off = n * slice + r0 * len;
+      cpu::stream_rows<acc_t>([](V s, V d, V g) { return at::vec::fmadd(g, s, d); }, r1 - r0, len,
+                              scale + n * p.C + r0, dz_over_p + (n - n0) * p.C + r0, grad_x + off, g + off);
+      cpu::stream_fence();
+      return;
     }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = n * slice + r * len;
@@ -397,14 +392,19 @@ int64_t samples_per_chunk(int64_t bytes_per_sample) {
 // 784 and 196 bytes, streamed row by row).
 constexpr int64_t kStreamRowBytes = int64_t(2) << 10, kStreamMinBytes = int64_t(1) << 20;
 
-// Short NCHW rows of float32/float64 are streamed as flat sweeps over whole
+// NCHW rows (of at least one vector) are streamed as flat sweeps over whole
 // blocks of rows (cpu::stream_rows), which leave partial lines only at the
 // ends of a block; that pays for outputs over 2 MiB. Interleaved A/B through
-// the module, forward+backward, float32 NCHW, plain/residual, streamed
-// against plain, two runs at batch 8: conv4_x -6%/-11% and -13%/-6%, conv5_x
-// -7%/+2% and -2%/+1%; at batch 4 conv4_x -11%/-1%, conv5_x -1%/+3%; at
-// batch 2 (outputs of 1.6 and 0.8 MB) +3%/+13% and +12%/-2%. Flat against
-// row by row where both stream (conv2_x, conv3_x): within 1%.
+// the module, forward+backward, NCHW batch 8 unless said, plain/residual,
+// streamed against plain:
+//   float32, two runs: conv4_x -6%/-11% and -13%/-6%, conv5_x -7%/+2% and
+//     -2%/+1% (a third run, after RowValues: conv4_x -11%/-7%, conv5_x
+//     -10%/-9%); batch 4 conv4_x -11%/-1%, conv5_x -1%/+3%; batch 2
+//     (outputs of 1.6 and 0.8 MB) +3%/+13% and +12%/-2%;
+//   bfloat16: conv2_x -8%/-7%, conv3_x -1%/-11%, conv4_x -8%/-4% (row by
+//     row, streaming had cost conv4_x +41%/+22%).
+// Flat against row by row where both stream (float32 conv2_x, conv3_x):
+// within 1%.
 constexpr int64_t kStreamFlatMinBytes = int64_t(2) << 20;
 
 // Whether a call writing full-size outputs like `output` streams them.
