@@ -223,6 +223,25 @@ void map_row_narrow(const F& f, bool padded, bool stream, S* dst, int64_t n, con
   }
 }
 
+// dst[k] = f(in[k]...) for k < n: a row of storage elements (S) computed in
+// the accumulation type T, in place (S = T) or two vectors at a time narrowed
+// to a 16-bit type (map_row_narrow). `padded`: the inputs may be read past n,
+// and dst written past n when S = T (map_row_padded). `stream`: dst's whole
+// cache lines go past the cache (stream_store); the caller calls
+// stream_fence() when done.
+template <typename T, typename S, typename F, typename... In>
+void write_row(const F& f, bool padded, bool stream, S* dst, int64_t n, const In*... in) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (stream) {
+      stream_row<T>(f, padded, dst, n, in...);
+    } else {
+      map_row_padded<T>(f, padded, dst, n, in...);
+    }
+  } else {
+    map_row_narrow<T>(f, padded, stream, dst, n, in...);
+  }
+}
+
 // The per-row values (c0[r], c1[r], as vectors) of consecutive vectors of a
 // flat sweep over rows of P >= one vector of elements: a vector across the end
 // of a row gets them blended (its first lanes the ending row's).
@@ -268,7 +287,7 @@ class RowValues {
 // streamed, in one flat sweep of aligned vectors (RowValues blends the
 // per-row values where a vector crosses a row end). The partial lines at the
 // block's two ends, shared with the neighbouring blocks, are plain stores.
-// Streaming row by row (stream_row, map_row_narrow) cannot do this for short
+// Streaming row by row (write_row) cannot do this for short
 // rows: a row of 196 or 784 bytes leaves a partial line at both ends.
 template <typename T, typename S, typename F, typename... In>
 void stream_rows(const F& f, int64_t rows, int64_t P, const T* c0, const T* c1, S* out, const In*... in) {
@@ -279,12 +298,7 @@ void stream_rows(const F& f, int64_t rows, int64_t P, const T* c0, const T* c1, 
     while (i0 < i1) {
       const int64_t r = i0 / P, end = std::min(i1, (r + 1) * P);
       const Vec<T> a(c0[r]), b(c1[r]);
-      auto g = [&](auto... v) { return f(a, b, v...); };
-      if constexpr (kNarrow) {
-        map_row_narrow<T>(g, false, false, out + i0, end - i0, (in + i0)...);
-      } else {
-        map_row<T>(g, out + i0, end - i0, (in + i0)...);
-      }
+      write_row<T>([&](auto... v) { return f(a, b, v...); }, false, false, out + i0, end - i0, (in + i0)...);
       i0 = end;
     }
   };

@@ -81,26 +81,6 @@ class Scratch {
   std::unique_ptr<T[]> data_;
 };
 
-// dst[k] = f(in[k]...) for k < n: a row of storage elements computed in the
-// accumulation type, in place (float32, float64) or two vectors at a time
-// narrowed to a 16-bit type (cpu::map_row_narrow). `padded`: the inputs may
-// be read past n, and dst written past n when it has the accumulation type
-// (cpu::map_row_padded). `stream`: dst's whole cache lines go past the cache
-// (cpu::stream_store); the caller calls cpu::stream_fence() when done.
-template <typename scalar_t, typename F, typename... In>
-void write_row(const F& f, bool padded, bool stream, scalar_t* dst, int64_t n, const In*... in) {
-  using acc_t = opmath<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (stream) {
-      cpu::stream_row<acc_t>(f, padded, dst, n, in...);
-    } else {
-      cpu::map_row_padded<acc_t>(f, padded, dst, n, in...);
-    }
-  } else {
-    cpu::map_row_narrow<acc_t>(f, padded, stream, dst, n, in...);
-  }
-}
-
 // The ReLU of the residual epilogue lets the gradient through wherever its
 // output is not <= 0 (NaN included), as PyTorch's threshold_backward does.
 template <typename V>
@@ -195,7 +175,7 @@ void for_each_row_block(const RowBlocks& b, int64_t n0, int64_t n1, const F& f) 
 }
 
 // Whether row r of a block ending at r1 may be swept in whole vectors
-// (cpu::map_row_padded, write_row's `padded`): NCHW only (an NHWC
+// (cpu::map_row_padded, cpu::write_row's `padded`): NCHW only (an NHWC
 // row's per-channel inputs end with the row), and only if the block's
 // following rows cover the overrun: rows are read in place, and written in
 // place (float32, float64) by this thread, which rewrites the following rows
@@ -240,8 +220,8 @@ void channel_sums(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* a,
         }
       };
       if (mask_by) {  // read back from the output: exact in any dtype (grad_out or 0)
-        write_row(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), false, masked_out + off, len, a + off,
-                  mask_by + off);
+        cpu::write_row<acc_t>(relu_mask<Vec<acc_t>>, padded_row<acc_t>(p, r, r1, len), false, masked_out + off,
+                              len, a + off, mask_by + off);
         accumulate(masked_out + off);
       } else {
         accumulate(a + off);
@@ -297,19 +277,19 @@ void scale_forward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* x
       if (p.channels_last) {  // a pixel's channels against the sample's scale vector
         const acc_t* sv = scale + n * p.C;
         if (res) {
-          write_row([](V a, V s, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, false, stream, out + off,
-                    len, xv, sv, res);
+          cpu::write_row<acc_t>([](V a, V s, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, false, stream,
+                                out + off, len, xv, sv, res);
         } else {
-          write_row([](V a, V s) { return a * s; }, false, stream, out + off, len, xv, sv);
+          cpu::write_row<acc_t>([](V a, V s) { return a * s; }, false, stream, out + off, len, xv, sv);
         }
       } else {
         const V s(scale[n * p.C + r]);
         const bool padded = padded_row<acc_t>(p, r, r1, len);
         if (res) {
-          write_row([s](V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, padded, stream, out + off, len,
-                    xv, res);
+          cpu::write_row<acc_t>([s](V a, V rv) { return at::vec::maximum(a * s + rv, V(0)); }, padded, stream,
+                                out + off, len, xv, res);
         } else {
-          write_row([s](V a) { return a * s; }, padded, stream, out + off, len, xv);
+          cpu::write_row<acc_t>([s](V a) { return a * s; }, padded, stream, out + off, len, xv);
         }
       }
     }
@@ -341,12 +321,12 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
       const int64_t off = n * slice + r * len;
       const scalar_t* gv = g + off;
       if (p.channels_last) {
-        write_row([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, stream, grad_x + off, len, gv,
-                  scale + n * p.C, dz_over_p + (n - n0) * p.C);
+        cpu::write_row<acc_t>([](V g, V s, V d) { return at::vec::fmadd(g, s, d); }, false, stream, grad_x + off,
+                              len, gv, scale + n * p.C, dz_over_p + (n - n0) * p.C);
       } else {
         const V s(scale[n * p.C + r]), d(dz_over_p[(n - n0) * p.C + r]);
-        write_row([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<acc_t>(p, r, r1, len), stream,
-                  grad_x + off, len, gv);
+        cpu::write_row<acc_t>([s, d](V g) { return at::vec::fmadd(g, s, d); }, padded_row<acc_t>(p, r, r1, len),
+                              stream, grad_x + off, len, gv);
       }
     }
     if (stream) cpu::stream_fence();
