@@ -213,9 +213,17 @@ def test_float32_weights_with_bfloat16_x(residual):
 # several programs (partial sums), the MLP's C-reduction over several programs
 # (K splits), and every chunk holds one sample, all on shapes the interpreter runs quickly.
 TINY_BLOCKS = dict(reduce_tile=256, reduce_block_inner=32, reduce_elements_per_program=128, linear_block_n=2,
-                   linear_block_j=8, linear_block_k=8, linear_k_per_split=16, weight_grad_block_n=2,
+                   linear_block_j=8, linear_block_k=16, linear_k_per_split=16, weight_grad_block_n=2,
                    weight_grad_block_i=8, weight_grad_block_j=8)
 
+
+
+def test_block_sizes_refuse_a_reduction_too_short_for_tl_dot():
+    """A GPU refuses tl.dot over fewer than 16 elements and the interpreter does not: the block
+    shapes check it themselves, so a CPU run cannot accept what a GPU would not compile."""
+    from se_fused.triton import _common
+    with pytest.raises(ValueError, match="linear_block_k must be at least 16"):
+        _common.BlockSizes(**{**TINY_BLOCKS, "linear_block_k": 8})
 
 # Per block set, a shape on which it splits the MLP's C-reduction (C > linear_k_per_split).
 SPLIT_CASES = {"tiny": SEShape(3, 40, 5, 9, 7), "gpu": SEShape(2, 260, 17, 3, 3)}

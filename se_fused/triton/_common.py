@@ -51,6 +51,10 @@ if _chunk_env:
 AUTOTUNE: bool = os.environ.get("SE_FUSED_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETED
 
 
+# The smallest reduction length (K) tl.dot compiles for on NVIDIA GPUs.
+TL_DOT_MIN_K = 16
+
+
 @dataclass(frozen=True)
 class BlockSizes:
     """Block shapes of the kernels whose results depend on them (the reductions).
@@ -75,6 +79,13 @@ class BlockSizes:
     weight_grad_block_n: int
     weight_grad_block_i: int
     weight_grad_block_j: int
+
+    def __post_init__(self):
+        # tl.dot on NVIDIA GPUs needs a reduction of at least 16; the interpreter does
+        # not check it, so without this a CPU run accepts blocks a GPU refuses to compile.
+        if self.linear_block_k < TL_DOT_MIN_K:
+            raise ValueError(f"linear_block_k must be at least {TL_DOT_MIN_K} (tl.dot's smallest "
+                             f"reduction on a GPU), got {self.linear_block_k}")
 
 
 # GPU: ~16 elements per thread per tile at 4 warps; enough programs per chunk to fill 132 SMs.
