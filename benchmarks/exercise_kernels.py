@@ -4,7 +4,8 @@
 ``--tool racecheck``) then sees each kernel of the project at least once:
 the cluster path forward/backward in both layouts, with and without the
 residual epilogue, in several geometries (a sample split across CTAs, several
-samples per cluster, a padded last group), and the two-pass path's kernels
+samples per cluster, a padded last group, persistent forward clusters that each
+walk several groups with one or two chunk buffers), and the two-pass path's kernels
 (channel sums, the excitation MLP over two sample groups, the weight
 gradients, the scale).
 The script also checks each result against the eager backend, so a run that
@@ -25,8 +26,12 @@ import torch
 
 import se_fused
 
-# (path, plan): plan "M,G" = CTAs per sample, samples per cluster ("" = automatic).
-CASES = [("two_pass", ""), ("cluster", ""), ("cluster", "2,4"), ("cluster", "4,1"), ("cluster", "1,2")]
+# (path, plan, clusters, buffers): plan "M,G" = CTAs per sample, samples per cluster ("" = automatic);
+# clusters: at most this many persistent forward clusters (0 = the plan's), so that one cluster walks
+# several groups; buffers: the forward's chunk buffers (0 = two where they fit).
+CASES = [("two_pass", "", 0, 0), ("cluster", "", 0, 0), ("cluster", "2,4", 0, 0), ("cluster", "4,1", 0, 0),
+         ("cluster", "1,2", 0, 0), ("cluster", "2,1", 1, 0), ("cluster", "1,2", 1, 1)]
+KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the last has 9 samples (two MLP sample groups of 8),
 # C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its backward).
 SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2)]
@@ -64,12 +69,13 @@ def main() -> int:
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     failures = 0
     count = 0
-    for (path, plan), shape, dtype, cl, residual in itertools.product(CASES, SHAPES, dtypes, (False, True),
-                                                                     (False, True)):
-        os.environ["SE_FUSED_CUDA_PATH"] = path
-        os.environ["SE_FUSED_CUDA_PLAN"] = plan
-        if not plan:
-            del os.environ["SE_FUSED_CUDA_PLAN"]
+    for (path, plan, clusters, buffers), shape, dtype, cl, residual in itertools.product(
+            CASES, SHAPES, dtypes, (False, True), (False, True)):
+        for name, value in zip(KNOBS, (path, plan, clusters, buffers)):
+            if value:
+                os.environ[name] = str(value)
+            else:
+                os.environ.pop(name, None)
         try:
             diff = run_case(device, backend, shape, dtype, cl, residual)
         except RuntimeError as exc:
@@ -80,7 +86,8 @@ def main() -> int:
         count += 1
         if not diff <= tol:
             failures += 1
-            print(f"MISMATCH path={path} plan={plan or 'auto'} shape={shape} {dtype} "
+            print(f"MISMATCH path={path} plan={plan or 'auto'} clusters={clusters or 'plan'} "
+                  f"buffers={buffers or 'auto'} shape={shape} {dtype} "
                   f"{'NHWC' if cl else 'NCHW'} residual={residual}: max diff {diff:.3e} > {tol}")
     if device == "cuda":
         torch.cuda.synchronize()

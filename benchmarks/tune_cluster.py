@@ -4,7 +4,10 @@ For each SE-ResNet-50 stage shape (batch 256, bfloat16 by default), layout and
 pass, times the raw forward/backward op under every geometry the planner can
 launch (``SE_FUSED_CUDA_PLAN=M,G``), the automatic choice and the two-pass path,
 and prints them as GB/s of the pass's minimum traffic (SPEC §4). It tells
-whether the planner's cost model picks the fastest geometry.
+whether the planner's cost model picks the fastest geometry. Forward plans are
+timed twice: ``M,G`` with two chunk buffers where they fit (the next group's
+chunk loads while this one is finished), ``M,G/1`` with one
+(``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``).
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]``
 """
@@ -40,12 +43,13 @@ def time_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def set_path(path: str, plan: str = "") -> None:
+def set_path(path: str, plan: str = "", buffers: str = "") -> None:
     os.environ["SE_FUSED_CUDA_PATH"] = path
-    if plan:
-        os.environ["SE_FUSED_CUDA_PLAN"] = plan
-    else:
-        os.environ.pop("SE_FUSED_CUDA_PLAN", None)
+    for name, value in (("SE_FUSED_CUDA_PLAN", plan), ("SE_FUSED_CUDA_CLUSTER_BUFFERS", buffers)):
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
 
 
 def main() -> int:
@@ -85,9 +89,12 @@ def main() -> int:
             }
             for name, (nbytes, fn) in passes.items():
                 results = {}
-                for label, path, plan in [("auto", "auto", ""), ("2-pass", "two_pass", "")] + \
-                        [(p, "cluster", p) for p in PLANS]:
-                    set_path(path, plan)
+                candidates = [("auto", "auto", "", ""), ("2-pass", "two_pass", "", "")]
+                candidates += [(p, "cluster", p, "") for p in PLANS]
+                if name == "forward":
+                    candidates += [(f"{p}/1", "cluster", p, "1") for p in PLANS]
+                for label, path, plan, buffers in candidates:
+                    set_path(path, plan, buffers)
                     try:
                         results[label] = nbytes / time_ms(fn) / 1e6
                     except RuntimeError:

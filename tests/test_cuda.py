@@ -3,7 +3,9 @@
 tests/test_correctness.py runs the ``"cuda"`` backend with its automatic path
 choice over the whole shape/dtype/layout product. This file forces each path
 (``SE_FUSED_CUDA_PATH=cluster|two_pass``), each cluster geometry
-(``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster) and
+(``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster; the
+forward's persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and its
+chunk buffers with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``) and
 each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
@@ -136,6 +138,52 @@ def test_cluster_geometries(cuda_path, plan, memory_format, residual):
     shape = SEShape(7, 128, 8, 14, 14)  # fits every plan above in float32; 7 samples pad every G > 1
     check_against_reference(make_se_inputs(shape, torch.float32, memory_format, "cuda", residual, "silu",
                                            "sigmoid"))
+
+
+# The forward's clusters are persistent: each walks the groups of G samples, loading
+# the next group's chunks while it finishes this one (two buffers) or after it (one).
+# Capped at 1 or 2 clusters, every cluster walks several groups on these small batches,
+# padded last groups (G > 1) included.
+PERSISTENT_CASES = [("1,1", 1, 2, torch.float32, SEShape(5, 64, 4, 6, 6)),
+                    ("1,1", 2, 1, torch.float32, SEShape(5, 64, 4, 6, 6)),
+                    ("2,1", 2, 2, torch.bfloat16, SEShape(7, 64, 4, 6, 6)),
+                    ("1,4", 1, 2, torch.float32, SEShape(9, 64, 4, 6, 6)),
+                    ("1,4", 1, 1, torch.bfloat16, SEShape(9, 64, 4, 6, 6)),
+                    ("4,2", 2, 2, torch.bfloat16, SEShape(11, 128, 8, 14, 14)),
+                    ("4,2", 3, 1, torch.float16, SEShape(11, 128, 8, 14, 14))]
+
+
+@needs_sm90
+@pytest.mark.parametrize("plan,clusters,buffers,dtype,shape", PERSISTENT_CASES,
+                         ids=[f"{p}-{c}clusters-{b}buffers-{d}-{s.id}" for p, c, b, d, s in PERSISTENT_CASES])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_persistent_cluster_forward(cuda_path, monkeypatch, plan, clusters, buffers, dtype, shape, memory_format,
+                                    residual):
+    """Clusters that each walk several groups give the reference's results, and the same bits as
+    one cluster per group (every group's arithmetic is the same, whichever cluster runs it)."""
+    cuda_path("cluster", plan)
+    monkeypatch.setenv("SE_FUSED_CUDA_CLUSTER_BUFFERS", str(buffers))
+    inputs = make_se_inputs(shape, dtype, memory_format, "cuda", residual, "relu", "sigmoid")
+    monkeypatch.setenv("SE_FUSED_CUDA_CLUSTERS", str(clusters))
+    check_against_reference(inputs)
+    walked = backend_se(inputs, "cuda")
+    monkeypatch.delenv("SE_FUSED_CUDA_CLUSTERS")
+    one_per_group = backend_se(inputs, "cuda")
+    for name, t in one_per_group.items():
+        assert torch.equal(walked[name], t), f"{name} differs between {clusters} persistent clusters and the plan's"
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
+    ("SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2")])
+def test_cluster_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, message):
+    if not _cluster_capable():
+        pytest.skip("thread-block clusters need sm_90")
+    cuda_path("cluster")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
 
 
 @needs_sm90

@@ -27,7 +27,9 @@ struct ClusterGeometry {
   int own_share;           // ceil(C / M): channels whose sums a CTA finalises
   int share_a, share_b;    // ceil(R / K) MLP rows, ceil(C / K) MLP columns per CTA
   int activation, gate;
-  int chunk_bytes;         // shared bytes before the float region (16-byte multiple)
+  int chunk_bytes;         // shared bytes of one chunk buffer (16-byte multiple)
+  int buffers;             // chunk buffers before the float region: 2 lets a persistent
+                           // forward cluster load its next group while it uses this one
   // float offsets into the region after the chunk
   int off_own, off_part, off_ushare, off_bshare, off_vec;
   int floats;
@@ -86,9 +88,11 @@ inline cudaLaunchConfig_t cluster_launch_config(const void* kernel, const Cluste
 const void* forward_cluster_kernel(at::ScalarType dtype, bool channels_last);
 const void* backward_cluster_kernel(at::ScalarType dtype, bool channels_last);
 
-// Launch ceil(N / G) clusters of K CTAs with `smem` bytes of dynamic shared memory each.
+// Launch clusters of K CTAs with `smem` bytes of dynamic shared memory each: the forward
+// `clusters` persistent ones (each walks the groups clusters apart), the backward one per
+// group of G samples (ceil(N / G)).
 void launch_forward_cluster(const ClusterGeometry& geo, size_t smem, at::ScalarType dtype, bool channels_last,
-                            const ForwardClusterArgs& args, cudaStream_t stream);
+                            int clusters, const ForwardClusterArgs& args, cudaStream_t stream);
 void launch_backward_cluster(const ClusterGeometry& geo, size_t smem, at::ScalarType dtype, bool channels_last,
                              const BackwardClusterArgs& args, cudaStream_t stream);
 

@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(kClusterThreads) se_backward_cluster_kernel(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cg::cluster_group cluster = cg::this_cluster();
-  const ClusterPlace pl = locate(geo, static_cast<int>(cluster.block_rank()));
+  const ClusterPlace pl = locate(geo, static_cast<int>(cluster.block_rank()), blockIdx.x / geo.K);
   const ClusterSmem sm = carve(geo, smem_raw);
   // The chunk region holds g (kept until dx is written) and then x.
   T* g_chunk = reinterpret_cast<T*>(smem_raw);
@@ -117,7 +117,8 @@ void launch_backward_cluster(const ClusterGeometry& geo, size_t smem, at::Scalar
                              const BackwardClusterArgs& a, cudaStream_t stream) {
   dispatch_cluster(dtype, channels_last, [&](auto t, auto cl) {
     using T = decltype(t);
-    launch_cluster_kernel(se_backward_cluster_kernel<T, decltype(cl)::value>, geo, smem, stream,
+    const int64_t groups = (geo.N + geo.G - 1) / geo.G;
+    launch_cluster_kernel(se_backward_cluster_kernel<T, decltype(cl)::value>, geo, smem, groups, stream,
                           static_cast<const T*>(a.grad_out), static_cast<const T*>(a.x),
                           static_cast<const T*>(a.out), a.w1, a.w2t, a.hidden, a.scale, static_cast<T*>(a.grad_x),
                           static_cast<T*>(a.grad_residual), a.dv, a.du);

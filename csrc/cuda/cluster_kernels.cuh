@@ -30,11 +30,12 @@ struct ClusterSmem {
 };
 
 __device__ __forceinline__ ClusterSmem carve(const ClusterGeometry& geo, unsigned char* raw) {
-  float* f = reinterpret_cast<float*>(raw + geo.chunk_bytes);
+  float* f = reinterpret_cast<float*>(raw + static_cast<int64_t>(geo.chunk_bytes) * geo.buffers);
   return {f + geo.off_own, f + geo.off_part, f + geo.off_ushare, f + geo.off_bshare, f + geo.off_vec};
 }
 
-// Position of this CTA: sample g of the group, chunk m of the sample.
+// Position of this CTA in group `group` (G samples from group * G): sample g of
+// the group, chunk m of the sample.
 struct ClusterPlace {
   int rank, g, m;
   int64_t n;         // sample index (may be >= N for the padding of the last group)
@@ -45,12 +46,12 @@ struct ClusterPlace {
   int64_t group_n0;  // first sample of the group
 };
 
-__device__ __forceinline__ ClusterPlace locate(const ClusterGeometry& geo, int rank) {
+__device__ __forceinline__ ClusterPlace locate(const ClusterGeometry& geo, int rank, int64_t group) {
   ClusterPlace pl;
   pl.rank = rank;
   pl.g = rank / geo.M;
   pl.m = rank % geo.M;
-  pl.group_n0 = static_cast<int64_t>(blockIdx.x / geo.K) * geo.G;
+  pl.group_n0 = group * geo.G;
   pl.n = pl.group_n0 + pl.g;
   pl.real = pl.n < geo.N;
   pl.row0 = pl.m * geo.rows_per_cta;
@@ -271,14 +272,14 @@ decltype(auto) dispatch_cluster(at::ScalarType dtype, bool channels_last, const 
   return with_layout(float{});
 }
 
+// Launches `clusters` clusters of geo.K CTAs.
 template <typename Kernel, typename... Args>
-void launch_cluster_kernel(Kernel kernel, const ClusterGeometry& geo, size_t smem, cudaStream_t stream,
-                           Args... args) {
-  const int64_t groups = (geo.N + geo.G - 1) / geo.G;
-  TORCH_CHECK(groups * geo.K < (int64_t(1) << 31), "se_fused: batch too large for one launch");
+void launch_cluster_kernel(Kernel kernel, const ClusterGeometry& geo, size_t smem, int64_t clusters,
+                           cudaStream_t stream, Args... args) {
+  TORCH_CHECK(clusters > 0 && clusters * geo.K < (int64_t(1) << 31), "se_fused: batch too large for one launch");
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config = cluster_launch_config(reinterpret_cast<const void*>(kernel), geo, smem,
-                                                          static_cast<unsigned>(groups * geo.K), stream, attr);
+                                                          static_cast<unsigned>(clusters * geo.K), stream, attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, geo, args...));
 }
 

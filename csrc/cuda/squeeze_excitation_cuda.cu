@@ -10,7 +10,10 @@
 //   memory. The MLP is batched over the G samples and split across the K CTAs
 //   (rows of W1, columns of W2), so each weight is read once per group, not once
 //   per sample. The chunk is then scaled from shared memory and stored:
-//   forward 2T (+T residual), backward 3T (+2T residual) of HBM traffic.
+//   forward 2T (+T residual), backward 3T (+2T residual) of HBM traffic. The
+//   forward's clusters are persistent (as many as stay resident, each walking
+//   the groups) and load their next group's chunks while they finish this one
+//   where two chunk buffers fit in shared memory.
 // * Two-pass path (any GPU, any shape): a channel-sum kernel, the MLP over the
 //   whole batch (excitation_cuda.cu; ATen ops for float64), and an elementwise
 //   kernel. 3T forward, 5T backward.
@@ -32,6 +35,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -413,9 +417,10 @@ void with_index_type(const SEProblem& p, const F& launch) {
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Fills the geometry for M CTAs per sample and G samples per cluster; returns
-// the dynamic shared memory it needs.
-size_t make_geometry(ClusterGeometry& geo, const SEProblem& p, int elem_size, bool backward, int M, int G) {
+// Fills the geometry for M CTAs per sample, G samples per cluster and `buffers`
+// chunk buffers per CTA; returns the dynamic shared memory it needs.
+size_t make_geometry(ClusterGeometry& geo, const SEProblem& p, int elem_size, bool backward, int M, int G,
+                     int buffers) {
   geo.N = p.N;
   geo.C = static_cast<int>(p.C);
   geo.R = static_cast<int>(p.R);
@@ -433,7 +438,8 @@ size_t make_geometry(ClusterGeometry& geo, const SEProblem& p, int elem_size, bo
   geo.gate = static_cast<int>(p.gate);
   const int64_t chunk = (static_cast<int64_t>(geo.rows_per_cta) * geo.row_len * elem_size * (backward ? 2 : 1) + 15) /
                         16 * 16;
-  geo.chunk_bytes = static_cast<int>(std::min<int64_t>(chunk, INT32_MAX / 2));
+  geo.chunk_bytes = static_cast<int>(std::min<int64_t>(chunk, INT32_MAX / 4));
+  geo.buffers = buffers;
   int off = 0;
   geo.off_own = off;
   off += (geo.own_share + 3) / 4 * 4;
@@ -447,13 +453,14 @@ size_t make_geometry(ClusterGeometry& geo, const SEProblem& p, int elem_size, bo
   const int epilogue = 2 * (p.channels_last ? geo.C : geo.own_share);
   off += std::max({G * geo.C, G * geo.R, epilogue, kClusterThreads});
   geo.floats = off;
-  return static_cast<size_t>(chunk) + static_cast<size_t>(off) * sizeof(float);
+  return static_cast<size_t>(chunk) * buffers + static_cast<size_t>(off) * sizeof(float);
 }
 
 struct ClusterPlan {
   bool use = false;
   ClusterGeometry geo{};
   size_t smem = 0;
+  int clusters = 0;    // forward: persistent clusters to launch (at most the groups, at most resident)
   std::string reason;  // why the two-pass path was chosen
 };
 
@@ -468,6 +475,29 @@ PathChoice requested_path() {
   if (std::string(env) == "two_pass") return PathChoice::TwoPass;
   TORCH_CHECK_VALUE(false, "se_fused: SE_FUSED_CUDA_PATH must be auto, cluster or two_pass; got '", env, "'");
   return PathChoice::Auto;
+}
+
+// The persistent forward clusters to launch: the plan's, or fewer with
+// SE_FUSED_CUDA_CLUSTERS=n (tests make each cluster walk several groups on small
+// batches; an n above the plan's changes nothing).
+int forward_clusters(int planned) {
+  const char* env = std::getenv("SE_FUSED_CUDA_CLUSTERS");
+  if (env == nullptr || *env == '\0') return planned;
+  char* end = nullptr;
+  const long cap = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && cap >= 1, "se_fused: SE_FUSED_CUDA_CLUSTERS must be a positive integer; got '",
+                    env, "'");
+  return static_cast<int>(std::min<long>(planned, cap));
+}
+
+// Chunk buffers the forward cluster kernel may use: 2 (where they fit), or 1 with
+// SE_FUSED_CUDA_CLUSTER_BUFFERS=1 (tests and tune_cluster.py compare the two).
+int forward_cluster_buffers() {
+  const char* env = std::getenv("SE_FUSED_CUDA_CLUSTER_BUFFERS");
+  if (env == nullptr || *env == '\0') return 2;
+  TORCH_CHECK_VALUE(std::strcmp(env, "1") == 0 || std::strcmp(env, "2") == 0,
+                    "se_fused: SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2; got '", env, "'");
+  return env[0] - '0';
 }
 
 // Active clusters the device can hold for this kernel and geometry (0: cannot launch).
@@ -513,16 +543,18 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   // everywhere (e.g. conv2_x NCHW forward 2234 vs 1382 GB/s of minimum traffic). ncu shows the
   // cluster kernel latency-bound: 29.5% of DRAM bandwidth, 2 CTAs (16 warps) per SM, 38% of stalls
   // at barriers, as each CTA loads, waits for the cluster, runs the MLP and only then stores.
-  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested until a persistent, double-buffered
-  // version overlaps the next group's loads with this group's stores.
+  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested. The forward is now persistent and
+  // double-buffered (the next group's loads overlap this group's MLP and stores), not yet measured:
+  // auto takes it once benchmarks/tune_cluster.py measures it faster than the two-pass path.
   if (choice == PathChoice::Auto) return refuse("auto: the two-pass path measured faster on every shape");
 
-  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string>;
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string, int>;
   static std::mutex mutex;
   static std::map<Key, ClusterPlan> cache;
   const char* forced = std::getenv("SE_FUSED_CUDA_PLAN");
+  const int max_buffers = backward ? 1 : forward_cluster_buffers();
   const Key key{device, p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, elem, backward, kernel,
-                forced ? forced : ""};
+                forced ? forced : "", max_buffers};
   std::lock_guard<std::mutex> lock(mutex);
   // The cache keys the geometry by shape; the activation and gate are this call's.
   auto for_this_call = [&](ClusterPlan chosen) {
@@ -550,28 +582,34 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
     for (int G = 1; G <= kMaxGroup && M * G <= kMaxClusterSize; G *= 2) {
       if (forced != nullptr && (M != forced_m || G != forced_g)) continue;
       if (G > 1 && G / 2 >= p.N) continue;  // more padding than samples
+      // The forward is persistent and double-buffers its chunk where two fit; the backward
+      // keeps one group per cluster.
       ClusterGeometry geo;
-      const size_t smem = make_geometry(geo, p, elem, backward, M, G);
+      size_t smem = make_geometry(geo, p, elem, backward, M, G, max_buffers);
+      if (smem > smem_max && max_buffers > 1) smem = make_geometry(geo, p, elem, backward, M, G, 1);
       if (smem > smem_max) continue;
       if ((int64_t(geo.rows_per_cta) * geo.row_len) % vec != 0) continue;
       const int clusters = active_clusters(kernel, geo, smem);
       if (clusters == 0) continue;
       // Modelled time per sample: HBM traffic (slower when an SM holds one CTA
-      // and cannot overlap one CTA's loads with another's stores), weights
-      // from L2 once per group, padding of the last group, idle SMs.
+      // and cannot overlap one CTA's loads with another's stores, unless the
+      // second buffer does), weights from L2 once per group, padding of the last
+      // group, idle SMs.
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kClusterThreads, smem));
       const double used =
           std::min(1.0, double(clusters) * geo.K / (double(prop->multiProcessorCount) * std::max(per_sm, 1)));
       const double groups = std::ceil(double(p.N) / G);
       const double padding = groups * G / double(p.N);
-      const double t = (slice_bytes * hbm_passes / 3.0e3 * (per_sm >= 2 ? 1.0 : 1.2) + weight_bytes / G / 6.0e3) *
+      const bool overlapped = per_sm >= 2 || geo.buffers == 2;
+      const double t = (slice_bytes * hbm_passes / 3.0e3 * (overlapped ? 1.0 : 1.2) + weight_bytes / G / 6.0e3) *
                        padding / used;
       if (!found.use || t < best) {
         best = t;
         found.use = true;
         found.geo = geo;
         found.smem = smem;
+        found.clusters = static_cast<int>(std::min<double>(clusters, groups));
       }
     }
   }
@@ -583,7 +621,8 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
                  static_cast<long long>(p.P), p.channels_last ? "NHWC" : "NCHW", p.has_residual ? " residual" : "",
                  elem);
     if (found.use) {
-      std::fprintf(stderr, "cluster M=%d G=%d K=%d smem=%zu\n", found.geo.M, found.geo.G, found.geo.K, found.smem);
+      std::fprintf(stderr, "cluster M=%d G=%d K=%d smem=%zu buffers=%d clusters=%d\n", found.geo.M, found.geo.G,
+                   found.geo.K, found.smem, found.geo.buffers, found.clusters);
     } else {
       std::fprintf(stderr, "two-pass (%s)\n", found.reason.c_str());
     }
@@ -627,7 +666,8 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
                             w2t.const_data_ptr<float>(), b2.const_data_ptr<float>(), out.mutable_data_ptr(),
                             pooled.mutable_data_ptr<float>(), hidden.mutable_data_ptr<float>(),
                             scale.mutable_data_ptr<float>()};
-    launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, args, stream);
+    launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last,
+                           forward_clusters(plan.clusters), args, stream);
     return {out, pooled, hidden, scale};
   }
 
