@@ -32,9 +32,10 @@ import se_fused
 CASES = [("two_pass", "", 0, 0), ("cluster", "", 0, 0), ("cluster", "2,4", 0, 0), ("cluster", "4,1", 0, 0),
          ("cluster", "1,2", 0, 0), ("cluster", "2,1", 1, 0), ("cluster", "1,2", 1, 1)]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS")
-# (N, C, R, H, W): small, C*H*W a multiple of 8; the last has 9 samples (two MLP sample groups of 8),
-# C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its backward).
-SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2)]
+# (N, C, R, H, W): small, C*H*W a multiple of 8; the third has 9 samples (two MLP sample groups of 8),
+# C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its backward);
+# the last 64 samples, which the weight gradients split in two halves of the batch.
+SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 64, 8, 2, 2)]
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:

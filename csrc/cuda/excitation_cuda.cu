@@ -16,9 +16,14 @@
 //   conv5_x 77 + 39 us (H200, a9f6235). ncu then showed the rows kernels
 //   issue-bound (6 cycles per issued instruction, 25% occupancy by registers),
 //   most of their instructions the per-value butterflies.
-// - v5 (not yet measured): one transposing reduction per warp
-//   (warp_transpose_sum), 16-byte shared loads feeding 4 FMAs in the rows
-//   kernels, 32-bit indices, the weight-gradient kernel at three blocks per SM.
+// - v5: one transposing reduction per warp (warp_transpose_sum), 16-byte
+//   shared loads feeding 4 FMAs in the rows kernels, 32-bit indices, the
+//   weight-gradient kernel at three blocks per SM: rows kernels at conv5_x
+//   29 + 21 us, weight gradients 21 / 29 / 41 / 57 us at conv2_x-conv5_x
+//   (H100, e88638e).
+// - v6 (not yet measured): the weight gradients launch only the tiles with
+//   work and split the batch over blocks (weight_gradient_splits), adding the
+//   splits' float32 partial sums in a second kernel.
 // A block handles kSamples samples, so each weight is read from L2 once per
 // block. Sums run in a fixed order (reduction trees, warps in order, splits in
 // order, samples in order): bitwise reproducible.
@@ -368,31 +373,38 @@ struct WeightGradProblem {
   void* weight_grad;  // (I, J) in the weight's dtype
   void* bias_grad;    // (I)
   int I, J;
+  // Tiles of kWeightGradRows rows x kThreads columns (column J is the bias): tiles_x per row of tiles.
+  __host__ __device__ int tiles_x() const { return (J + 1 + kThreads - 1) / kThreads; }
+  __host__ __device__ int tiles() const { return tiles_x() * ((I + kWeightGradRows - 1) / kWeightGradRows); }
+  // Floats of one batch split's partial sums of this layer: I rows of J + 1 (the bias last).
+  __host__ __device__ int64_t partial_size() const { return static_cast<int64_t>(I) * (J + 1); }
 };
 
-// One block of weight_gradients_cuda_kernel: a thread owns column j of
-// kWeightGradRows rows; the batch is staged kWeightGradBatch samples at a time
-// (all of a batch's loads in flight together) and walked in order. Column j == J is
-// the bias (b = 1).
+// One block of weight_gradients_cuda_kernel: tile (tile_x, tile_y) of one layer over the
+// samples [n_begin, n_end). A thread owns column j of kWeightGradRows rows; the samples are
+// staged kWeightGradBatch at a time (all of a batch's loads in flight together) and walked
+// in order. Column j == J is the bias (b = 1). With `partial` (a split of the batch), the
+// block writes its float32 sums there, (I, J + 1) row-major; else the gradients themselves.
 template <typename w_t, int AKind, int BKind>
-__device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q, int64_t N, int activation,
-                                                      int gate, float (&b_tile)[kWeightGradBatch][kThreads],
+__device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q, int tile_x, int tile_y,
+                                                      int n_begin, int n_end, float* partial,
+                                                      int activation, int gate,
+                                                      float (&b_tile)[kWeightGradBatch][kThreads],
                                                       float (&a_tile)[kWeightGradBatch][kWeightGradRows]) {
-  const int j0 = blockIdx.x * kThreads, j = j0 + threadIdx.x;
-  const int i0 = blockIdx.y * kWeightGradRows;
-  if (j0 > q.J || i0 >= q.I) return;  // the whole block is outside this layer
+  const int j = tile_x * kThreads + threadIdx.x;
+  const int i0 = tile_y * kWeightGradRows;
   const int rows = min(kWeightGradRows, q.I - i0);
   static_assert(kWeightGradBatch * kWeightGradRows <= kThreads, "one a-tile element per thread");
   const int a_n = threadIdx.x / kWeightGradRows, a_t = threadIdx.x % kWeightGradRows;
   float acc[kWeightGradRows] = {};
-  for (int64_t nb = 0; nb < N; nb += kWeightGradBatch) {
-    const int nc = static_cast<int>(min(static_cast<int64_t>(kWeightGradBatch), N - nb));
+  for (int nb = n_begin; nb < n_end; nb += kWeightGradBatch) {
+    const int nc = min(kWeightGradBatch, n_end - nb);
     int b_idx[kWeightGradBatch];
 #pragma unroll
     for (int nn = 0; nn < kWeightGradBatch; ++nn)
-      b_idx[nn] = nn < nc && j < q.J ? static_cast<int>(nb + nn) * q.J + j : 0;
+      b_idx[nn] = nn < nc && j < q.J ? (nb + nn) * q.J + j : 0;
     const bool has_a = a_n < nc && a_t < rows;
-    const int a_idx[1] = {has_a ? static_cast<int>(nb + a_n) * q.I + i0 + a_t : 0};
+    const int a_idx[1] = {has_a ? (nb + a_n) * q.I + i0 + a_t : 0};
     float b_values[kWeightGradBatch], b_aux[kWeightGradBatch], a_value[1], a_aux[1];
     gather_raw<BKind>(q.b, b_idx, b_values, b_aux);
     gather_raw<AKind>(q.a, a_idx, a_value, a_aux);
@@ -416,7 +428,9 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
 #pragma unroll
   for (int t = 0; t < kWeightGradRows; ++t) {
     if (t >= rows) continue;
-    if (j < q.J) {
+    if (partial != nullptr) {
+      partial[static_cast<int64_t>(i0 + t) * (q.J + 1) + j] = acc[t];
+    } else if (j < q.J) {
       static_cast<w_t*>(q.weight_grad)[static_cast<int64_t>(i0 + t) * q.J + j] = static_cast<w_t>(acc[t]);
     } else {
       static_cast<w_t*>(q.bias_grad)[i0 + t] = static_cast<w_t>(acc[t]);
@@ -424,20 +438,72 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
   }
 }
 
-// Both layers' gradients in one launch (blockIdx.z picks the layer): fc1's from du and
-// pooled, fc2's from dv (Layer2AKind: kGateGrad forms it from ds and the saved scale,
-// kPlain reads it) and act(hidden).
+// Both layers' gradients in one launch: blockIdx.x enumerates the tiles of fc1's gradient
+// (from du and pooled), then those of fc2's (from dv, which Layer2AKind kGateGrad forms from
+// ds and the saved scale, kPlain reads, and act(hidden)); blockIdx.y is the split of the
+// batch (samples_per_split each). Only tiles with work are launched: sized by max(R, C) for
+// both layers, the v5 grid was 4608 blocks at conv5_x of which 400 had work.
 template <typename w_t, int Layer2AKind>
 __global__ void __launch_bounds__(kThreads, 3) weight_gradients_cuda_kernel(WeightGradProblem layer0,
-                                                                         WeightGradProblem layer1, int64_t N,
+                                                                         WeightGradProblem layer1, int N,
+                                                                         int samples_per_split, float* partial,
                                                                          int activation, int gate) {
   __shared__ float b_tile[kWeightGradBatch][kThreads];
   __shared__ float a_tile[kWeightGradBatch][kWeightGradRows];
-  if (blockIdx.z == 0) {
-    weight_gradient_block<w_t, kPlain, kPlain>(layer0, N, activation, gate, b_tile, a_tile);
+  // 32-bit sample indices: excitation_kernels_apply checks N * max(C, R) < 2^31.
+  const int n_begin = blockIdx.y * samples_per_split, n_end = min(N, n_begin + samples_per_split);
+  // A split's partial sums: fc1's (I0, J0 + 1), then fc2's (I1, J1 + 1).
+  float* split_partial = partial != nullptr
+                             ? partial + blockIdx.y * (layer0.partial_size() + layer1.partial_size())
+                             : nullptr;
+  const int tiles0 = layer0.tiles();
+  if (static_cast<int>(blockIdx.x) < tiles0) {
+    const int t = blockIdx.x;
+    weight_gradient_block<w_t, kPlain, kPlain>(layer0, t % layer0.tiles_x(), t / layer0.tiles_x(), n_begin, n_end,
+                                               split_partial, activation, gate, b_tile, a_tile);
   } else {
-    weight_gradient_block<w_t, Layer2AKind, kActivated>(layer1, N, activation, gate, b_tile, a_tile);
+    const int t = blockIdx.x - tiles0;
+    weight_gradient_block<w_t, Layer2AKind, kActivated>(
+        layer1, t % layer1.tiles_x(), t / layer1.tiles_x(), n_begin, n_end,
+        split_partial != nullptr ? split_partial + layer0.partial_size() : nullptr, activation, gate, b_tile, a_tile);
   }
+}
+
+// The gradients from the splits' partial sums, added in split order: element e of a
+// split's (fc1 then fc2) partial block goes to its weight or bias gradient.
+template <typename w_t>
+__global__ void __launch_bounds__(kThreads) weight_gradient_splits_kernel(WeightGradProblem layer0,
+                                                                         WeightGradProblem layer1,
+                                                                         const float* __restrict__ partial,
+                                                                         int splits) {
+  const int64_t size0 = layer0.partial_size(), per_split = size0 + layer1.partial_size();
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < per_split;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float total = 0.f;
+    for (int s = 0; s < splits; ++s) total += partial[s * per_split + e];
+    // The fields picked one by one: a reference to either parameter struct put both on the stack.
+    const bool first = e < size0;
+    const int64_t local = first ? e : e - size0, J = first ? layer0.J : layer1.J;
+    const int64_t i = local / (J + 1), j = local % (J + 1);
+    if (j < J) {
+      static_cast<w_t*>(first ? layer0.weight_grad : layer1.weight_grad)[i * J + j] = static_cast<w_t>(total);
+    } else {
+      static_cast<w_t*>(first ? layer0.bias_grad : layer1.bias_grad)[i] = static_cast<w_t>(total);
+    }
+  }
+}
+
+// Splits of the batch for the weight gradients: enough blocks for about two waves of an
+// H100 at three blocks per SM (kWeightGradTargetBlocks), at most kWeightGradMaxSplits, and
+// at least one staging batch per split. Batch 256: 8 / 8 / 5 / 2 splits at conv2_x-conv5_x
+// (36 / 76 / 168 / 400 tiles): v5 walked all 256 samples in every block (8 dependent
+// staging rounds), in one wave of 36-168 blocks, or a wave and 4 blocks at conv5_x. From the shape only, so the sums' order (and the
+// bits) do not depend on the GPU.
+constexpr int kWeightGradTargetBlocks = 792, kWeightGradMaxSplits = 8;
+int weight_gradient_splits(int tiles, int64_t N) {
+  const int64_t by_blocks = (kWeightGradTargetBlocks + tiles - 1) / std::max(tiles, 1);
+  const int64_t by_batch = std::max<int64_t>(1, N / kWeightGradBatch);
+  return static_cast<int>(std::min<int64_t>({by_blocks, by_batch, kWeightGradMaxSplits}));
 }
 
 unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
@@ -492,8 +558,8 @@ bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
   TORCH_CHECK_VALUE(env == nullptr || *env == '\0' || std::strcmp(env, "kernels") == 0,
                     "se_fused: SE_FUSED_CUDA_MLP must be kernels or aten; got '", env, "'");
   if (pooled.scalar_type() != at::kFloat) return false;  // float64 inputs keep the ATen ops
-  // Grid limits (65535): sample groups along gridDim.z, weight-gradient row groups along gridDim.y.
-  if (pooled.size(0) > int64_t(65535) * kSamples || pooled.size(1) > int64_t(65535) * kWeightGradRows) return false;
+  // Grid limit (65535): sample groups along gridDim.z.
+  if (pooled.size(0) > int64_t(65535) * kSamples) return false;
   if (p.N * std::max(p.C, p.R) >= INT_MAX) return false;  // 32-bit indices into (N, C) and (N, R) (gather_raw)
   const at::ScalarType dtype = (*params.begin())->scalar_type();
   return std::all_of(params.begin(), params.end(), [&](const at::Tensor* t) {
@@ -556,13 +622,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients_kern
   const WeightGradProblem layer1{input_of(du), input_of(pooled), dw1.mutable_data_ptr(), db1.mutable_data_ptr(), R,
                                  C};
   const WeightGradProblem layer2{dv, input_of(hidden), dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C, R};
-  const dim3 grid(ceil_div(std::max(R, C) + 1, kThreads), ceil_div(std::max(R, C), kWeightGradRows), 2);
+  const int tiles = layer1.tiles() + layer2.tiles();
+  const int splits = weight_gradient_splits(tiles, p.N);
+  const int samples_per_split = static_cast<int>((p.N + splits - 1) / splits);
+  // With one split the blocks write the gradients; with several, float32 partial sums that
+  // a second kernel adds in split order.
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, layer1.partial_size() + layer2.partial_size()}, pooled.options());
+  float* partial_ptr = splits > 1 ? partial.mutable_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw1.scalar_type(), "weight_gradients_kernel", [&] {
     const auto kernel = gate_scale ? weight_gradients_cuda_kernel<scalar_t, kGateGrad>
                                    : weight_gradients_cuda_kernel<scalar_t, kPlain>;
-    kernel<<<grid, kThreads, 0, stream>>>(layer1, layer2, p.N, static_cast<int>(p.activation),
-                                          static_cast<int>(p.gate));
+    kernel<<<dim3(tiles, splits), kThreads, 0, stream>>>(layer1, layer2, static_cast<int>(p.N), samples_per_split,
+                                                         partial_ptr,
+                                                         static_cast<int>(p.activation), static_cast<int>(p.gate));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      const int64_t elements = layer1.partial_size() + layer2.partial_size();
+      weight_gradient_splits_kernel<scalar_t>
+          <<<ceil_div(elements, kThreads), kThreads, 0, stream>>>(layer1, layer2, partial_ptr, splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {dw1.view(fc1_weight.sizes()), db1, dw2.view(fc2_weight.sizes()), db2};
 }
