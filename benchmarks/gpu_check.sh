@@ -7,10 +7,11 @@
 # Steps, each with its own time limit so the whole run ends inside ~8 minutes on
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
-# record, profile host vs device time per call (profile_block.py), run
-# compute-sanitizer (memcheck, racecheck) over every kernel path, time the block
-# in NCHW and against torch.compile, and, with the time left, train a few steps
-# and sweep the cluster geometries of the stage shapes. Files come back in $OUT
+# record, profile host vs device time per call (profile_block.py), sweep the
+# cluster geometries of the stage shapes, run compute-sanitizer (memcheck,
+# racecheck) over every kernel path, time the block in NCHW and against
+# torch.compile, and, with the time left, train a few steps and run Nsight
+# Compute on the MLP kernels. Files come back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
 # <date>-<gpu>-<commit>.json, gpu_check.log, profile.json, block.png, network.png,
 # block-nchw.json/.png and block-compile.json: 8 files, as many as the device tool
@@ -126,6 +127,13 @@ if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv
 step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
 keep profile.json block.png network.png
 
+# --- 3b. the cluster geometry sweep: the read-once path against the two-pass one (the
+# question the kernels pose now: does the persistent, double-buffered cluster forward beat
+# the two-pass path?), before the steps that only repeat what earlier records measured.
+if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
+  step tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
+fi
+
 # --- 4. compute-sanitizer over every kernel path --------------------------------
 for tool in memcheck racecheck; do
   if (( $(left) > 60 )); then
@@ -169,11 +177,6 @@ if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
     --passes forward+backward --calls 1 --out "$WORK" --json-name ncu-profile.json
-fi
-
-# --- 7. with the time left: cluster geometry sweep ------------------------------
-if [[ $DRY_RUN -eq 0 && $(left) -gt 45 ]]; then
-  step tune $(( $(left) - 15 )) "$PY" benchmarks/tune_cluster.py --max-seconds $(( $(left) - 25 ))
 fi
 
 # --- summary (printed last) -----------------------------------------------------
