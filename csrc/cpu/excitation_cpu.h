@@ -30,6 +30,14 @@
 
 #include "../squeeze_excitation.h"
 
+// Lambdas the compiler must inline into a vector loop (C10_ALWAYS_INLINE carries
+// `inline`, which a lambda's declarator does not take).
+#if defined(__GNUC__) || defined(__clang__)
+#define SE_FUSED_LAMBDA_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define SE_FUSED_LAMBDA_ALWAYS_INLINE
+#endif
+
 namespace se_fused::cpu {
 
 template <typename T>
@@ -294,7 +302,10 @@ void stream_rows(const F& f, int64_t rows, int64_t P, const T* c0, const T* c1, 
   constexpr bool kNarrow = !std::is_same_v<S, T>;
   constexpr int64_t L = Vec<T>::size(), step = kNarrow ? 2 * L : L, per_line = 64 / sizeof(S);
   const int64_t n = rows * P;
-  auto plain = [&](int64_t i0, int64_t i1) {  // [i0, i1) row by row with plain stores
+  // [i0, i1) row by row with plain stores. Kept out of line: inlined at its two call
+  // sites it left the sweep's loop calling `compute` instead of inlining it, and the
+  // float32 NCHW forward ran 2.7x slower (conv2_x batch 8: 4.47 against 1.65 ms).
+  auto plain = [&](int64_t i0, int64_t i1) C10_NOINLINE {
     while (i0 < i1) {
       const int64_t r = i0 / P, end = std::min(i1, (r + 1) * P);
       const Vec<T> a(c0[r]), b(c1[r]);
@@ -306,7 +317,7 @@ void stream_rows(const F& f, int64_t rows, int64_t P, const T* c0, const T* c1, 
   plain(0, head);
   if (head < body_end) {
     RowValues<T> values(c0, c1, P, rows, head);
-    auto compute = [&](int64_t i) {
+    auto compute = [&](int64_t i) SE_FUSED_LAMBDA_ALWAYS_INLINE {
       const auto [a, b] = values.at(i);
       return f(a, b, load_as<T>(in + i)...);
     };
