@@ -30,7 +30,7 @@ struct ClusterGeometry {
   int chunk_bytes;         // shared bytes of one chunk buffer (16-byte multiple)
   int buffers;             // chunk buffers before the float region: 2 lets a persistent
                            // forward cluster load its next group while it uses this one
-  // float offsets into the region after the chunk
+  // float offsets into the region after the chunk buffers
   int off_own, off_part, off_ushare, off_bshare, off_vec;
   int floats;
 };
