@@ -10,7 +10,10 @@ stage shape, pass and implementation:
 * ``host ms``: Python + dispatcher + launch time per call, measured on the host
   while the GPU runs behind (calls enqueued back to back, no synchronisation);
 * ``device ms``: the sum of the kernels' durations per call (``torch.profiler``),
-  i.e. the GPU-busy time, and ``launches`` per call; the top kernels are listed.
+  i.e. the GPU-busy time, and ``launches`` per call; the top kernels are listed;
+* with ``--python-top N``, for the fused backends (not their variants, not eager):
+  the N Python functions with the most own time per call (``cProfile``), which
+  says where a host-bound call (the Triton backend's) spends it.
 
 On CUDA the fused backend runs twice, with the excitation MLP as kernels
 (``SE_FUSED_CUDA_MLP=kernels``, the default) and as ATen ops (``=aten``), and the
@@ -55,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=20, help="calls per host-time and profiler measurement")
     parser.add_argument("--top", type=int, default=6, help="kernels listed per row")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (CPU runs)")
+    parser.add_argument("--python-top", type=int, default=0,
+                        help="list the N Python functions with the most own time per call (cProfile) for "
+                             "the fused backends (default 0: off)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     parser.add_argument("--json-name", default="profile.json")
     return parser.parse_args(argv)
@@ -99,6 +105,31 @@ def host_ms_per_call(fn, calls: int, device: torch.device) -> float:
     elapsed = time.perf_counter() - start
     common.synchronize(device)
     return elapsed * 1e3 / calls
+
+
+# The variants --python-top profiles: the fused backends as shipped.
+PYTHON_PROFILED = ("cuda", "triton", "cpu")
+
+
+def python_profile(fn, calls: int, device: torch.device, top: int) -> List[Dict[str, object]]:
+    """The ``top`` Python functions by own time over ``calls`` calls (cProfile), per call: the host
+    side of a call, builtins included (a C++ op shows as its Python entry point)."""
+    import cProfile
+    import pstats
+
+    common.synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    common.synchronize(device)
+    stats = pstats.Stats(profiler).stats
+    rows = [{"function": f"{Path(file).name}:{line}({name})", "us_per_call": tottime * 1e6 / calls,
+             "calls_per_call": ncalls / calls}
+            for (file, line, name), (_, ncalls, tottime, _, _) in stats.items()]
+    rows.sort(key=lambda r: -r["us_per_call"])
+    return rows[:top]
 
 
 def kernel_label(name: str) -> str:
@@ -168,6 +199,8 @@ def main(argv=None) -> int:
                     # On the CPU every call runs on the host: wall time is the host time.
                     wall = common.gpu_median_ms(fn, 10, 50)["ms"] if gpu else host
                     prof = device_profile(fn, args.calls, device, args.top)
+                    if args.python_top > 0 and label in PYTHON_PROFILED:
+                        prof["python_top"] = python_profile(fn, args.calls, device, args.python_top)
                     rows.append({"stage": stage, "shape": list(shape), "pass": pass_name, "impl": label,
                                  "wall_ms": wall, "host_ms": host, **prof})
                 bar.update()
@@ -185,6 +218,13 @@ def main(argv=None) -> int:
     for r in rows:
         tops = "; ".join(f"{kernel_label(k['name'])} {k['us_per_call']:.1f}" for k in r["top"])
         print(f"  {r['stage']} {r['pass']} {r['impl']}: {tops}")
+    python_rows = [r for r in rows if "python_top" in r]
+    if python_rows:
+        print("\ntop Python functions by own time (cProfile, µs per call; calls per call):")
+        for r in python_rows:
+            tops = "; ".join(f"{f['function']} {f['us_per_call']:.1f} ({f['calls_per_call']:.0f})"
+                             for f in r["python_top"])
+            print(f"  {r['stage']} {r['pass']} {r['impl']} (host {r['host_ms']:.3f} ms): {tops}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = common.write_json({"kind": "profile", "env": env, "batch": args.batch, "dtype": args.dtype,
