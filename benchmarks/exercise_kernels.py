@@ -7,7 +7,7 @@ residual epilogue, in several geometries (a sample split across CTAs, several
 samples per cluster, a padded last group, persistent forward clusters that each
 walk several groups with one or two chunk buffers), and the two-pass path's kernels
 (channel sums, the excitation MLP over two sample groups, the weight
-gradients, the scale).
+gradients, the scale), over the whole batch and one sample per chunk.
 The script also checks each result against the eager backend, so a run that
 the sanitizer passes but computes garbage still fails.
 
@@ -26,12 +26,15 @@ import torch
 
 import se_fused
 
-# (path, plan, clusters, buffers): plan "M,G" = CTAs per sample, samples per cluster ("" = automatic);
-# clusters: at most this many persistent forward clusters (0 = the plan's), so that one cluster walks
-# several groups; buffers: the forward's chunk buffers (0 = two where they fit).
-CASES = [("two_pass", "", 0, 0), ("cluster", "", 0, 0), ("cluster", "2,4", 0, 0), ("cluster", "4,1", 0, 0),
-         ("cluster", "1,2", 0, 0), ("cluster", "2,1", 1, 0), ("cluster", "1,2", 1, 1)]
-KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS")
+# (path, plan, clusters, buffers, chunk bytes): plan "M,G" = CTAs per sample, samples per cluster
+# ("" = automatic); clusters: at most this many persistent forward clusters (0 = the plan's), so that
+# one cluster walks several groups; buffers: the forward's chunk buffers (0 = two where they fit);
+# chunk bytes: the two-pass path's batch chunks (0 = the whole batch, 1 = one sample per chunk).
+CASES = [("two_pass", "", 0, 0, 0), ("two_pass", "", 0, 0, 1), ("cluster", "", 0, 0, 0),
+         ("cluster", "2,4", 0, 0, 0), ("cluster", "4,1", 0, 0, 0), ("cluster", "1,2", 0, 0, 0),
+         ("cluster", "2,1", 1, 0, 0), ("cluster", "1,2", 1, 1, 0)]
+KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
+         "SE_FUSED_CUDA_CHUNK_BYTES")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the third has 9 samples (two MLP sample groups of 8),
 # C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its backward);
 # the last 64 samples, which the weight gradients split in two halves of the batch.
@@ -70,9 +73,9 @@ def main() -> int:
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     failures = 0
     count = 0
-    for (path, plan, clusters, buffers), shape, dtype, cl, residual in itertools.product(
+    for (path, plan, clusters, buffers, chunk_bytes), shape, dtype, cl, residual in itertools.product(
             CASES, SHAPES, dtypes, (False, True), (False, True)):
-        for name, value in zip(KNOBS, (path, plan, clusters, buffers)):
+        for name, value in zip(KNOBS, (path, plan, clusters, buffers, chunk_bytes)):
             if value:
                 os.environ[name] = str(value)
             else:
@@ -88,7 +91,7 @@ def main() -> int:
         if not diff <= tol:
             failures += 1
             print(f"MISMATCH path={path} plan={plan or 'auto'} clusters={clusters or 'plan'} "
-                  f"buffers={buffers or 'auto'} shape={shape} {dtype} "
+                  f"buffers={buffers or 'auto'} chunk_bytes={chunk_bytes or 'batch'} shape={shape} {dtype} "
                   f"{'NHWC' if cl else 'NCHW'} residual={residual}: max diff {diff:.3e} > {tol}")
     if device == "cuda":
         torch.cuda.synchronize()

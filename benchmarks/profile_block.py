@@ -15,8 +15,9 @@ stage shape, pass and implementation:
   the N Python functions with the most own time per call (``cProfile``), which
   says where a host-bound call (the Triton backend's) spends it.
 
-On CUDA the fused backend runs twice, with the excitation MLP as kernels
-(``SE_FUSED_CUDA_MLP=kernels``, the default) and as ATen ops (``=aten``), and the
+On CUDA the fused backend runs three times, with the excitation MLP as kernels
+(``SE_FUSED_CUDA_MLP=kernels``, the default), as ATen ops (``=aten``), and with the
+batch in L2-sized chunks (``SE_FUSED_CUDA_CHUNK_BYTES=l2``), and the
 Triton backend twice, with the batch in L2-sized chunks (the default) and in one
 chunk, so each pair is compared side by side in one run. Writes ``profile.json`` (or
 ``--json-name``) into ``--out``.
@@ -70,7 +71,9 @@ def variants(device: torch.device) -> List[tuple]:
     """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`."""
     usable = common.usable_backends()
     if device.type == "cuda":
-        fused = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"})] \
+        # CUDA as shipped, with the MLP as ATen ops, and the two-pass path in L2-sized chunks.
+        fused = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
+                 ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})] \
             if "cuda" in usable else []
         # Triton as shipped (the whole batch in one chunk: one MLP over the batch) and in
         # L2-sized chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP).
@@ -83,12 +86,14 @@ def variants(device: torch.device) -> List[tuple]:
 
 def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
-    ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
+    ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
+    two-pass path's batch chunks); ``triton_chunk_bytes`` -> the Triton backend's batch chunk
     budget (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
-    if settings.get("mlp") is None:
-        os.environ.pop("SE_FUSED_CUDA_MLP", None)
-    else:
-        os.environ["SE_FUSED_CUDA_MLP"] = str(settings["mlp"])
+    for key, name in (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES")):
+        if settings.get(key) is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(settings[key])
     try:
         from se_fused.triton import _common as triton_common
     except ImportError:  # Triton missing: no Triton variant runs
@@ -178,7 +183,8 @@ def main(argv=None) -> int:
     print(f"SE block profile on {env['device_detail']} | batch {args.batch} | dtype {args.dtype} | "
           f"memory format {args.memory_format} | commit {env['commit'][:12]}")
     rows = []
-    saved_mlp = os.environ.get("SE_FUSED_CUDA_MLP")
+    saved = {"mlp": os.environ.get("SE_FUSED_CUDA_MLP"),
+             "cuda_chunk_bytes": os.environ.get("SE_FUSED_CUDA_CHUNK_BYTES")}
     bar = common.progress(len(stages) * len(passes), "profile", enabled=sys.stderr.isatty())
     try:
         for stage in stages:
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
                 bar.update()
     finally:
         bar.close()
-        apply_settings({"mlp": saved_mlp})
+        apply_settings(saved)
 
     what = "device ms" if gpu else "op self-CPU ms"
     columns = [("stage", "stage", None), ("pass", "pass", None), ("impl", "impl", None),

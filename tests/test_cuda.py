@@ -5,7 +5,8 @@ choice over the whole shape/dtype/layout product. This file forces each path
 (``SE_FUSED_CUDA_PATH=cluster|two_pass``), each cluster geometry
 (``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster; the
 forward's persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and its
-chunk buffers with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``) and
+chunk buffers with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
+batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``) and
 each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
@@ -183,6 +184,41 @@ def test_cluster_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, me
     cuda_path("cluster")
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
+        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
+
+
+# The two-pass path over the batch in chunks (SE_FUSED_CUDA_CHUNK_BYTES): one sample per
+# chunk (a budget of 1 byte) and chunks of several samples with a partial last one.
+CHUNK_SHAPES = (SEShape(5, 256, 16, 7, 7), SEShape(70, 600, 40, 5, 5), SEShape(3, 37, 2, 7, 7))
+
+
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=[s.id for s in CHUNK_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("samples_per_chunk", [1, 2])
+def test_two_pass_path_in_chunks(cuda_path, monkeypatch, shape, dtype, memory_format, residual, samples_per_chunk):
+    """Chunks of the batch give the reference's results, and the same bits as one chunk (each sample's
+    sums, MLP and scale do not depend on the samples beside it; the weight gradients run over the
+    whole batch either way)."""
+    cuda_path("two_pass")
+    inputs = make_se_inputs(shape, dtype, memory_format, "cuda", residual, "silu", "sigmoid")
+    # The forward re-reads x (C*H*W elements per sample) and the backward 2 or 3 such tensors: a budget
+    # of samples_per_chunk forward samples gives the forward that many and the backward fewer (at least 1).
+    sample_bytes = inputs.x[0].numel() * inputs.x.element_size()
+    monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", str(samples_per_chunk * sample_bytes))
+    check_against_reference(inputs)
+    chunked = backend_se(inputs, "cuda")
+    monkeypatch.delenv("SE_FUSED_CUDA_CHUNK_BYTES")
+    whole = backend_se(inputs, "cuda")
+    for name, t in whole.items():
+        assert torch.equal(chunked[name], t), f"{name} differs between chunks of the batch and one chunk"
+
+
+def test_chunk_budget_refuses_bad_values(cuda_path, monkeypatch):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", "half")
+    with pytest.raises(ValueError, match="SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"):
         backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
 
 

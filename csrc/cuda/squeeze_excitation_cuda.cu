@@ -640,6 +640,70 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
   return {w1, w2t};
 }
 
+// SE_FUSED_CUDA_CHUNK_BYTES: the two-pass path takes the batch in chunks of at most
+// this many re-read bytes (an int; unset or <= 0: the whole batch), or "l2" for half of
+// the device's L2, so that pass 2 re-reads a chunk from L2 instead of HBM. Off by default:
+// the Triton backend measured L2-sized chunks slower than one chunk at every stage (H200,
+// 3c2a7b3: each chunk pays its own small launches and MLP), and this path is to be
+// measured the same way (profile_block.py's cuda/l2-chunks row).
+int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
+  const char* env = std::getenv("SE_FUSED_CUDA_CHUNK_BYTES");
+  if (env == nullptr || *env == '\0') return std::max<int64_t>(N, 1);
+  int64_t budget = 0;
+  if (std::strcmp(env, "l2") == 0) {
+    budget = at::cuda::getCurrentDeviceProperties()->l2CacheSize / 2;
+  } else {
+    char* end = nullptr;
+    budget = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0', "se_fused: SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'; got '",
+                      env, "'");
+  }
+  if (budget <= 0) return std::max<int64_t>(N, 1);
+  return std::clamp<int64_t>(budget / std::max<int64_t>(reread_bytes_per_sample, 1), 1, std::max<int64_t>(N, 1));
+}
+
+// One chunk of the two-pass forward (the problem q and its slices of the tensors):
+// channel sums, the excitation MLP (kernels, or ATen ops whose results are copied into
+// the slices), the scale kernel.
+void forward_two_pass(const at::Tensor& x, const c10::optional<at::Tensor>& residual, at::Tensor& out,
+                      const at::Tensor& pooled, at::Tensor& hidden, at::Tensor& scale, const at::Tensor& fc1_weight,
+                      const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
+                      const SEProblem& q, bool mlp_kernels, cudaStream_t stream) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_channel_sums<scalar_t, acc_t>(q, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
+                                         pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(q.P), stream);
+    if (mlp_kernels) {
+      excitation_forward_kernels(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, scale, q, stream);
+    } else {
+      auto [h, sc] = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, q);
+      hidden.copy_(h);
+      scale.copy_(sc);
+    }
+    const int64_t total = q.N * q.C * q.P;
+    constexpr int V = Vec16<scalar_t>::kSize;
+    const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const bool vectorised = (q.C * q.P) % V == 0 && aligned16(x.const_data_ptr()) &&
+                            aligned16(out.const_data_ptr()) && (res == nullptr || aligned16(res));
+    with_index_type(q, [&](auto index_tag, auto cl) {
+      using index_t = decltype(index_tag);
+      if (vectorised) {
+        scale_forward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+            <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+                static_cast<index_t>(total / V), static_cast<index_t>(q.C), static_cast<index_t>(q.P),
+                channel_runs(q, V, {scale.const_data_ptr()}));
+      } else {
+        scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+            <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+                static_cast<index_t>(total), static_cast<index_t>(q.C), static_cast<index_t>(q.P));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::Tensor& fc1_weight,
                                               const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
                                               const at::Tensor& fc2_bias, const c10::optional<at::Tensor>& residual_in,
@@ -671,38 +735,66 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
     return {out, pooled, hidden, scale};
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
+  // The two-pass path, over the batch in chunks (two_pass_chunk_samples; one chunk unless asked).
+  const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias});
+  const int64_t chunk = mlp_kernels ? two_pass_chunk_samples(p.N, p.C * p.P * x.element_size()) : p.N;
+  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+    SEProblem q = p;
+    q.N = std::min(chunk, p.N - n0);
+    const auto part = [&](const at::Tensor& t) { return t.narrow(0, n0, q.N); };
+    at::Tensor out_part = part(out), hidden_part = part(hidden), scale_part = part(scale);
+    forward_two_pass(part(x), residual ? c10::optional<at::Tensor>(part(*residual)) : c10::nullopt, out_part,
+                     part(pooled), hidden_part, scale_part, fc1_weight, fc1_bias, fc2_weight, fc2_bias, q,
+                     mlp_kernels, stream);
+  }
+  return {out, pooled, hidden, scale};
+}
+
+// ds[n, c] = sum_p g * x over the problem's samples (g masked by the ReLU output where `out`).
+void backward_channel_sums(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out,
+                           at::Tensor& ds, const SEProblem& q, cudaStream_t stream) {
+  if (q.N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_ds_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_channel_sums<scalar_t, acc_t>(p, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
-                                         pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(p.P), stream);
-    if (excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias})) {
-      excitation_forward_kernels(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, scale, p, stream);
-    } else {
-      std::tie(hidden, scale) = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, p);
-    }
-    const int64_t total = p.N * p.C * p.P;
+    launch_channel_sums<scalar_t, acc_t>(q, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                         out ? out->const_data_ptr<scalar_t>() : nullptr,
+                                         ds.mutable_data_ptr<acc_t>(), acc_t(1), stream);
+  });
+}
+
+// grad_x = g * s + dz/P (and grad_residual = g where `out`), g masked by the ReLU output.
+void backward_scale(const at::Tensor& grad_out, const c10::optional<at::Tensor>& out, const at::Tensor& scale,
+                    const at::Tensor& dz_over_p, at::Tensor& grad_x, at::Tensor& grad_res, const SEProblem& q,
+                    cudaStream_t stream) {
+  if (q.N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t total = q.N * q.C * q.P;
     constexpr int V = Vec16<scalar_t>::kSize;
-    const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const bool vectorised = (p.C * p.P) % V == 0 && aligned16(x.const_data_ptr()) &&
-                            aligned16(out.const_data_ptr()) && (res == nullptr || aligned16(res));
-    with_index_type(p, [&](auto index_tag, auto cl) {
+    const scalar_t* o = out ? out->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gres = q.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+    const bool vectorised = (q.C * q.P) % V == 0 && aligned16(grad_out.const_data_ptr()) &&
+                            aligned16(grad_x.const_data_ptr()) && (o == nullptr || aligned16(o)) &&
+                            (gres == nullptr || aligned16(gres));
+    with_index_type(q, [&](auto index_tag, auto cl) {
       using index_t = decltype(index_tag);
       if (vectorised) {
-        scale_forward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+        scale_backward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
             <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-                static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P),
-                channel_runs(p, V, {scale.const_data_ptr()}));
+                grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
+                dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
+                static_cast<index_t>(total / V), static_cast<index_t>(q.C), static_cast<index_t>(q.P),
+                channel_runs(q, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}));
       } else {
-        scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
+        scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
             <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-                static_cast<index_t>(total), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
+                grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
+                dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
+                static_cast<index_t>(total), static_cast<index_t>(q.C), static_cast<index_t>(q.P));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {out, pooled, hidden, scale};
 }
 
 BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
@@ -743,54 +835,30 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
     launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, args, stream);
   } else {
     ds = at::empty({p.N, p.C}, pooled.options());  // every element written by the channel sums
-    at::Tensor dz_over_p;
-    if (p.N > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_ds_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        launch_channel_sums<scalar_t, acc_t>(p, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             out ? out->const_data_ptr<scalar_t>() : nullptr,
-                                             ds.mutable_data_ptr<acc_t>(), acc_t(1), stream);
-      });
-    }
     if (mlp_kernels) {
       // dv is not materialised: the weight-gradient kernel forms it from ds and the scale as it reads them.
       du = at::empty({p.N, p.R}, pooled.options());
-      dz_over_p = at::empty({p.N, p.C}, pooled.options());
-      if (p.N > 0) excitation_backward_kernels(ds, scale, hidden, fc1_weight, fc2_weight, du, dz_over_p, p, stream);
+      at::Tensor dz_over_p = at::empty({p.N, p.C}, pooled.options());
+      // In chunks of the batch (two_pass_chunk_samples): pass 2 re-reads grad_out, x and out.
+      const int64_t reread = (p.has_residual ? 3 : 2) * p.C * p.P * x.element_size();
+      const int64_t chunk = two_pass_chunk_samples(p.N, reread);
+      for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+        SEProblem q = p;
+        q.N = std::min(chunk, p.N - n0);
+        const auto part = [&](const at::Tensor& t) { return t.narrow(0, n0, q.N); };
+        const c10::optional<at::Tensor> out_part = out ? c10::optional<at::Tensor>(part(*out)) : c10::nullopt;
+        at::Tensor ds_part = part(ds), du_part = part(du), dz_part = part(dz_over_p), grad_x_part = part(grad_x);
+        at::Tensor grad_res_part = p.has_residual ? part(grad_res) : grad_res;
+        backward_channel_sums(part(grad_out), part(x), out_part, ds_part, q, stream);
+        excitation_backward_kernels(ds_part, part(scale), part(hidden), fc1_weight, fc2_weight, du_part, dz_part, q,
+                                    stream);
+        backward_scale(part(grad_out), out_part, part(scale), dz_part, grad_x_part, grad_res_part, q, stream);
+      }
     } else {
+      backward_channel_sums(grad_out, x, out, ds, p, stream);
       at::Tensor dz;
       std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
-      dz_over_p = (dz / static_cast<double>(p.P)).contiguous();
-    }
-    if (p.N > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const int64_t total = p.N * p.C * p.P;
-        constexpr int V = Vec16<scalar_t>::kSize;
-        const scalar_t* o = out ? out->const_data_ptr<scalar_t>() : nullptr;
-        scalar_t* gres = p.has_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
-        const bool vectorised = (p.C * p.P) % V == 0 && aligned16(grad_out.const_data_ptr()) &&
-                                aligned16(grad_x.const_data_ptr()) && (o == nullptr || aligned16(o)) &&
-                                (gres == nullptr || aligned16(gres));
-        with_index_type(p, [&](auto index_tag, auto cl) {
-          using index_t = decltype(index_tag);
-          if (vectorised) {
-            scale_backward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-                <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
-                    grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
-                    dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
-                    static_cast<index_t>(total / V), static_cast<index_t>(p.C), static_cast<index_t>(p.P),
-                    channel_runs(p, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}));
-          } else {
-            scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-                <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
-                    grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
-                    dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
-                    static_cast<index_t>(total), static_cast<index_t>(p.C), static_cast<index_t>(p.P));
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
+      backward_scale(grad_out, out, scale, (dz / static_cast<double>(p.P)).contiguous(), grad_x, grad_res, p, stream);
     }
   }
   // The two-pass path with the kernels leaves dv unformed: the kernel forms it from ds and the scale.
