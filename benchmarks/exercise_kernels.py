@@ -4,8 +4,8 @@
 ``--tool racecheck``) then sees each kernel of the project at least once:
 the cluster path forward/backward in both layouts, with and without the
 residual epilogue, in several geometries (a sample split across CTAs, several
-samples per cluster, a padded last group, persistent forward clusters that each
-walk several groups with one or two chunk buffers), and the two-pass path's kernels
+samples per cluster, a padded last group, persistent clusters that each walk
+several groups with one or two chunk buffers), and the two-pass path's kernels
 (channel sums, the excitation MLP over two sample groups, the weight
 gradients, the scale), over the whole batch and one sample per chunk.
 The script also checks each result against the eager backend, so a run that
@@ -27,8 +27,8 @@ import torch
 import se_fused
 
 # (path, plan, clusters, buffers, chunk bytes): plan "M,G" = CTAs per sample, samples per cluster
-# ("" = automatic); clusters: at most this many persistent forward clusters (0 = the plan's), so that
-# one cluster walks several groups; buffers: the forward's chunk buffers (0 = two where they fit);
+# ("" = automatic); clusters: at most this many persistent clusters (0 = the plan's), so that one
+# cluster walks several groups; buffers: the chunk buffers (0 = two where they fit);
 # chunk bytes: the two-pass path's batch chunks (0 = the whole batch, 1 = one sample per chunk).
 CASES = [("two_pass", "", 0, 0, 0), ("two_pass", "", 0, 0, 1), ("cluster", "", 0, 0, 0),
          ("cluster", "2,4", 0, 0, 0), ("cluster", "4,1", 0, 0, 0), ("cluster", "1,2", 0, 0, 0),

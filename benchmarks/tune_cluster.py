@@ -4,9 +4,9 @@ For each SE-ResNet-50 stage shape (batch 256, bfloat16 by default), layout and
 pass, times the raw forward/backward op under every geometry the planner can
 launch (``SE_FUSED_CUDA_PLAN=M,G``), the automatic choice and the two-pass path,
 and prints them as GB/s of the pass's minimum traffic (SPEC §4). It tells
-whether the planner's cost model picks the fastest geometry. Forward plans are
-timed twice: ``M,G`` with two chunk buffers where they fit (the next group's
-chunk loads while this one is finished), ``M,G/1`` with one
+whether the planner's cost model picks the fastest geometry. Plans are timed
+twice: ``M,G`` with two chunk buffers where they fit (the next group's chunk
+loads while this one is finished), ``M,G/1`` with one
 (``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``).
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]``
@@ -91,8 +91,7 @@ def main() -> int:
                 results = {}
                 candidates = [("auto", "auto", "", ""), ("2-pass", "two_pass", "", "")]
                 candidates += [(p, "cluster", p, "") for p in PLANS]
-                if name == "forward":
-                    candidates += [(f"{p}/1", "cluster", p, "1") for p in PLANS]
+                candidates += [(f"{p}/1", "cluster", p, "1") for p in PLANS]
                 for label, path, plan, buffers in candidates:
                     set_path(path, plan, buffers)
                     try:

@@ -4,8 +4,8 @@ tests/test_correctness.py runs the ``"cuda"`` backend with its automatic path
 choice over the whole shape/dtype/layout product. This file forces each path
 (``SE_FUSED_CUDA_PATH=cluster|two_pass``), each cluster geometry
 (``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster; the
-forward's persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and its
-chunk buffers with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
+persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and their chunk buffers
+with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
 batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``) and
 each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
@@ -141,10 +141,10 @@ def test_cluster_geometries(cuda_path, plan, memory_format, residual):
                                            "sigmoid"))
 
 
-# The forward's clusters are persistent: each walks the groups of G samples, loading
-# the next group's chunks while it finishes this one (two buffers) or after it (one).
-# Capped at 1 or 2 clusters, every cluster walks several groups on these small batches,
-# padded last groups (G > 1) included.
+# The clusters are persistent: each walks the groups of G samples, loading the next
+# group's chunks while it finishes this one (two buffers) or after it (one), in the
+# forward and the backward kernel. Capped at 1 to 3 clusters, every cluster walks several
+# groups on these small batches, padded last groups (G > 1) included.
 PERSISTENT_CASES = [("1,1", 1, 2, torch.float32, SEShape(5, 64, 4, 6, 6)),
                     ("1,1", 2, 1, torch.float32, SEShape(5, 64, 4, 6, 6)),
                     ("2,1", 2, 2, torch.bfloat16, SEShape(7, 64, 4, 6, 6)),
@@ -159,29 +159,36 @@ PERSISTENT_CASES = [("1,1", 1, 2, torch.float32, SEShape(5, 64, 4, 6, 6)),
                          ids=[f"{p}-{c}clusters-{b}buffers-{d}-{s.id}" for p, c, b, d, s in PERSISTENT_CASES])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_persistent_cluster_forward(cuda_path, monkeypatch, plan, clusters, buffers, dtype, shape, memory_format,
-                                    residual):
+def test_persistent_clusters(cuda_path, monkeypatch, plan, clusters, buffers, dtype, shape, memory_format,
+                             residual):
     """Clusters that each walk several groups give the reference's results, and the same bits as
     one cluster per group (every group's arithmetic is the same, whichever cluster runs it)."""
     cuda_path("cluster", plan)
     monkeypatch.setenv("SE_FUSED_CUDA_CLUSTER_BUFFERS", str(buffers))
     inputs = make_se_inputs(shape, dtype, memory_format, "cuda", residual, "relu", "sigmoid")
-    monkeypatch.setenv("SE_FUSED_CUDA_CLUSTERS", str(clusters))
+    check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_CLUSTERS", str(clusters))
+
+
+def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
+    """With the environment variable ``name=value`` the CUDA backend gives the reference's results,
+    and the same bits as without it."""
+    monkeypatch.setenv(name, value)
     check_against_reference(inputs)
-    walked = backend_se(inputs, "cuda")
-    monkeypatch.delenv("SE_FUSED_CUDA_CLUSTERS")
-    one_per_group = backend_se(inputs, "cuda")
-    for name, t in one_per_group.items():
-        assert torch.equal(walked[name], t), f"{name} differs between {clusters} persistent clusters and the plan's"
+    with_knob = backend_se(inputs, "cuda")
+    monkeypatch.delenv(name)
+    without = backend_se(inputs, "cuda")
+    for key, t in without.items():
+        assert torch.equal(with_knob[key], t), f"{key} differs between {name}={value} and {name} unset"
 
 
-@pytest.mark.parametrize("name,value,message", [
-    ("SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
-    ("SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2")])
-def test_cluster_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, message):
-    if not _cluster_capable():
+@pytest.mark.parametrize("path,name,value,message", [
+    ("cluster", "SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
+    ("cluster", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2"),
+    ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'")])
+def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
+    if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")
-    cuda_path("cluster")
+    cuda_path(path)
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
@@ -206,20 +213,7 @@ def test_two_pass_path_in_chunks(cuda_path, monkeypatch, shape, dtype, memory_fo
     # The forward re-reads x (C*H*W elements per sample) and the backward 2 or 3 such tensors: a budget
     # of samples_per_chunk forward samples gives the forward that many and the backward fewer (at least 1).
     sample_bytes = inputs.x[0].numel() * inputs.x.element_size()
-    monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", str(samples_per_chunk * sample_bytes))
-    check_against_reference(inputs)
-    chunked = backend_se(inputs, "cuda")
-    monkeypatch.delenv("SE_FUSED_CUDA_CHUNK_BYTES")
-    whole = backend_se(inputs, "cuda")
-    for name, t in whole.items():
-        assert torch.equal(chunked[name], t), f"{name} differs between chunks of the batch and one chunk"
-
-
-def test_chunk_budget_refuses_bad_values(cuda_path, monkeypatch):
-    cuda_path("two_pass")
-    monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", "half")
-    with pytest.raises(ValueError, match="SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"):
-        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
+    check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_CHUNK_BYTES", str(samples_per_chunk * sample_bytes))
 
 
 @needs_sm90

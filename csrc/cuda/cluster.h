@@ -29,7 +29,7 @@ struct ClusterGeometry {
   int activation, gate;
   int chunk_bytes;         // shared bytes of one chunk buffer (16-byte multiple)
   int buffers;             // chunk buffers before the float region: 2 lets a persistent
-                           // forward cluster load its next group while it uses this one
+                           // cluster load its next group while it uses this one
   // float offsets into the region after the chunk buffers
   int off_own, off_part, off_ushare, off_bshare, off_vec;
   int floats;
@@ -88,13 +88,12 @@ inline cudaLaunchConfig_t cluster_launch_config(const void* kernel, const Cluste
 const void* forward_cluster_kernel(at::ScalarType dtype, bool channels_last);
 const void* backward_cluster_kernel(at::ScalarType dtype, bool channels_last);
 
-// Launch clusters of K CTAs with `smem` bytes of dynamic shared memory each: the forward
-// `clusters` persistent ones (each walks the groups clusters apart), the backward one per
-// group of G samples (ceil(N / G)).
+// Launch `clusters` persistent clusters of K CTAs (each walks the groups of G samples
+// `clusters` apart) with `smem` bytes of dynamic shared memory each.
 void launch_forward_cluster(const ClusterGeometry& geo, size_t smem, at::ScalarType dtype, bool channels_last,
                             int clusters, const ForwardClusterArgs& args, cudaStream_t stream);
 void launch_backward_cluster(const ClusterGeometry& geo, size_t smem, at::ScalarType dtype, bool channels_last,
-                             const BackwardClusterArgs& args, cudaStream_t stream);
+                             int clusters, const BackwardClusterArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace se_fused

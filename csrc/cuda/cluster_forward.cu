@@ -2,13 +2,7 @@
 // batched over the cluster's samples, excite from the same shared memory.
 // HBM traffic 2T (3T with the residual epilogue): x read once, out written once.
 //
-// Persistent: a launch holds as many clusters as the GPU keeps resident, and
-// each walks the groups of G samples `clusters` apart. With two chunk buffers
-// (geo.buffers == 2) the next group's chunk is in flight (cp.async) while this
-// group is reduced, excited and stored, so the loads overlap the barriers, the
-// MLP and the stores: ncu had the one-group-per-cluster kernel at 29.5% of DRAM
-// bandwidth with 38% of its stalls at barriers (H200, 651df3d), each CTA
-// loading, waiting for its cluster, then storing, with nothing in between.
+// Persistent and, where two chunk buffers fit, double-buffered (for_each_group).
 #include "cluster_kernels.cuh"
 
 namespace se_fused {
@@ -23,36 +17,14 @@ __global__ void __launch_bounds__(kClusterThreads) se_forward_cluster_kernel(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
   const ClusterSmem sm = carve(geo, smem_raw);
   constexpr int kVec = Vec16<T>::kSize;
-  const int64_t groups = (geo.N + geo.G - 1) / geo.G, stride = gridDim.x / geo.K;
-  int64_t group = blockIdx.x / geo.K;
-  ClusterPlace pl = locate(geo, rank, group);
-  // Chunk buffer b starts b * chunk_bytes into shared memory (chunk_bytes is a 16-byte multiple).
-  const auto buffer = [&](int64_t iteration) {
-    return reinterpret_cast<T*>(smem_raw + (iteration % geo.buffers) * static_cast<int64_t>(geo.chunk_bytes));
+  const auto load = [&](const ClusterPlace& pl, unsigned char* buffer) {
+    issue_chunk_copy(reinterpret_cast<T*>(buffer), x + pl.base, pl.len);
   };
-  issue_chunk_copy(buffer(0), x + pl.base, pl.len);
-  cp_async_commit();
-
-  for (int64_t iteration = 0; group < groups; ++iteration) {
-    T* chunk = buffer(iteration);
-    const int64_t next_group = group + stride;
-    const bool prefetch = geo.buffers == 2 && next_group < groups;
-    const ClusterPlace next = locate(geo, rank, next_group);
-    if (prefetch) {
-      // The other buffer was last read by the previous group's excite: every thread is past it
-      // (the barrier below it, or the loop's last one) before it is overwritten.
-      __syncthreads();
-      issue_chunk_copy(buffer(iteration + 1), x + next.base, next.len);
-      cp_async_commit();
-      cp_async_wait_pending<1>();  // this group's chunk has landed; the next one keeps loading
-    } else {
-      cp_async_wait_pending<0>();
-    }
-    __syncthreads();
-
+  for_each_group(geo, static_cast<int>(cluster.block_rank()), smem_raw, load, [&](const ClusterPlace& pl,
+                                                                                 unsigned char* buffer) {
+    const T* chunk = reinterpret_cast<const T*>(buffer);
     // 1. Squeeze: per-channel sums of the chunk in shared memory.
     reduce_chunk<T, kChannelsLast>(geo, pl, chunk, static_cast<const T*>(nullptr), sm, sm.vec);
     if constexpr (kChannelsLast) cluster.sync();  // partial sums of all chunks visible
@@ -124,15 +96,7 @@ __global__ void __launch_bounds__(kClusterThreads) se_forward_cluster_kernel(
       }
     }
 
-    if (!prefetch && next_group < groups) {
-      // One buffer: the next chunk loads only once every thread is done with this one.
-      __syncthreads();
-      issue_chunk_copy(chunk, x + next.base, next.len);
-      cp_async_commit();
-    }
-    group = next_group;
-    pl = next;
-  }
+  });
 #else
   __trap();  // launched only on sm_90 and newer (see plan_cluster)
 #endif

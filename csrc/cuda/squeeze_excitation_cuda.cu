@@ -11,8 +11,8 @@
 //   (rows of W1, columns of W2), so each weight is read once per group, not once
 //   per sample. The chunk is then scaled from shared memory and stored:
 //   forward 2T (+T residual), backward 3T (+2T residual) of HBM traffic. The
-//   forward's clusters are persistent (as many as stay resident, each walking
-//   the groups) and load their next group's chunks while they finish this one
+//   clusters are persistent (as many as stay resident, each walking the
+//   groups) and load their next group's chunks while they finish this one
 //   where two chunk buffers fit in shared memory.
 // * Two-pass path (any GPU, any shape): a channel-sum kernel, the MLP over the
 //   whole batch (excitation_cuda.cu; ATen ops for float64), and an elementwise
@@ -477,10 +477,10 @@ PathChoice requested_path() {
   return PathChoice::Auto;
 }
 
-// The persistent forward clusters to launch: the plan's, or fewer with
-// SE_FUSED_CUDA_CLUSTERS=n (tests make each cluster walk several groups on small
-// batches; an n above the plan's changes nothing).
-int forward_clusters(int planned) {
+// The persistent clusters to launch: the plan's, or fewer with SE_FUSED_CUDA_CLUSTERS=n
+// (tests make each cluster walk several groups on small batches; an n above the plan's
+// changes nothing).
+int cluster_count(int planned) {
   const char* env = std::getenv("SE_FUSED_CUDA_CLUSTERS");
   if (env == nullptr || *env == '\0') return planned;
   char* end = nullptr;
@@ -490,9 +490,9 @@ int forward_clusters(int planned) {
   return static_cast<int>(std::min<long>(planned, cap));
 }
 
-// Chunk buffers the forward cluster kernel may use: 2 (where they fit), or 1 with
+// Chunk buffers the cluster kernels may use: 2 (where they fit), or 1 with
 // SE_FUSED_CUDA_CLUSTER_BUFFERS=1 (tests and tune_cluster.py compare the two).
-int forward_cluster_buffers() {
+int cluster_buffers() {
   const char* env = std::getenv("SE_FUSED_CUDA_CLUSTER_BUFFERS");
   if (env == nullptr || *env == '\0') return 2;
   TORCH_CHECK_VALUE(std::strcmp(env, "1") == 0 || std::strcmp(env, "2") == 0,
@@ -543,16 +543,16 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   // everywhere (e.g. conv2_x NCHW forward 2234 vs 1382 GB/s of minimum traffic). ncu shows the
   // cluster kernel latency-bound: 29.5% of DRAM bandwidth, 2 CTAs (16 warps) per SM, 38% of stalls
   // at barriers, as each CTA loads, waits for the cluster, runs the MLP and only then stores.
-  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested. The forward is now persistent and
+  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested. Both kernels are now persistent and
   // double-buffered (the next group's loads overlap this group's MLP and stores), not yet measured:
-  // auto takes it once benchmarks/tune_cluster.py measures it faster than the two-pass path.
+  // auto takes them once benchmarks/tune_cluster.py measures them faster than the two-pass path.
   if (choice == PathChoice::Auto) return refuse("auto: the two-pass path measured faster on every shape");
 
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string, int>;
   static std::mutex mutex;
   static std::map<Key, ClusterPlan> cache;
   const char* forced = std::getenv("SE_FUSED_CUDA_PLAN");
-  const int max_buffers = backward ? 1 : forward_cluster_buffers();
+  const int max_buffers = cluster_buffers();
   const Key key{device, p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, elem, backward, kernel,
                 forced ? forced : "", max_buffers};
   std::lock_guard<std::mutex> lock(mutex);
@@ -582,8 +582,7 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
     for (int G = 1; G <= kMaxGroup && M * G <= kMaxClusterSize; G *= 2) {
       if (forced != nullptr && (M != forced_m || G != forced_g)) continue;
       if (G > 1 && G / 2 >= p.N) continue;  // more padding than samples
-      // The forward is persistent and double-buffers its chunk where two fit; the backward
-      // keeps one group per cluster.
+      // Persistent clusters, with two chunk buffers where they fit.
       ClusterGeometry geo;
       size_t smem = make_geometry(geo, p, elem, backward, M, G, max_buffers);
       if (smem > smem_max && max_buffers > 1) smem = make_geometry(geo, p, elem, backward, M, G, 1);
@@ -731,7 +730,7 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
                             pooled.mutable_data_ptr<float>(), hidden.mutable_data_ptr<float>(),
                             scale.mutable_data_ptr<float>()};
     launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last,
-                           forward_clusters(plan.clusters), args, stream);
+                           cluster_count(plan.clusters), args, stream);
     return {out, pooled, hidden, scale};
   }
 
@@ -832,7 +831,8 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                              scale.const_data_ptr<float>(), grad_x.mutable_data_ptr(),
                              p.has_residual ? grad_res.mutable_data_ptr() : nullptr, dv.mutable_data_ptr<float>(),
                              du.mutable_data_ptr<float>()};
-    launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, args, stream);
+    launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, cluster_count(plan.clusters),
+                            args, stream);
   } else {
     ds = at::empty({p.N, p.C}, pooled.options());  // every element written by the channel sums
     if (mlp_kernels) {
