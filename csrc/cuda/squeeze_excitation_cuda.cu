@@ -582,14 +582,18 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
     for (int G = 1; G <= kMaxGroup && M * G <= kMaxClusterSize; G *= 2) {
       if (forced != nullptr && (M != forced_m || G != forced_g)) continue;
       if (G > 1 && G / 2 >= p.N) continue;  // more padding than samples
-      // Persistent clusters, with two chunk buffers where they fit.
+      // Persistent clusters, with two chunk buffers where they fit in shared memory and the
+      // GPU can still hold such a cluster (a 16-CTA cluster at one CTA per SM needs 16 SMs
+      // of one GPC); else one.
       ClusterGeometry geo;
-      size_t smem = make_geometry(geo, p, elem, backward, M, G, max_buffers);
-      if (smem > smem_max && max_buffers > 1) smem = make_geometry(geo, p, elem, backward, M, G, 1);
-      if (smem > smem_max) continue;
-      if ((int64_t(geo.rows_per_cta) * geo.row_len) % vec != 0) continue;
-      const int clusters = active_clusters(kernel, geo, smem);
+      size_t smem = 0;
+      int clusters = 0;
+      for (int buffers = max_buffers; buffers >= 1 && clusters == 0; --buffers) {
+        smem = make_geometry(geo, p, elem, backward, M, G, buffers);
+        if (smem <= smem_max) clusters = active_clusters(kernel, geo, smem);
+      }
       if (clusters == 0) continue;
+      if ((int64_t(geo.rows_per_cta) * geo.row_len) % vec != 0) continue;
       // Modelled time per sample: HBM traffic (slower when an SM holds one CTA
       // and cannot overlap one CTA's loads with another's stores, unless the
       // second buffer does), weights from L2 once per group, padding of the last
