@@ -63,7 +63,7 @@ def run_case(device: str, backend: str, shape, dtype, channels_last: bool, resid
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one dtype, fewer cases")
+    parser.add_argument("--quick", action="store_true", help="one dtype, two of the four layout/form pairs")
     parser.add_argument("--cpu-dry-run", action="store_true", help="rehearse on the CPU backend")
     args = parser.parse_args()
     device, backend = ("cpu", "cpu") if args.cpu_dry_run else ("cuda", "cuda")
@@ -71,10 +71,13 @@ def main() -> int:
         print("exercise_kernels: no GPU; use --cpu-dry-run to rehearse", file=sys.stderr)
         return 2
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
+    # (channels_last, residual): quick takes two of the four, each layout and form once, so that
+    # racecheck (about a second per case on an H100) stays inside gpu_check's 100 s.
+    forms = [(False, False), (True, True)] if args.quick else list(itertools.product((False, True), (False, True)))
     failures = 0
     count = 0
-    for (path, plan, clusters, buffers, chunk_bytes), shape, dtype, cl, residual in itertools.product(
-            CASES, SHAPES, dtypes, (False, True), (False, True)):
+    for (path, plan, clusters, buffers, chunk_bytes), shape, dtype, (cl, residual) in itertools.product(
+            CASES, SHAPES, dtypes, forms):
         for name, value in zip(KNOBS, (path, plan, clusters, buffers, chunk_bytes)):
             if value:
                 os.environ[name] = str(value)
