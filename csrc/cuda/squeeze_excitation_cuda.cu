@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -460,7 +461,7 @@ struct ClusterPlan {
   bool use = false;
   ClusterGeometry geo{};
   size_t smem = 0;
-  int clusters = 0;    // forward: persistent clusters to launch (at most the groups, at most resident)
+  int clusters = 0;    // persistent clusters to launch (at most the groups, at most resident)
   std::string reason;  // why the two-pass path was chosen
 };
 
@@ -477,27 +478,31 @@ PathChoice requested_path() {
   return PathChoice::Auto;
 }
 
+// The integer in the environment variable `name` (read per call, so tests and tuning can
+// switch it), or `unset` when it is unset or empty; anything that is not an integer in
+// [lo, hi] is refused with "`name` must be `requirement`".
+int64_t integer_from_env(const char* name, int64_t unset, int64_t lo, int64_t hi, const char* requirement) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return unset;
+  char* end = nullptr;
+  const long long value = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && value >= lo && value <= hi, "se_fused: ", name, " must be ", requirement,
+                    "; got '", env, "'");
+  return value;
+}
+
 // The persistent clusters to launch: the plan's, or fewer with SE_FUSED_CUDA_CLUSTERS=n
 // (tests make each cluster walk several groups on small batches; an n above the plan's
 // changes nothing).
 int cluster_count(int planned) {
-  const char* env = std::getenv("SE_FUSED_CUDA_CLUSTERS");
-  if (env == nullptr || *env == '\0') return planned;
-  char* end = nullptr;
-  const long cap = std::strtol(env, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && cap >= 1, "se_fused: SE_FUSED_CUDA_CLUSTERS must be a positive integer; got '",
-                    env, "'");
-  return static_cast<int>(std::min<long>(planned, cap));
+  return static_cast<int>(std::min<int64_t>(
+      planned, integer_from_env("SE_FUSED_CUDA_CLUSTERS", planned, 1, INT64_MAX, "a positive integer")));
 }
 
 // Chunk buffers the cluster kernels may use: 2 (where they fit), or 1 with
 // SE_FUSED_CUDA_CLUSTER_BUFFERS=1 (tests and tune_cluster.py compare the two).
 int cluster_buffers() {
-  const char* env = std::getenv("SE_FUSED_CUDA_CLUSTER_BUFFERS");
-  if (env == nullptr || *env == '\0') return 2;
-  TORCH_CHECK_VALUE(std::strcmp(env, "1") == 0 || std::strcmp(env, "2") == 0,
-                    "se_fused: SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2; got '", env, "'");
-  return env[0] - '0';
+  return static_cast<int>(integer_from_env("SE_FUSED_CUDA_CLUSTER_BUFFERS", 2, 1, 2, "1 or 2"));
 }
 
 // Active clusters the device can hold for this kernel and geometry (0: cannot launch).
@@ -650,17 +655,11 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 // 3c2a7b3: each chunk pays its own small launches and MLP), and this path is to be
 // measured the same way (profile_block.py's cuda/l2-chunks row).
 int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
-  const char* env = std::getenv("SE_FUSED_CUDA_CHUNK_BYTES");
-  if (env == nullptr || *env == '\0') return std::max<int64_t>(N, 1);
-  int64_t budget = 0;
-  if (std::strcmp(env, "l2") == 0) {
-    budget = at::cuda::getCurrentDeviceProperties()->l2CacheSize / 2;
-  } else {
-    char* end = nullptr;
-    budget = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0', "se_fused: SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'; got '",
-                      env, "'");
-  }
+  constexpr const char* kName = "SE_FUSED_CUDA_CHUNK_BYTES";
+  const char* env = std::getenv(kName);
+  const int64_t budget = env != nullptr && std::strcmp(env, "l2") == 0
+                             ? at::cuda::getCurrentDeviceProperties()->l2CacheSize / 2
+                             : integer_from_env(kName, 0, INT64_MIN, INT64_MAX, "a number of bytes or 'l2'");
   if (budget <= 0) return std::max<int64_t>(N, 1);
   return std::clamp<int64_t>(budget / std::max<int64_t>(reread_bytes_per_sample, 1), 1, std::max<int64_t>(N, 1));
 }
