@@ -82,6 +82,23 @@ def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, ac
     return (grad_x, grad_res if out is not None else None) + tuple(grads[2:])
 
 
+def parameter_meta(*params: torch.Tensor):
+    """``(dtype, shape)`` of each parameter, saved by the forward so the backward can return gradients like them."""
+    return [(t.dtype, t.shape) for t in params]
+
+
+def like_parameters(grads, meta):
+    """Each gradient in its parameter's dtype and shape (``meta`` from :func:`parameter_meta`); no op where it
+    already is (the compiled backward op returns all four typed like the weights: only the biases may need a
+    cast). The C++ autograd of ``se_fused::squeeze_excitation`` does the same for the biases."""
+    out = []
+    for grad, (dtype, shape) in zip(grads, meta):
+        if grad.dtype != dtype:
+            grad = grad.to(dtype)
+        out.append(grad if grad.shape == shape else grad.reshape(shape))
+    return out
+
+
 def setup_context(ctx, inputs, output):
     """``register_autograd`` setup shared by the forward ops (C++ and Triton): save what the backward needs."""
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate = inputs
@@ -89,7 +106,7 @@ def setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, out if residual is not None else None, fc1_weight, fc2_weight,
                           pooled, hidden, scale)
     ctx.options = (activation, gate)
-    ctx.bias_dtypes = (fc1_bias.dtype, fc2_bias.dtype)
+    ctx.param_meta = parameter_meta(fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     ctx.mark_non_differentiable(pooled, hidden, scale)
 
 
@@ -101,7 +118,7 @@ def backward_formula(backward_fn):
         with torch.no_grad():  # nothing recorded: see once_differentiable
             gx, gres, gw1, gb1, gw2, gb2 = backward_fn(same_layout_as(grad_out, x), x, out, fc1_weight,
                                                        fc2_weight, pooled, hidden, scale, *ctx.options)
-            grads = (gx, gw1, gb1.to(ctx.bias_dtypes[0]), gw2, gb2.to(ctx.bias_dtypes[1]), gres)
+            grads = (gx, *like_parameters((gw1, gb1, gw2, gb2), ctx.param_meta), gres)
         return (*once_differentiable(grads, (x, fc1_weight, fc2_weight)), None, None)
     return formula
 

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ._once import once_differentiable
+from ._ops import like_parameters, parameter_meta
 from ._validation import same_layout_as, validate_se_inputs
 from .backends import resolve_backend
 
@@ -32,17 +33,8 @@ class FusedSEFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                 residual: Optional[Tensor] = None, activation: str = "relu", gate: str = "sigmoid",
                 backend: str = "auto") -> Tensor:
-        x, w1, b1, w2, b2, residual = validate_se_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                         residual, activation, gate)
-        impl = resolve_backend(backend, x.device)
-        # Autocast must not re-type the backend's float32 MLP; inputs were cast by the caller.
-        with _autocast_off(x.device.type):
-            out, pooled, hidden, scale = impl.forward(x, w1, b1, w2, b2, residual, activation, gate)
-        ctx.save_for_backward(x, out if residual is not None else None, w1, w2, pooled, hidden, scale)
-        ctx.impl = impl
-        ctx.options = (activation, gate)
-        ctx.param_meta = [(t.dtype, t.shape) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
-        return out
+        return _forward(ctx, *validate_se_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                                                 activation, gate), activation, gate, backend)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -50,17 +42,34 @@ class FusedSEFunction(torch.autograd.Function):
         with _autocast_off(x.device.type), torch.no_grad():  # nothing recorded: see once_differentiable
             grad_x, grad_res, gw1, gb1, gw2, gb2 = ctx.impl.backward(
                 same_layout_as(grad_out, x), x, out, w1, w2, pooled, hidden, scale, *ctx.options)
-        param_grads = [_as_parameter(g, dtype, shape)
-                       for g, (dtype, shape) in zip((gw1, gb1, gw2, gb2), ctx.param_meta)]
+        param_grads = like_parameters((gw1, gb1, gw2, gb2), ctx.param_meta)
         grads = once_differentiable((grad_x, *param_grads, grad_res), (x, w1, w2))
         return (*grads, None, None, None)
 
 
-def _as_parameter(grad: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
-    """``grad`` in its parameter's dtype and shape (as the compiled backends already return it: no op then)."""
-    if grad.dtype != dtype:
-        grad = grad.to(dtype)
-    return grad if grad.shape == shape else grad.reshape(shape)
+class _ValidatedFusedSEFunction(FusedSEFunction):
+    """:class:`FusedSEFunction` for the tensors :func:`validate_se_inputs` returned (what
+    :func:`squeeze_excitation` passes): the same forward and backward without validating twice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                residual: Optional[Tensor], activation: str, gate: str, backend: str) -> Tensor:
+        return _forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate, backend)
+
+
+def _forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual: Optional[Tensor],
+             activation: str, gate: str, backend: str) -> Tensor:
+    """The forward of :class:`FusedSEFunction` on validated tensors (the weights keep their shapes, so the
+    gradients come back shaped like the parameters)."""
+    impl = resolve_backend(backend, x.device)
+    # Autocast must not re-type the backend's float32 MLP; inputs were cast by the caller.
+    with _autocast_off(x.device.type):
+        out, pooled, hidden, scale = impl.forward(x, w1, b1, w2, b2, residual, activation, gate)
+    ctx.save_for_backward(x, out if residual is not None else None, w1, w2, pooled, hidden, scale)
+    ctx.impl = impl
+    ctx.options = (activation, gate)
+    ctx.param_meta = parameter_meta(w1, b1, w2, b2)
+    return out
 
 
 def _autocast_off(device_type: str):
@@ -120,4 +129,4 @@ def squeeze_excitation(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weig
         # (on the CPU ~55-140 us less per forward+backward than FusedSEFunction; see
         # csrc/squeeze_excitation_autograd.cpp).
         return impl.differentiable(x, w1, b1, w2, b2, residual, activation, gate)
-    return FusedSEFunction.apply(x, w1, b1, w2, b2, residual, activation, gate, impl.name)
+    return _ValidatedFusedSEFunction.apply(x, w1, b1, w2, b2, residual, activation, gate, impl.name)
