@@ -121,6 +121,15 @@ def bytes_min(pass_name: str, residual: bool, shape: Sequence[int], dtype: torch
 
 # ----------------------------------------------------------------------------- environment
 
+def set_env(name: str, value) -> None:
+    """Set the environment variable ``name`` to ``str(value)``, or unset it for a falsy ``value`` (None, "",
+    0): how the scripts switch the backends' per-call settings (SE_FUSED_CUDA_PATH, ..._PLAN, ...)."""
+    if value:
+        os.environ[name] = str(value)
+    else:
+        os.environ.pop(name, None)
+
+
 def git_commit() -> str:
     """``git rev-parse HEAD`` of this checkout, with ``-dirty`` when tracked files differ from it.
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import zlib
 
 import torch
 
+import _common as common
 import se_fused
 
 # (path, plan, clusters, buffers, chunk bytes): plan "M,G" = CTAs per sample, samples per cluster
@@ -79,10 +79,7 @@ def main() -> int:
     for (path, plan, clusters, buffers, chunk_bytes), shape, dtype, (cl, residual) in itertools.product(
             CASES, SHAPES, dtypes, forms):
         for name, value in zip(KNOBS, (path, plan, clusters, buffers, chunk_bytes)):
-            if value:
-                os.environ[name] = str(value)
-            else:
-                os.environ.pop(name, None)
+            common.set_env(name, value)
         try:
             diff = run_case(device, backend, shape, dtype, cl, residual)
         except RuntimeError as exc:

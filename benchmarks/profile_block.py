@@ -90,10 +90,7 @@ def apply_settings(settings: Dict[str, object]) -> None:
     two-pass path's batch chunks); ``triton_chunk_bytes`` -> the Triton backend's batch chunk
     budget (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
     for key, name in (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES")):
-        if settings.get(key) is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = str(settings[key])
+        common.set_env(name, settings.get(key))
     try:
         from se_fused.triton import _common as triton_common
     except ImportError:  # Triton missing: no Triton variant runs

@@ -14,13 +14,13 @@ Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--m
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 
+import _common as common
 import se_fused  # noqa: F401  (loads the ops)
 
 STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x": (1024, 64, 14, 14),
@@ -44,12 +44,9 @@ def time_ms(fn, reps: int = 10) -> float:
 
 
 def set_path(path: str, plan: str = "", buffers: str = "") -> None:
-    os.environ["SE_FUSED_CUDA_PATH"] = path
-    for name, value in (("SE_FUSED_CUDA_PLAN", plan), ("SE_FUSED_CUDA_CLUSTER_BUFFERS", buffers)):
-        if value:
-            os.environ[name] = value
-        else:
-            os.environ.pop(name, None)
+    for name, value in (("SE_FUSED_CUDA_PATH", path), ("SE_FUSED_CUDA_PLAN", plan),
+                        ("SE_FUSED_CUDA_CLUSTER_BUFFERS", buffers)):
+        common.set_env(name, value)
 
 
 def main() -> int:
