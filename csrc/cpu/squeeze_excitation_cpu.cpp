@@ -18,18 +18,18 @@
 // to float32 in registers (cpu::load_as), and outputs narrowed the same way.
 // Outputs larger than the cache budget, over 1 MiB in long rows, or over
 // 2 MiB in NCHW are written with streaming stores: NHWC row by row, NCHW as a
-// flat sweep over each block of rows (see kCacheBudgetBytes, stream_outputs). Tried and dropped on a 2-core EPYC
-// VM: streaming NCHW conv4_x's outputs through a staging buffer (forward
-// scale sweep 425 against 289 us); an earlier flat sweep (NCHW
-// forward+backward 1.5-1.6 against 1.3-1.4 ms, with or without streaming;
-// the flat sweep of cpu::stream_rows, measured interleaved, gains: see
-// kStreamFlatMinBytes); the second sweep walking
-// each thread's share backwards (to start in what the first sweep left in
-// L2); chunk budgets of 2 or 16 MiB, and (measured again) one sample per
-// chunk, whose second sweep reads from L2; streaming the
-// weight gradients (conv5_x backward 566-606 against 516-547 us); summing
-// short NCHW rows 8 at a time with one reduction (1.6x faster on rows of 49
-// floats in cache, but the conv5_x backward went 0.77 -> 0.98 ms); and
+// flat sweep over each block of rows (see kCacheBudgetBytes, stream_outputs).
+// Tried and dropped on a 2-core EPYC VM: streaming NCHW conv4_x's outputs
+// through a staging buffer (forward scale sweep 425 against 289 us); an
+// earlier flat sweep (NCHW forward+backward 1.5-1.6 against 1.3-1.4 ms, with
+// or without streaming; the flat sweep of cpu::stream_rows, measured
+// interleaved, gains: see kStreamFlatMinBytes); the second sweep walking each
+// thread's share backwards (to start in what the first sweep left in L2);
+// chunk budgets of 2 or 16 MiB, and (measured again) one sample per chunk,
+// whose second sweep reads from L2; streaming the weight gradients (conv5_x
+// backward 566-606 against 516-547 us); summing short NCHW rows 8 at a time
+// with one reduction (1.6x faster on rows of 49 floats in cache, but the
+// conv5_x backward went 0.77 -> 0.98 ms); and
 // handing out every block of a sweep to whichever thread is free (the
 // threads then alternate blocks: no gain, where fixed contiguous shares of
 // three quarters and the rest claimed did gain, see for_each_row_block). At

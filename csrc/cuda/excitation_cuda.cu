@@ -497,8 +497,8 @@ __global__ void __launch_bounds__(kThreads) weight_gradient_splits_kernel(Weight
 // H100 at three blocks per SM (kWeightGradTargetBlocks), at most kWeightGradMaxSplits, and
 // at least one staging batch per split. Batch 256: 8 / 8 / 5 / 2 splits at conv2_x-conv5_x
 // (36 / 76 / 168 / 400 tiles): v5 walked all 256 samples in every block (8 dependent
-// staging rounds), in one wave of 36-168 blocks, or a wave and 4 blocks at conv5_x. From the shape only, so the sums' order (and the
-// bits) do not depend on the GPU.
+// staging rounds), in one wave of 36-168 blocks, or a wave and 4 blocks at conv5_x. From
+// the shape only, so the sums' order (and the bits) do not depend on the GPU.
 constexpr int kWeightGradTargetBlocks = 792, kWeightGradMaxSplits = 8;
 int weight_gradient_splits(int tiles, int64_t N) {
   const int64_t by_blocks = (kWeightGradTargetBlocks + tiles - 1) / std::max(tiles, 1);

@@ -553,7 +553,8 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   // auto takes them once benchmarks/tune_cluster.py measures them faster than the two-pass path.
   if (choice == PathChoice::Auto) return refuse("auto: the two-pass path measured faster on every shape");
 
-  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string, int>;
+  using Key =
+      std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool, const void*, std::string, int>;
   static std::mutex mutex;
   static std::map<Key, ClusterPlan> cache;
   const char* forced = std::getenv("SE_FUSED_CUDA_PLAN");
