@@ -11,7 +11,7 @@
 # cluster geometries of the stage shapes, run compute-sanitizer (memcheck,
 # racecheck) over every kernel path, time the block in NCHW and against
 # torch.compile, and, with the time left, train a few steps and run Nsight
-# Compute on the MLP kernels. Files come back in $OUT
+# Compute on the MLP kernels and on the persistent cluster forward. Files come back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
 # <date>-<gpu>-<commit>.json, gpu_check.log, profile.json, block.png, network.png,
 # block-nchw.json/.png and block-compile.json: 8 files, as many as the device tool
@@ -179,6 +179,18 @@ if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
     --passes forward+backward --calls 1 --out "$WORK" --json-name ncu-profile.json
+fi
+
+# --- 6c. Nsight Compute on the persistent cluster forward (conv2_x, channels_last, M = 16, G = 1,
+# two chunk buffers), the read-once path that the sweep measured at a third of the copy
+# bandwidth (cca1da2): where its warps wait, by source line. Last, so that a full run skips
+# it for time; a second run reaches it with GPU_CHECK_SKIP.
+if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
+  step ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SchedulerStats --section WarpStateStats \
+    --section Occupancy --section LaunchStats --section SourceCounters \
+    "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward --calls 1 \
+    --out "$WORK" --json-name ncu-cluster-profile.json
 fi
 
 # --- summary (printed last) -----------------------------------------------------

@@ -408,6 +408,58 @@ def test_opcheck_schema_and_autograd_registration(residual):
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_eager_calls_run_the_kernels_without_the_dispatcher(residual, monkeypatch):
+    """Eager forward + backward through the public API call the kernels directly (not through the
+    registered ops: their Python layers cost host time per call), with the bits of the ops' route."""
+    from se_fused.triton import ops
+    inputs = make_se_inputs(ODD_SHAPES[1], torch.float32, "channels_last", DEVICE, residual, "silu", "sigmoid")
+    calls = []
+    for name in ("run_forward", "run_backward"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    direct = backend_se(inputs, "triton")
+    assert calls == ["run_forward", "run_backward"]
+    args = inputs.tensors() + (inputs.activation, inputs.gate)
+    out, pooled, hidden, scale = torch.ops.se_fused.triton_squeeze_excitation_forward(*args)
+    grads = torch.ops.se_fused.triton_squeeze_excitation_backward(
+        inputs.grad_out, inputs.x, out if residual else None, inputs.fc1_weight, inputs.fc2_weight, pooled, hidden,
+        scale, inputs.activation, inputs.gate)
+    assert calls == ["run_forward", "run_backward"], "the registered ops call the functions bound at registration"
+    through_ops = dict(zip(("out", "x", "residual", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
+                           (out, grads[0], grads[1]) + tuple(grads[2:])))
+    for name, t in direct.items():
+        torch.testing.assert_close(t, through_ops[name].reshape(t.shape), rtol=0, atol=0, msg=name)
+
+
+def test_traced_calls_keep_the_registered_ops():
+    """Under a TorchDispatchMode (fake tensors, make_fx) or for tensor subclasses the kernels are reached
+    through the ops, so tracers record them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from se_fused.triton import ops
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(Tensor):
+        pass
+
+    inputs = make_se_inputs(ODD_SHAPES[1], torch.float32, "nchw", DEVICE)
+    tensors = inputs.tensors()
+    assert ops.runs_without_dispatcher(*tensors)
+    assert not ops.runs_without_dispatcher(tensors[0].as_subclass(Subclass), *tensors[1:])
+    with Recording() as mode:
+        assert not ops.runs_without_dispatcher(*tensors)
+        se_triton.forward(*tensors, "relu", "sigmoid")
+    assert "se_fused.triton_squeeze_excitation_forward.default" in mode.ops, mode.ops
+
+
 @pytest.mark.skipif(INTERPRETED, reason=INTERPRETER_COMPILE_REASON)
 @GPU_ONLY
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])

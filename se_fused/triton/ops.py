@@ -15,11 +15,16 @@ samples (batched_linear.py), and pass 2 re-reads the chunk (from L2 when the
 chunks are sized for it) to write the output (excite_forward.py /
 excite_backward.py). The weight gradients are reduced over the whole batch at
 the end (weight_grad.py).
+
+The backend's entry points (:func:`forward`, :func:`backward`) call the ops'
+functions (:func:`run_forward`, :func:`run_backward`) directly in eager mode and
+the registered ops while anything traces (:func:`runs_without_dispatcher`).
 """
 from typing import Optional, Tuple
 
 import torch
 from torch.library import triton_op
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .._ops import acc_dtype, backward_formula, setup_context
 from .._validation import canonical_layout, is_channels_last, same_layout_as, validate_options
@@ -45,8 +50,7 @@ def _check_call(x: Tensor, activation: str, gate: str) -> None:
                            "TRITON_INTERPRET=1 (set it before importing triton to run them on CPU)")
 
 
-@triton_op(FORWARD_OP, mutates_args=())
-def squeeze_excitation_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
                                fc2_bias: Tensor, residual: Optional[Tensor], activation: str, gate: str
                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """SE forward: ``x (N, C, H, W)`` → ``(out (N, C, H, W), pooled (N, C), hidden (N, R), scale (N, C))``.
@@ -93,8 +97,7 @@ def squeeze_excitation_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, 
     return out, pooled, hidden, scale
 
 
-@triton_op(BACKWARD_OP, mutates_args=())
-def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight: Tensor,
+def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight: Tensor,
                                 fc2_weight: Tensor, pooled: Tensor, hidden: Tensor, scale: Tensor,
                                 activation: str, gate: str
                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -157,18 +160,43 @@ def squeeze_excitation_backward(grad_out: Tensor, x: Tensor, out: Optional[Tenso
     return grad_x, grad_residual, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+# The registered ops: what torch.compile traces into, and what code outside se_fused may call.
+squeeze_excitation_forward = triton_op(FORWARD_OP, mutates_args=())(run_forward)
+squeeze_excitation_backward = triton_op(BACKWARD_OP, mutates_args=())(run_backward)
+
+
+def runs_without_dispatcher(*tensors: Optional[Tensor]) -> bool:
+    """Whether an eager call may run the kernels directly instead of through the registered op.
+
+    The op's Python layers (dispatcher, custom-op wrappers, output aliasing check, autograd
+    wrapper) cost host time on every call, and the Triton backend is host-bound at conv4_x/conv5_x
+    (benchmarks/results/*-cca1da2-gpu_check.log: 0.26-0.49 ms host against 0.15-0.26 ms device per
+    forward). Direct calls are the same function on the same tensors, so the same bits. Not while
+    torch.compile/export traces (they must see the op), not under a TorchDispatchMode (fake tensors,
+    make_fx), not for tensor subclasses.
+    """
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
 
 
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
-    """Backend entry point (se_fused/backends.py): the registered forward op."""
+    """Backend entry point (se_fused/backends.py): the kernels, through the registered forward op
+    unless :func:`runs_without_dispatcher`."""
+    if runs_without_dispatcher(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+        return run_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate)
     return torch.ops.se_fused.triton_squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                                                 residual, activation, gate)
 
 
 def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, activation, gate):
-    """Backend entry point: the registered backward op; ``grad_residual`` is ``None`` unless ``out`` is given."""
-    grads = torch.ops.se_fused.triton_squeeze_excitation_backward(grad_out, x, out, fc1_weight, fc2_weight,
-                                                                  pooled, hidden, scale, activation, gate)
+    """Backend entry point: the kernels, through the registered backward op unless
+    :func:`runs_without_dispatcher`; ``grad_residual`` is ``None`` unless ``out`` is given."""
+    args = (grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale)
+    if runs_without_dispatcher(*args):
+        grads = run_backward(*args, activation, gate)
+    else:
+        grads = torch.ops.se_fused.triton_squeeze_excitation_backward(*args, activation, gate)
     return (grads[0], grads[1] if out is not None else None) + tuple(grads[2:])
 
 
