@@ -35,10 +35,11 @@ CASES = [("two_pass", "", 0, 0, 0), ("two_pass", "", 0, 0, 1), ("cluster", "", 0
          ("cluster", "2,1", 1, 0, 0), ("cluster", "1,2", 1, 1, 0)]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES")
-# (N, C, R, H, W): small, C*H*W a multiple of 8; the third has 9 samples (two MLP sample groups of 8),
-# C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its backward);
-# the last 64 samples, which the weight gradients split in two halves of the batch.
-SHAPES = [(3, 64, 4, 6, 6), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 64, 8, 2, 2)]
+# (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
+# sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
+# 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its
+# backward); the last 64 samples, which the weight gradients split in two halves of the batch.
+SHAPES = [(3, 64, 4, 12, 12), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 64, 8, 2, 2)]
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:

@@ -8,10 +8,11 @@
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
 # record, profile host vs device time per call (profile_block.py), sweep the
-# cluster geometries of the stage shapes, run compute-sanitizer (memcheck,
+# cluster geometries of the stage shapes, run Nsight Compute on the persistent
+# cluster forward, run compute-sanitizer (memcheck,
 # racecheck) over every kernel path, time the block in NCHW and against
 # torch.compile, and, with the time left, train a few steps and run Nsight
-# Compute on the MLP kernels and on the persistent cluster forward. Files come back in $OUT
+# Compute on the MLP kernels. Files come back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
 # <date>-<gpu>-<commit>.json, gpu_check.log, profile.json, block.png, network.png,
 # block-nchw.json/.png and block-compile.json: 8 files, as many as the device tool
@@ -136,6 +137,18 @@ if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
   step tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
 fi
 
+# --- 3c. Nsight Compute on the persistent cluster forward (conv2_x, channels_last, M = 16,
+# G = 1, two chunk buffers): the read-once path, which the sweep measured at a third of the
+# copy bandwidth (cca1da2). Where its warps wait. Into the log; about 20 s.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
+  step ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+    --section SourceCounters "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward \
+    --calls 1 --out "$WORK" --json-name ncu-cluster-profile.json
+fi
+
 # --- 4. compute-sanitizer over every kernel path --------------------------------
 for tool in memcheck racecheck; do
   if (( $(left) > 60 )); then
@@ -173,24 +186,11 @@ fi
 # --- 6b. Nsight Compute on one forward+backward's MLP, weight-gradient and scale kernels
 # at conv5_x (where the MLP costs most): where the warps wait, and whether the scale
 # kernels' per-channel loads are wide (channel_values). Into the log.
-NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
   step ncu 60 "$NCU" -k "regex:excitation_|weight_gradients|scale_(forward|backward)_vec" -c 7 \
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
     --passes forward+backward --calls 1 --out "$WORK" --json-name ncu-profile.json
-fi
-
-# --- 6c. Nsight Compute on the persistent cluster forward (conv2_x, channels_last, M = 16, G = 1,
-# two chunk buffers), the read-once path that the sweep measured at a third of the copy
-# bandwidth (cca1da2): where its warps wait, by source line. Last, so that a full run skips
-# it for time; a second run reaches it with GPU_CHECK_SKIP.
-if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
-  step ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SchedulerStats --section WarpStateStats \
-    --section Occupancy --section LaunchStats --section SourceCounters \
-    "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward --calls 1 \
-    --out "$WORK" --json-name ncu-cluster-profile.json
 fi
 
 # --- summary (printed last) -----------------------------------------------------

@@ -207,13 +207,35 @@ CHUNK_SHAPES = (SEShape(5, 256, 16, 7, 7), SEShape(70, 600, 40, 5, 5), SEShape(3
 def test_two_pass_path_in_chunks(cuda_path, monkeypatch, shape, dtype, memory_format, residual, samples_per_chunk):
     """Chunks of the batch give the reference's results, and the same bits as one chunk (each sample's
     sums, MLP and scale do not depend on the samples beside it; the weight gradients run over the
-    whole batch either way)."""
+    whole batch either way). These shapes have under 64 pixels, so the channels_last sums are never
+    split over pixels; where they are (test_channels_last_sums_split_over_pixels), the split count
+    follows the chunk's sample count and the bits may differ from one chunk's."""
     cuda_path("two_pass")
     inputs = make_se_inputs(shape, dtype, memory_format, "cuda", residual, "silu", "sigmoid")
     # The forward re-reads x (C*H*W elements per sample) and the backward 2 or 3 such tensors: a budget
     # of samples_per_chunk forward samples gives the forward that many and the backward fewer (at least 1).
     sample_bytes = inputs.x[0].numel() * inputs.x.element_size()
     check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_CHUNK_BYTES", str(samples_per_chunk * sample_bytes))
+
+
+# Small batches in channels_last: fewer than 256 (sample, channel tile) blocks, so the channel sums
+# split the pixels over blocks and add the splits in a second kernel (nhwc_sum_splits). The second
+# shape's C = 42 is not a multiple of the 16-byte vector: the scalar NHWC kernel.
+SPLIT_SUM_SHAPES = (SEShape(1, 256, 16, 56, 56), SEShape(3, 42, 6, 17, 19), SEShape(2, 1024, 64, 14, 14))
+
+
+@pytest.mark.parametrize("shape", SPLIT_SUM_SHAPES, ids=[s.id for s in SPLIT_SUM_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_channels_last_sums_split_over_pixels(cuda_path, shape, dtype, residual):
+    """The two-pass path's channels_last sums with the pixels split over blocks: the reference's
+    forward and gradients, and the same bits run to run."""
+    cuda_path("two_pass")
+    inputs = make_se_inputs(shape, dtype, "channels_last", "cuda", residual, "relu", "sigmoid")
+    check_against_reference(inputs)
+    first, second = backend_se(inputs, "cuda"), backend_se(inputs, "cuda")
+    for key, t in first.items():
+        assert torch.equal(second[key], t), key
 
 
 @needs_sm90

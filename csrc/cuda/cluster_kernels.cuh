@@ -124,6 +124,14 @@ __device__ void reduce_chunk(const ClusterGeometry& geo, const ClusterPlace& pl,
   }
 }
 
+// Loads a thread issues at once before using them: weights in the MLP layers, remote sums in
+// finalize_own. Both are on the cluster's critical path (every CTA waits for them at the next
+// barrier), and loops with one load per iteration left the round trips in series. The
+// persistent forward measured ~1000 GB/s at conv2_x NHWC (a third of copy; cca1da2): each SM
+// spent ~25 us per group against ~9 us of data movement, which points at such chains (to be
+// checked: gpu_check's ncu-cluster step). 4, not 8: 8 pushed the bf16 forward into spills.
+constexpr int kMlpLoads = 4;
+
 // NHWC: own[j] = sum over the sample's M chunks (in rank order) of part[c] for
 // the channels c = m*own_share + j this CTA owns. Needs a cluster barrier before.
 template <bool kChannelsLast>
@@ -132,9 +140,16 @@ __device__ void finalize_own(cg::cluster_group& cluster, const ClusterGeometry& 
   if constexpr (kChannelsLast) {
     for (int j = threadIdx.x; j < geo.own_share; j += blockDim.x) {
       const int c = pl.m * geo.own_share + j;
+      // kMlpLoads remote loads issued before their adds (a loop over M left them in series:
+      // one distributed-shared-memory round trip each), added in rank order.
       float total = 0.f;
-      if (c < geo.C) {
-        for (int m = 0; m < geo.M; ++m) total += cluster.map_shared_rank(sm.part, pl.g * geo.M + m)[c];
+      for (int m0 = 0; m0 < geo.M; m0 += kMlpLoads) {
+        float parts[kMlpLoads];
+#pragma unroll
+        for (int u = 0; u < kMlpLoads; ++u)
+          parts[u] = m0 + u < geo.M && c < geo.C ? cluster.map_shared_rank(sm.part, pl.g * geo.M + m0 + u)[c] : 0.f;
+#pragma unroll
+        for (int u = 0; u < kMlpLoads; ++u) total += parts[u];  // 0 past M
       }
       sm.own[j] = total;
     }
@@ -224,11 +239,18 @@ __device__ void hidden_layer(const ClusterGeometry& geo, const ClusterPlace& pl,
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
     const float* row = A + static_cast<int64_t>(r) * geo.C;
-    for (int c = lane; c < geo.C; c += kWarp) {
-      const float w = __ldg(row + c);
+    for (int c0 = lane; c0 < geo.C; c0 += kMlpLoads * kWarp) {
+      float w[kMlpLoads];  // kMlpLoads L2 loads in flight, then their products in order
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g)
-        if (g < geo.G) acc[g] += w * sm.vec[g * geo.C + c];
+      for (int u = 0; u < kMlpLoads; ++u) w[u] = c0 + u * kWarp < geo.C ? __ldg(row + c0 + u * kWarp) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kMlpLoads; ++u) {
+        const int c = c0 + u * kWarp;
+        if (c >= geo.C) break;
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+          if (g < geo.G) acc[g] += w[u] * sm.vec[g * geo.C + c];
+      }
     }
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
@@ -250,11 +272,19 @@ __device__ void output_layer(const ClusterGeometry& geo, const ClusterPlace& pl,
     float acc[kMaxGroup];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
-    for (int r = 0; r < geo.R; ++r) {
-      const float w = __ldg(B + static_cast<int64_t>(r) * geo.C + c);
+    for (int r0 = 0; r0 < geo.R; r0 += kMlpLoads) {
+      float w[kMlpLoads];  // kMlpLoads L2 loads in flight, then their products in order
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g)
-        if (g < geo.G) acc[g] += w * sm.vec[g * geo.R + r];
+      for (int u = 0; u < kMlpLoads; ++u)
+        w[u] = r0 + u < geo.R ? __ldg(B + static_cast<int64_t>(r0 + u) * geo.C + c) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kMlpLoads; ++u) {
+        const int r = r0 + u;
+        if (r >= geo.R) break;
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+          if (g < geo.G) acc[g] += w[u] * sm.vec[g * geo.R + r];
+      }
     }
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g)

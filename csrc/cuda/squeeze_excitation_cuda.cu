@@ -88,22 +88,46 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_kernel(
   if (lane == 0) out[row] = total * factor;
 }
 
-// NHWC: a block covers (sample n, 32 channels); 8 pixel lanes stride over the
-// pixels and are combined in lane order.
+// The pixels of an NHWC channel-sum block (blockIdx.z of the splits) and where its sums go:
+// with one split, the sums; with several, the split's slice of a partial-sum buffer that
+// add_split_sums_kernel adds in split order (see nhwc_sum_splits).
+struct PixelSplit {
+  int64_t pixels;        // per split
+  int64_t output_stride; // elements between the splits' outputs (0 with one split)
+};
+
+// out[i] = factor * sum over the splits, in split order, of partial[split, i].
+template <typename acc_t>
+__global__ void __launch_bounds__(kTwoPassThreads) add_split_sums_kernel(const acc_t* __restrict__ partial,
+                                                                      acc_t* __restrict__ out, int64_t count,
+                                                                      int splits, acc_t factor) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t total = 0;
+    for (int s = 0; s < splits; ++s) total += partial[s * count + i];
+    out[i] = total * factor;
+  }
+}
+
+// NHWC: a block covers (sample n, 32 channels, a split of the pixels); 8 pixel lanes
+// stride over the split's pixels and are combined in lane order.
 constexpr int kNhwcChannels = 32;
 constexpr int kNhwcPixelLanes = kTwoPassThreads / kNhwcChannels;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nhwc_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
-    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor) {
+    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor, PixelSplit split) {
   __shared__ acc_t partial[kNhwcPixelLanes][kNhwcChannels];
   const int tx = threadIdx.x % kNhwcChannels, ty = threadIdx.x / kNhwcChannels;
-  const int64_t n = blockIdx.x;  // x: up to 2^31-1 samples; y holds the channel tiles
+  const int64_t n = blockIdx.x;  // x: up to 2^31-1 samples; y holds the channel tiles, z the pixel splits
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kNhwcChannels + tx;
+  const int64_t p_begin = static_cast<int64_t>(blockIdx.z) * split.pixels, p_end = min(P, p_begin + split.pixels);
+  out += static_cast<int64_t>(blockIdx.z) * split.output_stride;
   acc_t acc = 0;
   if (c < C) {
-    for (int64_t p = ty; p < P; p += kNhwcPixelLanes) acc += sum_term<scalar_t, acc_t>(a, b, mask_by, (n * P + p) * C + c);
+    for (int64_t p = p_begin + ty; p < p_end; p += kNhwcPixelLanes)
+      acc += sum_term<scalar_t, acc_t>(a, b, mask_by, (n * P + p) * C + c);
   }
   partial[ty][tx] = acc;
   __syncthreads();
@@ -206,26 +230,29 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
 }
 
 // NHWC, C a multiple of the vector: a block covers (sample n, 32 vectors of
-// channels); 16 pixel lanes stride over the pixels, combined in lane order.
+// channels, a split of the pixels); 16 pixel lanes stride over the split's pixels,
+// combined in lane order.
 constexpr int kVecSumThreads = 512;
 constexpr int kVecSumLanes = kVecSumThreads / kWarp;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kVecSumThreads) channel_sums_nhwc_vec_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
-    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor) {
+    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor, PixelSplit split) {
   constexpr int V = Vec16<scalar_t>::kSize;
   constexpr int kTile = kWarp * V;  // channels per block
   __shared__ acc_t partial[kVecSumLanes][kTile];
   const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
   const int64_t n = blockIdx.x;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile + tx * V;
+  const int64_t p_begin = static_cast<int64_t>(blockIdx.z) * split.pixels, p_end = min(P, p_begin + split.pixels);
+  out += static_cast<int64_t>(blockIdx.z) * split.output_stride;
   acc_t acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0;
   if (c0 < C) {
     Vec16<scalar_t> bv{}, mv{};
-    for (int64_t p = ty; p < P; p += kVecSumLanes) {
+    for (int64_t p = p_begin + ty; p < p_end; p += kVecSumLanes) {
       const int64_t i = (n * P + p) * C + c0;
       const Vec16<scalar_t> av = load16(a + i);
       if (b != nullptr) bv = load16(b + i);
@@ -371,6 +398,47 @@ int elementwise_blocks(int64_t total) {
                                                                   sms * 32)));
 }
 
+// Splits of the pixels for the NHWC channel sums. A block covers one sample and one tile of
+// channels, so a small batch (or a chunk of one, SE_FUSED_CUDA_CHUNK_BYTES) had few blocks:
+// 15 blocks on 132 SMs for each 15-sample chunk at conv2_x (the chunks' sums took 1480 us
+// against 157 for the whole batch: H100, cca1da2, profile row cuda/l2-chunks), and one
+// block at batch 1. Below
+// kNhwcSumTargetBlocks the pixels are split (each split at least 4 rows per pixel lane).
+// From the shape only, so the order of the sums (and the bits) does not depend on the GPU;
+// batch 256 at every SE-ResNet-50 stage has >= 256 blocks and one split, as before.
+constexpr int64_t kNhwcSumTargetBlocks = 256;
+int64_t nhwc_sum_splits(int64_t blocks, int64_t P, int pixel_lanes) {
+  if (blocks >= kNhwcSumTargetBlocks) return 1;
+  const int64_t by_blocks = (kNhwcSumTargetBlocks + blocks - 1) / std::max<int64_t>(blocks, 1);
+  const int64_t by_pixels = std::max<int64_t>(1, P / (4 * pixel_lanes));
+  return std::min(by_blocks, by_pixels);
+}
+
+// Launches an NHWC channel-sum kernel `launch(grid, out, factor, split)` over (samples,
+// channel tiles of `tile`, pixel splits); with several splits into a float partial-sum
+// buffer, then adds the splits into `sums`.
+template <typename acc_t, typename Launch>
+void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t* sums, acc_t factor,
+                       cudaStream_t stream, const Launch& launch) {
+  const int64_t tiles = (p.C + tile - 1) / tile;
+  int64_t splits = nhwc_sum_splits(p.N * tiles, p.P, pixel_lanes);
+  const int64_t pixels = (p.P + splits - 1) / splits;
+  splits = (p.P + pixels - 1) / pixels;  // no empty split
+  const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  if (splits == 1) {
+    launch(grid, sums, factor, PixelSplit{pixels, 0});
+    return;
+  }
+  const int64_t count = p.N * p.C;
+  const at::Tensor partial = at::empty(
+      {splits, count}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value).device(
+                           at::kCUDA, c10::cuda::current_device()));
+  launch(grid, partial.mutable_data_ptr<acc_t>(), acc_t(1), PixelSplit{pixels, count});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  add_split_sums_kernel<acc_t><<<elementwise_blocks(count), kTwoPassThreads, 0, stream>>>(
+      partial.const_data_ptr<acc_t>(), sums, count, static_cast<int>(splits), factor);
+}
+
 // sums[n, c] = factor * sum_p a * b (masked), via the layout's kernel.
 template <typename scalar_t, typename acc_t>
 void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
@@ -383,19 +451,22 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
     channel_sums_nchw_vec_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor);
   } else if (pointers_aligned && p.channels_last && p.C % V == 0) {
-    const int64_t tile = kWarp * V;
-    const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>((p.C + tile - 1) / tile));
-    channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, sums, p.C,
-                                                                                      p.P, factor);
+    with_pixel_splits(p, kWarp * V, kVecSumLanes, sums, factor, stream, [&](dim3 grid, acc_t* out, acc_t f,
+                                                                             PixelSplit split) {
+      channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
+                                                                                        p.P, f, split);
+    });
   } else if (!p.channels_last) {
     const int64_t rows = p.N * p.C;
     const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
     channel_sums_nchw_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor);
   } else {
-    const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>((p.C + kNhwcChannels - 1) / kNhwcChannels));
-    channel_sums_nhwc_kernel<scalar_t, acc_t><<<grid, kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, p.C, p.P,
-                                                                                   factor);
+    with_pixel_splits(p, kNhwcChannels, kNhwcPixelLanes, sums, factor, stream, [&](dim3 grid, acc_t* out, acc_t f,
+                                                                                   PixelSplit split) {
+      channel_sums_nhwc_kernel<scalar_t, acc_t><<<grid, kTwoPassThreads, 0, stream>>>(a, b, mask_by, out, p.C, p.P,
+                                                                                     f, split);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
