@@ -420,12 +420,17 @@ def test_eager_calls_run_the_kernels_without_the_dispatcher(residual, monkeypatc
         monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     direct = backend_se(inputs, "triton")
     assert calls == ["run_forward", "run_backward"]
+    # A module's weights are Parameters: the same route.
+    module = se_fused.FusedSEBlock(inputs.x.shape[1], 2, activation=inputs.activation, gate=inputs.gate,
+                                   backend="triton").to(inputs.x.device)
+    module(inputs.x.detach().requires_grad_()).sum().backward()
+    assert calls == ["run_forward", "run_backward"] * 2
     args = inputs.tensors() + (inputs.activation, inputs.gate)
     out, pooled, hidden, scale = torch.ops.se_fused.triton_squeeze_excitation_forward(*args)
     grads = torch.ops.se_fused.triton_squeeze_excitation_backward(
         inputs.grad_out, inputs.x, out if residual else None, inputs.fc1_weight, inputs.fc2_weight, pooled, hidden,
         scale, inputs.activation, inputs.gate)
-    assert calls == ["run_forward", "run_backward"], "the registered ops call the functions bound at registration"
+    assert calls == ["run_forward", "run_backward"] * 2, "the registered ops call the functions bound at registration"
     through_ops = dict(zip(("out", "x", "residual", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
                            (out, grads[0], grads[1]) + tuple(grads[2:])))
     for name, t in direct.items():

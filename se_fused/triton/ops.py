@@ -165,6 +165,11 @@ squeeze_excitation_forward = triton_op(FORWARD_OP, mutates_args=())(run_forward)
 squeeze_excitation_backward = triton_op(BACKWARD_OP, mutates_args=())(run_backward)
 
 
+# Parameters are Tensors with no dispatch behaviour of their own: the GPU run at dd6c3b3 took the
+# ops' route for every module call because the weights are Parameters.
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def runs_without_dispatcher(*tensors: Optional[Tensor]) -> bool:
     """Whether an eager call may run the kernels directly instead of through the registered op.
 
@@ -173,11 +178,11 @@ def runs_without_dispatcher(*tensors: Optional[Tensor]) -> bool:
     (benchmarks/results/*-cca1da2-gpu_check.log: 0.26-0.49 ms host against 0.15-0.26 ms device per
     forward). Direct calls are the same function on the same tensors, so the same bits. Not while
     torch.compile/export traces (they must see the op), not under a TorchDispatchMode (fake tensors,
-    make_fx), not for tensor subclasses.
+    make_fx), not for tensor subclasses other than ``nn.Parameter`` (the weights of every module).
     """
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
         return False
-    return all(t is None or type(t) is Tensor for t in tensors)
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
 
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
