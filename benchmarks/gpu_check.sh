@@ -133,15 +133,17 @@ keep profile.json block.png network.png
 # --- 3b. the cluster geometry sweep: the read-once path against the two-pass one (the
 # question the kernels pose now: does the persistent, double-buffered cluster forward beat
 # the two-pass path?), before the steps that only repeat what earlier records measured.
-if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
-  step tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
+if [[ $DRY_RUN -eq 0 ]]; then
+  if (( $(left) > 60 )); then step tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
+  else skip tune "out of time budget ($(elapsed)s used)"; fi
 fi
 
 # --- 3c. Nsight Compute on the persistent cluster forward (conv2_x, channels_last, M = 16,
 # G = 1, two chunk buffers): the read-once path, which the sweep measured at a third of the
 # copy bandwidth (cca1da2). Where its warps wait. Into the log; about 20 s.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
-if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
+if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -le 75 ]]; then skip ncu-cluster "out of time budget ($(elapsed)s used)"
+elif [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
   step ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
@@ -177,7 +179,8 @@ done
 keep block-nchw.png
 
 # --- 6. a short training run on the GPU (the DDP entry point, single process) ----
-if [[ $DRY_RUN -eq 0 && $(left) -gt 60 ]]; then
+if [[ $DRY_RUN -eq 0 && $(left) -le 60 ]]; then skip train "out of time budget ($(elapsed)s used)"
+elif [[ $DRY_RUN -eq 0 ]]; then
   step train 50 "$PY" -m se_fused.train --synthetic --arch se_resnet50 --se-backend auto --synthetic-train-size 1024 \
     --synthetic-val-size 256 --batch-size 128 --epochs 1 --max-steps 4 --workers 4 --progress print --print-freq 1 \
     --output-dir "$WORK/train"
@@ -186,7 +189,8 @@ fi
 # --- 6b. Nsight Compute on one forward+backward's MLP, weight-gradient and scale kernels
 # at conv5_x (where the MLP costs most): where the warps wait, and whether the scale
 # kernels' per-channel loads are wide (channel_values). Into the log.
-if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -gt 75 ]]; then
+if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -le 75 ]]; then skip ncu "out of time budget ($(elapsed)s used)"
+elif [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
   step ncu 60 "$NCU" -k "regex:excitation_|weight_gradients|scale_(forward|backward)_vec" -c 7 \
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
