@@ -204,7 +204,10 @@ fi
   for line in "${SUMMARY[@]}"; do echo "$line"; done
   [[ -f "$WORK/summary.md" ]] && cat "$WORK/summary.md"
   echo "files in $OUT_DIR:"; ls -1 "$OUT_DIR" | head -20
-  [[ $FAILED -eq 0 ]] && echo "RESULT: all steps passed" || echo "RESULT: SOME STEPS FAILED (see above and gpu_check.log)"
+  SKIPPED=$(printf '%s\n' "${SUMMARY[@]}" | grep -c " skipped " || true)
+  if [[ $FAILED -ne 0 ]]; then echo "RESULT: SOME STEPS FAILED (see above and gpu_check.log)"
+  elif [[ $SKIPPED -gt 0 ]]; then echo "RESULT: every step that ran passed; $SKIPPED skipped (listed above)"
+  else echo "RESULT: all steps passed"; fi
 } 2>&1 | tee -a "$LOG"
 rm -rf "$WORK"
 exit $FAILED
