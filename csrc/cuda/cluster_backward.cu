@@ -93,13 +93,11 @@ __global__ void __launch_bounds__(kClusterThreads) se_backward_cluster_kernel(
     for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
       const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(g_chunk + i * kVec);
       Vec16<T> dx;
-      ChannelCursor cur;
-      cur.start<kChannelsLast>(geo, i * kVec);
+      float s[kVec], add[kVec];
+      channel_values<kChannelsLast>(geo, chan_scale, i * kVec, s);
+      channel_values<kChannelsLast>(geo, chan_add, i * kVec, add);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        dx.v[e] = from_float<T>(to_float(gv.v[e]) * chan_scale[cur.index] + chan_add[cur.index]);
-        cur.advance<kChannelsLast>(geo);
-      }
+      for (int e = 0; e < kVec; ++e) dx.v[e] = from_float<T>(to_float(gv.v[e]) * s[e] + add[e]);
       *reinterpret_cast<Vec16<T>*>(grad_x + pl.base + int64_t(i) * kVec) = dx;
     }
   });

@@ -83,14 +83,13 @@ __global__ void __launch_bounds__(kClusterThreads) se_forward_cluster_kernel(
         if (i >= vectors) break;
         const Vec16<T> xv = *reinterpret_cast<const Vec16<T>*>(chunk + i * kVec);
         Vec16<T> ov;
-        ChannelCursor cur;
-        cur.start<kChannelsLast>(geo, i * kVec);
+        float s[kVec];
+        channel_values<kChannelsLast>(geo, sm.vec, i * kVec, s);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          float y = to_float(xv.v[e]) * sm.vec[cur.index];
+          float y = to_float(xv.v[e]) * s[e];
           if (residual != nullptr) y = relu_nan(y + to_float(rv[u].v[e]));
           ov.v[e] = from_float<T>(y);
-          cur.advance<kChannelsLast>(geo);
         }
         *reinterpret_cast<Vec16<T>*>(out + pl.base + int64_t(i) * kVec) = ov;
       }

@@ -69,7 +69,8 @@ __device__ __forceinline__ void issue_chunk_copy(T* dst, const T* src, int len) 
 
 // Per-channel sums of a chunk (a, or a*b) in a fixed order. NCHW: own[r] for
 // local row r (a whole channel). NHWC: part[c] over the chunk's pixels, with
-// `scratch` (blockDim floats) combining pixel lanes in lane order.
+// `scratch` (blockDim * 16 bytes' worth of elements, in floats) combining pixel
+// lanes in lane order.
 template <typename T, bool kChannelsLast>
 __device__ void reduce_chunk(const ClusterGeometry& geo, const ClusterPlace& pl, const T* a, const T* b,
                              const ClusterSmem& sm, float* scratch) {
@@ -92,8 +93,39 @@ __device__ void reduce_chunk(const ClusterGeometry& geo, const ClusterPlace& pl,
     }
   } else {
     const int C = geo.C;
+    constexpr int kVec = Vec16<T>::kSize;
+    const int vector_columns = C / kVec;
     const int lanes = C <= static_cast<int>(blockDim.x) ? static_cast<int>(blockDim.x) / C : 1;
-    if (lanes > 1) {
+    if (C % kVec == 0 && vector_columns <= static_cast<int>(blockDim.x)) {
+      // 16-byte loads: a thread sums kVec channels over every vector_lanes-th pixel of the chunk,
+      // and the pixel lanes are added in lane order through `scratch` (vector_lanes * C <=
+      // blockDim * kVec floats; make_geometry sizes it). One element per thread per pixel was
+      // most of the kernel's instructions (ncu at dd6c3b3: an instruction every 4.9 cycles per
+      // scheduler with 8 warps per SM).
+      const int vector_lanes = static_cast<int>(blockDim.x) / vector_columns;
+      const int column = tid % vector_columns, pixel_lane = tid / vector_columns;
+      if (pixel_lane < vector_lanes) {
+        float acc[kVec];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+        for (int r = pixel_lane; r < pl.rows; r += vector_lanes) {
+          const int i = r * C + column * kVec;
+          const Vec16<T> av = *reinterpret_cast<const Vec16<T>*>(a + i);
+          Vec16<T> bv;
+          if (b) bv = *reinterpret_cast<const Vec16<T>*>(b + i);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[e] += to_float(av.v[e]) * (b ? to_float(bv.v[e]) : 1.f);
+        }
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) scratch[pixel_lane * C + column * kVec + e] = acc[e];
+      }
+      __syncthreads();
+      for (int c = tid; c < C; c += blockDim.x) {
+        float total = 0.f;
+        for (int l = 0; l < vector_lanes; ++l) total += scratch[l * C + c];
+        sm.part[c] = total;
+      }
+    } else if (lanes > 1) {
       const int c = tid % C, pixel_lane = tid / C;
       float acc = 0.f;
       if (pixel_lane < lanes) {
@@ -126,10 +158,9 @@ __device__ void reduce_chunk(const ClusterGeometry& geo, const ClusterPlace& pl,
 
 // Loads a thread issues at once before using them: weights in the MLP layers, remote sums in
 // finalize_own. Both are on the cluster's critical path (every CTA waits for them at the next
-// barrier), and loops with one load per iteration left the round trips in series. The
-// persistent forward measured ~1000 GB/s at conv2_x NHWC (a third of copy; cca1da2): each SM
-// spent ~25 us per group against ~9 us of data movement, which points at such chains (to be
-// checked: gpu_check's ncu-cluster step). 4, not 8: 8 pushed the bf16 forward into spills.
+// barrier), and loops with one load per iteration left the round trips in series. Batched,
+// the best plans gained 7-47% at conv3_x-conv5_x and in every backward (H100, dd6c3b3 against
+// cca1da2; docs/cuda-notes.md). 4, not 8: 8 pushed the bf16 forward into spills.
 constexpr int kMlpLoads = 4;
 
 // NHWC: own[j] = sum over the sample's M chunks (in rank order) of part[c] for
@@ -319,6 +350,37 @@ struct ChannelCursor {
     }
   }
 };
+
+// values[channel] for the kVec consecutive elements of a chunk from `element` on, through
+// ChannelCursor. channels_last with C a multiple of kVec: the kVec channels are consecutive
+// from a multiple of kVec, read as 16-byte loads (values must be 16-byte aligned; make_geometry
+// aligns the epilogue arrays). One float per element, at a stride of kVec floats across a
+// warp, was an 8-way bank conflict in bf16 (ncu: 4.9 wavefronts per shared load request,
+// dd6c3b3). Same values either way.
+template <bool kChannelsLast, int kVec>
+__device__ __forceinline__ void channel_values(const ClusterGeometry& geo, const float* values, int element,
+                                               float (&out)[kVec]) {
+  static_assert(kVec % 4 == 0, "whole float4 loads");
+  if (kChannelsLast && geo.C % kVec == 0) {
+    const float4* run = reinterpret_cast<const float4*>(values + element % geo.C);
+#pragma unroll
+    for (int q = 0; q < kVec / 4; ++q) {
+      const float4 v = run[q];
+      out[4 * q] = v.x;
+      out[4 * q + 1] = v.y;
+      out[4 * q + 2] = v.z;
+      out[4 * q + 3] = v.w;
+    }
+  } else {
+    ChannelCursor cur;
+    cur.start<kChannelsLast>(geo, element);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      out[e] = values[cur.index];
+      cur.advance<kChannelsLast>(geo);
+    }
+  }
+}
 
 // Number of channel entries a CTA's epilogue arrays hold.
 __device__ __forceinline__ int epilogue_channels(const ClusterGeometry& geo, bool channels_last) {

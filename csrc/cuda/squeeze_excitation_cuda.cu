@@ -521,9 +521,12 @@ size_t make_geometry(ClusterGeometry& geo, const SEProblem& p, int elem_size, bo
   off += G * geo.share_a;
   geo.off_bshare = off;
   off += G * geo.share_b;
+  off = (off + 3) / 4 * 4;  // 16-byte aligned: the epilogue reads its per-channel arrays as float4 (channel_values)
   geo.off_vec = off;
   const int epilogue = 2 * (p.channels_last ? geo.C : geo.own_share);
-  off += std::max({G * geo.C, G * geo.R, epilogue, kClusterThreads});
+  // NHWC: reduce_chunk's pixel lanes of 16-byte vectors, blockDim * (16 / elem_size) floats at most.
+  const int reduction = p.channels_last ? kClusterThreads * (16 / elem_size) : kClusterThreads;
+  off += std::max({G * geo.C, G * geo.R, epilogue, reduction});
   geo.floats = off;
   return static_cast<size_t>(chunk) * buffers + static_cast<size_t>(off) * sizeof(float);
 }
