@@ -401,11 +401,11 @@ int elementwise_blocks(int64_t total) {
 // Splits of the pixels for the NHWC channel sums. A block covers one sample and one tile of
 // channels, so a small batch (or a chunk of one, SE_FUSED_CUDA_CHUNK_BYTES) had few blocks:
 // 15 blocks on 132 SMs for each 15-sample chunk at conv2_x (the chunks' sums took 1480 us
-// against 157 for the whole batch: H100, cca1da2, profile row cuda/l2-chunks), and one
-// block at batch 1. Below
-// kNhwcSumTargetBlocks the pixels are split (each split at least 4 rows per pixel lane).
-// From the shape only, so the order of the sums (and the bits) does not depend on the GPU;
-// batch 256 at every SE-ResNet-50 stage has >= 256 blocks and one split, as before.
+// against 157 for the whole batch: H100, cca1da2, profile row cuda/l2-chunks; 259 us with
+// the splits at dd6c3b3), and one block at batch 1. Below kNhwcSumTargetBlocks the pixels
+// are split (each split at least 4 rows per pixel lane). From the shape only, so the order
+// of the sums (and the bits) does not depend on the GPU; batch 256 at every SE-ResNet-50
+// stage has >= 256 blocks and one split, as before.
 constexpr int64_t kNhwcSumTargetBlocks = 256;
 int64_t nhwc_sum_splits(int64_t blocks, int64_t P, int pixel_lanes) {
   if (blocks >= kNhwcSumTargetBlocks) return 1;
@@ -415,8 +415,8 @@ int64_t nhwc_sum_splits(int64_t blocks, int64_t P, int pixel_lanes) {
 }
 
 // Launches an NHWC channel-sum kernel `launch(grid, out, factor, split)` over (samples,
-// channel tiles of `tile`, pixel splits); with several splits into a float partial-sum
-// buffer, then adds the splits into `sums`.
+// channel tiles of `tile`, pixel splits); with several splits into a partial-sum buffer
+// (acc_t), then adds the splits into `sums`.
 template <typename acc_t, typename Launch>
 void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t* sums, acc_t factor,
                        cudaStream_t stream, const Launch& launch) {

@@ -50,9 +50,8 @@ def _check_call(x: Tensor, activation: str, gate: str) -> None:
                            "TRITON_INTERPRET=1 (set it before importing triton to run them on CPU)")
 
 
-def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
-                               fc2_bias: Tensor, residual: Optional[Tensor], activation: str, gate: str
-                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                residual: Optional[Tensor], activation: str, gate: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """SE forward: ``x (N, C, H, W)`` → ``(out (N, C, H, W), pooled (N, C), hidden (N, R), scale (N, C))``.
 
     ``out`` is ``x·s`` or ``relu(x·s + residual)`` in ``x``'s layout and dtype;
@@ -97,10 +96,9 @@ def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
     return out, pooled, hidden, scale
 
 
-def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight: Tensor,
-                                fc2_weight: Tensor, pooled: Tensor, hidden: Tensor, scale: Tensor,
-                                activation: str, gate: str
-                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight: Tensor, fc2_weight: Tensor,
+                 pooled: Tensor, hidden: Tensor, scale: Tensor, activation: str, gate: str
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SE backward (SPEC §1) from the forward's saved tensors.
 
     ``grad_out``, ``x``, ``out`` (the residual form's output, else None):
