@@ -622,9 +622,10 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   // everywhere (e.g. conv2_x NCHW forward 2234 vs 1382 GB/s of minimum traffic). ncu shows the
   // cluster kernel latency-bound: 29.5% of DRAM bandwidth, 2 CTAs (16 warps) per SM, 38% of stalls
   // at barriers, as each CTA loads, waits for the cluster, runs the MLP and only then stores.
-  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested. Both kernels are now persistent and
-  // double-buffered (the next group's loads overlap this group's MLP and stores), not yet measured:
-  // auto takes them once benchmarks/tune_cluster.py measures them faster than the two-pass path.
+  // It stays selectable (SE_FUSED_CUDA_PATH=cluster) and tested. Persistent and double-buffered
+  // (H100, cca1da2/dd6c3b3) it is still slower everywhere (conv2_x NHWC forward 1014 against 1725
+  // GB/s; ncu: latency-bound at 8 warps per SM): auto takes it once benchmarks/tune_cluster.py
+  // measures it faster than the two-pass path.
   if (choice == PathChoice::Auto) return refuse("auto: the two-pass path measured faster on every shape");
 
   using Key =
@@ -726,9 +727,9 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 // SE_FUSED_CUDA_CHUNK_BYTES: the two-pass path takes the batch in chunks of at most
 // this many re-read bytes (an int; unset or <= 0: the whole batch), or "l2" for half of
 // the device's L2, so that pass 2 re-reads a chunk from L2 instead of HBM. Off by default:
-// the Triton backend measured L2-sized chunks slower than one chunk at every stage (H200,
-// 3c2a7b3: each chunk pays its own small launches and MLP), and this path is to be
-// measured the same way (profile_block.py's cuda/l2-chunks row).
+// the scale pass does read faster from L2, but each chunk pays its own MLP launches
+// (profile_block.py's cuda/l2-chunks row, H100 dd6c3b3: conv2_x forward 0.610 against
+// 0.447 ms in one chunk), as the Triton backend had measured (H200, 3c2a7b3).
 int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
   constexpr const char* kName = "SE_FUSED_CUDA_CHUNK_BYTES";
   const char* env = std::getenv(kName);
@@ -737,6 +738,17 @@ int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
                              : integer_from_env(kName, 0, INT64_MIN, INT64_MAX, "a number of bytes or 'l2'");
   if (budget <= 0) return std::max<int64_t>(N, 1);
   return std::clamp<int64_t>(budget / std::max<int64_t>(reread_bytes_per_sample, 1), 1, std::max<int64_t>(N, 1));
+}
+
+// Calls f(q, part) for each chunk of at most `chunk` samples, in order: q is the problem over
+// the chunk's samples, part(t) the chunk's slice of a batch-major tensor t.
+template <typename F>
+void for_each_batch_chunk(const SEProblem& p, int64_t chunk, const F& f) {
+  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+    SEProblem q = p;
+    q.N = std::min(chunk, p.N - n0);
+    f(q, [n0, n = q.N](const at::Tensor& t) { return t.narrow(0, n0, n); });
+  }
 }
 
 // One chunk of the two-pass forward (the problem q and its slices of the tensors):
@@ -815,15 +827,12 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
   // The two-pass path, over the batch in chunks (two_pass_chunk_samples; one chunk unless asked).
   const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias});
   const int64_t chunk = mlp_kernels ? two_pass_chunk_samples(p.N, p.C * p.P * x.element_size()) : p.N;
-  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-    SEProblem q = p;
-    q.N = std::min(chunk, p.N - n0);
-    const auto part = [&](const at::Tensor& t) { return t.narrow(0, n0, q.N); };
+  for_each_batch_chunk(p, chunk, [&](const SEProblem& q, const auto& part) {
     at::Tensor out_part = part(out), hidden_part = part(hidden), scale_part = part(scale);
     forward_two_pass(part(x), residual ? c10::optional<at::Tensor>(part(*residual)) : c10::nullopt, out_part,
                      part(pooled), hidden_part, scale_part, fc1_weight, fc1_bias, fc2_weight, fc2_bias, q,
                      mlp_kernels, stream);
-  }
+  });
   return {out, pooled, hidden, scale};
 }
 
@@ -919,11 +928,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
       at::Tensor dz_over_p = at::empty({p.N, p.C}, pooled.options());
       // In chunks of the batch (two_pass_chunk_samples): pass 2 re-reads grad_out, x and out.
       const int64_t reread = (p.has_residual ? 3 : 2) * p.C * p.P * x.element_size();
-      const int64_t chunk = two_pass_chunk_samples(p.N, reread);
-      for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-        SEProblem q = p;
-        q.N = std::min(chunk, p.N - n0);
-        const auto part = [&](const at::Tensor& t) { return t.narrow(0, n0, q.N); };
+      for_each_batch_chunk(p, two_pass_chunk_samples(p.N, reread), [&](const SEProblem& q, const auto& part) {
         const c10::optional<at::Tensor> out_part = out ? c10::optional<at::Tensor>(part(*out)) : c10::nullopt;
         at::Tensor ds_part = part(ds), du_part = part(du), dz_part = part(dz_over_p), grad_x_part = part(grad_x);
         at::Tensor grad_res_part = p.has_residual ? part(grad_res) : grad_res;
@@ -931,7 +936,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
         excitation_backward_kernels(ds_part, part(scale), part(hidden), fc1_weight, fc2_weight, du_part, dz_part, q,
                                     stream);
         backward_scale(part(grad_out), out_part, part(scale), dz_part, grad_x_part, grad_res_part, q, stream);
-      }
+      });
     } else {
       backward_channel_sums(grad_out, x, out, ds, p, stream);
       at::Tensor dz;
