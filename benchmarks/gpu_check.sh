@@ -9,10 +9,10 @@
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
 # record, profile host vs device time per call (profile_block.py), sweep the
 # cluster geometries of the stage shapes, run Nsight Compute on the persistent
-# cluster forward, run compute-sanitizer (memcheck,
-# racecheck) over every kernel path, time the block in NCHW and against
-# torch.compile, and, with the time left, train a few steps and run Nsight
-# Compute on the MLP kernels. Files come back in $OUT
+# cluster forward, run compute-sanitizer (memcheck, racecheck) over every kernel
+# path, time the block in NCHW and against torch.compile, and, with the time
+# left, train a few steps and run Nsight Compute on the MLP kernels. Files come
+# back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
 # <date>-<gpu>-<commit>.json, gpu_check.log, profile.json, block.png, network.png,
 # block-nchw.json/.png and block-compile.json: 8 files, as many as the device tool
@@ -58,6 +58,16 @@ step() {
   SUMMARY+=("$(printf '%-14s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
   echo "=== [$name] $status" | tee -a "$LOG"
   return 0
+}
+
+# step_if NEED_S NAME LIMIT_S COMMAND...: `step`, started only with more than NEED_S of the
+# budget left (a step the budget cuts short fails); otherwise recorded as skipped.
+step_if() {
+  local need=$1 name=$2; shift
+  if [[ " ${GPU_CHECK_SKIP:-} " != *" $name "* ]] && (( $(left) <= need )); then
+    skip "$name" "out of time budget ($(elapsed)s used)"; return 0
+  fi
+  step "$@"
 }
 
 # skip NAME REASON: record a step that did not run.
@@ -133,18 +143,14 @@ keep profile.json block.png network.png
 # --- 3b. the cluster geometry sweep: the read-once path against the two-pass one (the
 # question the kernels pose now: does the persistent, double-buffered cluster forward beat
 # the two-pass path?), before the steps that only repeat what earlier records measured.
-if [[ $DRY_RUN -eq 0 ]]; then
-  if (( $(left) > 60 )); then step tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
-  else skip tune "out of time budget ($(elapsed)s used)"; fi
-fi
+[[ $DRY_RUN -eq 0 ]] && step_if 60 tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
 
 # --- 3c. Nsight Compute on the persistent cluster forward (conv2_x, channels_last, M = 16,
 # G = 1, two chunk buffers): the read-once path, which the sweep measured at a third of the
 # copy bandwidth (cca1da2). Where its warps wait. Into the log; about 20 s.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
-if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -le 75 ]]; then skip ncu-cluster "out of time budget ($(elapsed)s used)"
-elif [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
-  step ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
+if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
+  step_if 75 ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
     --section SourceCounters "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward \
@@ -156,14 +162,11 @@ fi
 # the quick cases; a slower host takes up to 1.5x): one cut short by the budget would fail.
 declare -A SANITIZER_NEEDS=([memcheck]=40 [racecheck]=130)
 for tool in memcheck racecheck; do
-  if (( $(left) > ${SANITIZER_NEEDS[$tool]} )); then
-    if [[ ${#SANITIZE[@]} -gt 0 ]]; then
-      step "$tool" $(( $(left) < 120 ? $(left) - 20 : 100 )) "${SANITIZE[@]}" --tool "$tool" "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
-    else
-      step "$tool" 120 "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
-    fi
+  if [[ ${#SANITIZE[@]} -gt 0 ]]; then
+    step_if "${SANITIZER_NEEDS[$tool]}" "$tool" $(( $(left) < 120 ? $(left) - 20 : 100 )) \
+      "${SANITIZE[@]}" --tool "$tool" "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
   else
-    skip "$tool" "out of time budget ($(elapsed)s used)"
+    step_if "${SANITIZER_NEEDS[$tool]}" "$tool" 120 "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
   fi
 done
 
@@ -171,20 +174,18 @@ done
 # (the CUDA issue's goals name both). The rehearsal times the CPU kernel instead of
 # torch.compile (inductor takes minutes per shape on a 2-core machine).
 for extra in nchw compile; do
-  if (( $(left) < 90 )); then skip "bench-$extra" "out of time budget ($(elapsed)s used)"; continue; fi
   if [[ $extra == nchw ]]; then EXTRA_ARGS=(--memory-format nchw); else
     EXTRA_ARGS=(--memory-format channels_last --impls "$([[ $DRY_RUN -eq 1 ]] && echo cpu || echo cuda,compile),eager"
                 --residual no --passes forward+backward); fi
-  step "bench-$extra" $(( $(left) - 60 )) "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" "${EXTRA_ARGS[@]}" \
+  step_if 89 "bench-$extra" $(( $(left) - 60 )) "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" "${EXTRA_ARGS[@]}" \
     --out "$WORK" --json-name "block-$extra.json" --no-progress
   keep "block-$extra.json"
 done
 keep block-nchw.png
 
 # --- 6. a short training run on the GPU (the DDP entry point, single process) ----
-if [[ $DRY_RUN -eq 0 && $(left) -le 60 ]]; then skip train "out of time budget ($(elapsed)s used)"
-elif [[ $DRY_RUN -eq 0 ]]; then
-  step train 50 "$PY" -m se_fused.train --synthetic --arch se_resnet50 --se-backend auto --synthetic-train-size 1024 \
+if [[ $DRY_RUN -eq 0 ]]; then
+  step_if 60 train 50 "$PY" -m se_fused.train --synthetic --arch se_resnet50 --se-backend auto --synthetic-train-size 1024 \
     --synthetic-val-size 256 --batch-size 128 --epochs 1 --max-steps 4 --workers 4 --progress print --print-freq 1 \
     --output-dir "$WORK/train"
 fi
@@ -192,9 +193,8 @@ fi
 # --- 6b. Nsight Compute on one forward+backward's MLP, weight-gradient and scale kernels
 # at conv5_x (where the MLP costs most): where the warps wait, and whether the scale
 # kernels' per-channel loads are wide (channel_values). Into the log.
-if [[ $DRY_RUN -eq 0 && -n "$NCU" && $(left) -le 75 ]]; then skip ncu "out of time budget ($(elapsed)s used)"
-elif [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
-  step ncu 60 "$NCU" -k "regex:excitation_|weight_gradients|scale_(forward|backward)_vec" -c 7 \
+if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
+  step_if 75 ncu 60 "$NCU" -k "regex:excitation_|weight_gradients|scale_(forward|backward)_vec" -c 7 \
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats "$PY" benchmarks/profile_block.py --device cuda --stages conv5_x \
     --passes forward+backward --calls 1 --out "$WORK" --json-name ncu-profile.json
