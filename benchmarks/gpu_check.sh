@@ -7,9 +7,10 @@
 # Steps, each with its own time limit so the whole run ends inside ~8 minutes on
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
-# record, profile host vs device time per call (profile_block.py), sweep the
-# cluster geometries of the stage shapes, run Nsight Compute on the persistent
-# cluster forward, run compute-sanitizer (memcheck, racecheck) over every kernel
+# record, profile host vs device time per call (profile_block.py, the pipelined
+# path beside the shipped one), sweep the read-once paths' geometries of the stage
+# shapes (pipelined, cluster), run Nsight Compute on the pipelined
+# forward, run compute-sanitizer (memcheck, racecheck) over every kernel
 # path, time the block in NCHW and against torch.compile, and, with the time
 # left, train a few steps and run Nsight Compute on the MLP kernels. Files come
 # back in $OUT
@@ -140,21 +141,24 @@ else PROFILE_ARGS=(--device cuda --python-top 12); fi
 step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
 keep profile.json block.png network.png
 
-# --- 3b. the cluster geometry sweep: the read-once path against the two-pass one (the
-# question the kernels pose now: does the persistent, double-buffered cluster forward beat
-# the two-pass path?), before the steps that only repeat what earlier records measured.
+# --- 3b. the read-once paths' geometry sweep against the two-pass path (the question the
+# kernels pose now: does the pipelined path, first run here, beat the two-pass one, and with
+# which group, tile and delay? then the cluster plans), before the steps that only repeat
+# what earlier records measured.
 [[ $DRY_RUN -eq 0 ]] && step_if 60 tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
 
-# --- 3c. Nsight Compute on the persistent cluster forward (conv2_x, channels_last, M = 16,
-# G = 1, two chunk buffers): the read-once path, which the sweep measured at a third of the
-# copy bandwidth (cca1da2). Where its warps wait. Into the log; about 20 s.
+# --- 3c. Nsight Compute on the pipelined forward (conv2_x, channels_last, its default
+# geometry, printed by SE_FUSED_CUDA_VERBOSE=1): DRAM and L2 throughput, the L2 hit rate
+# of the re-reads, where the warps wait (the ready-flag spins show as sleep). Into the log;
+# about 20 s.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
-  step_if 75 ncu-cluster 60 env SE_FUSED_CUDA_PATH=cluster SE_FUSED_CUDA_PLAN=16,1 "$NCU" -k regex:se_forward_cluster -c 1 \
+  step_if 75 ncu-pipelined 60 env SE_FUSED_CUDA_VERBOSE=1 "$NCU" \
+    -k regex:se_forward_pipelined -c 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
     --section SourceCounters "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward \
-    --calls 1 --out "$WORK" --json-name ncu-cluster-profile.json
+    --calls 1 --out "$WORK" --json-name ncu-pipelined-profile.json
 fi
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------

@@ -15,9 +15,10 @@ stage shape, pass and implementation:
   the N Python functions with the most own time per call (``cProfile``), which
   says where a host-bound call (the Triton backend's) spends it.
 
-On CUDA the fused backend runs three times, with the excitation MLP as kernels
-(``SE_FUSED_CUDA_MLP=kernels``, the default), as ATen ops (``=aten``), and with the
-batch in L2-sized chunks (``SE_FUSED_CUDA_CHUNK_BYTES=l2``), and the
+On CUDA the fused backend runs four times, with the excitation MLP as kernels
+(``SE_FUSED_CUDA_MLP=kernels``, the default), as ATen ops (``=aten``), with the
+batch in L2-sized chunks (``SE_FUSED_CUDA_CHUNK_BYTES=l2``), and on the pipelined
+path (``SE_FUSED_CUDA_PATH=pipelined``: read once, the re-read from L2), and the
 Triton backend twice, with the batch in L2-sized chunks (the default) and in one
 chunk, so each pair is compared side by side in one run. Writes ``profile.json`` (or
 ``--json-name``) into ``--out``.
@@ -71,9 +72,11 @@ def variants(device: torch.device) -> List[tuple]:
     """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`."""
     usable = common.usable_backends()
     if device.type == "cuda":
-        # CUDA as shipped, with the MLP as ATen ops, and the two-pass path in L2-sized chunks.
+        # CUDA as shipped, with the MLP as ATen ops, the two-pass path in L2-sized chunks, and
+        # the pipelined path.
         fused = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
-                 ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})] \
+                 ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"}),
+                 ("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"})] \
             if "cuda" in usable else []
         # Triton as shipped (the whole batch in one chunk: one MLP over the batch) and in
         # L2-sized chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP).
@@ -87,9 +90,10 @@ def variants(device: torch.device) -> List[tuple]:
 def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
-    two-pass path's batch chunks); ``triton_chunk_bytes`` -> the Triton backend's batch chunk
+    two-pass path's batch chunks); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
     budget (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
-    for key, name in (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES")):
+    for key, name in (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
+                      ("cuda_path", "SE_FUSED_CUDA_PATH")):
         common.set_env(name, settings.get(key))
     try:
         from se_fused.triton import _common as triton_common
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
           f"memory format {args.memory_format} | commit {env['commit'][:12]}")
     rows = []
     saved = {"mlp": os.environ.get("SE_FUSED_CUDA_MLP"),
-             "cuda_chunk_bytes": os.environ.get("SE_FUSED_CUDA_CHUNK_BYTES")}
+             "cuda_chunk_bytes": os.environ.get("SE_FUSED_CUDA_CHUNK_BYTES"),
+             "cuda_path": os.environ.get("SE_FUSED_CUDA_PATH")}
     bar = common.progress(len(stages) * len(passes), "profile", enabled=sys.stderr.isatty())
     try:
         for stage in stages:

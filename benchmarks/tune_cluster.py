@@ -1,15 +1,23 @@
-"""Sweep the cluster path's geometries (M CTAs per sample, G samples per cluster) on a GPU.
+"""Sweep the read-once paths' geometries (pipelined and cluster) on a GPU.
 
 For each SE-ResNet-50 stage shape (batch 256, bfloat16 by default), layout and
-pass, times the raw forward/backward op under every geometry the planner can
-launch (``SE_FUSED_CUDA_PLAN=M,G``), the automatic choice and the two-pass path,
-and prints them as GB/s of the pass's minimum traffic (SPEC §4). It tells
-whether the planner's cost model picks the fastest geometry. Plans are timed
-twice: ``M,G`` with two chunk buffers where they fit (the next group's chunk
-loads while this one is finished), ``M,G/1`` with one
-(``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``).
+pass, times the raw forward/backward op under the automatic choice, the
+two-pass path and every geometry of the read-once paths, and prints them as
+GB/s of the pass's minimum traffic (SPEC §4):
 
-Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]``
+* pipelined (``SE_FUSED_CUDA_PATH=pipelined``), labelled ``G,tileK,+d``: G samples
+  per MLP group (``SE_FUSED_CUDA_PIPELINE_GROUP``), tiles of tile KiB
+  (``SE_FUSED_CUDA_TILE_BYTES``), d steps of delay beyond the minimum
+  (``SE_FUSED_CUDA_PIPELINE_DELAY``);
+* cluster (``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster),
+  ``M,G`` with two chunk buffers where they fit, ``M,G/1`` with one
+  (``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``).
+
+It tells whether a read-once path beats the two-pass one, and with which
+geometry, which is what ``auto`` needs to know before it takes one.
+
+Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
+[--paths pipelined,cluster]``
 """
 from __future__ import annotations
 
@@ -26,6 +34,9 @@ import se_fused  # noqa: F401  (loads the ops)
 STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x": (1024, 64, 14, 14),
           "conv5_x": (2048, 128, 7, 7)}
 PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
+PIPELINE_PLANS = [(g, kib, d) for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
+KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
+         "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY")
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -43,10 +54,23 @@ def time_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def set_path(path: str, plan: str = "", buffers: str = "") -> None:
-    for name, value in (("SE_FUSED_CUDA_PATH", path), ("SE_FUSED_CUDA_PLAN", plan),
-                        ("SE_FUSED_CUDA_CLUSTER_BUFFERS", buffers)):
+def set_path(path: str, *values) -> None:
+    """The path and its knobs, in KNOBS order after the path (unset where not given)."""
+    settings = (path,) + values + ("",) * (len(KNOBS) - 1 - len(values))
+    for name, value in zip(KNOBS, settings):
         common.set_env(name, value)
+
+
+def candidates(paths) -> list:
+    """(label, family, path, knob values...) for the automatic choice, the two-pass path and each geometry."""
+    found = [("auto", "", "auto"), ("2-pass", "", "two_pass")]
+    if "pipelined" in paths:
+        found += [(f"{g},{kib}K,+{d}", "pipelined", "pipelined", "", "", str(g), str(kib * 1024), str(d))
+                  for g, kib, d in PIPELINE_PLANS]
+    if "cluster" in paths:
+        found += [(p, "cluster", "cluster", p) for p in PLANS]
+        found += [(f"{p}/1", "cluster", "cluster", p, "1") for p in PLANS]
+    return found
 
 
 def main() -> int:
@@ -54,7 +78,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--paths", default="pipelined,cluster",
+                        help="read-once paths to sweep (comma-separated: pipelined, cluster)")
     args = parser.parse_args()
+    paths = [p for p in args.paths.split(",") if p]
     if not torch.cuda.is_available():
         print("tune_cluster: needs a GPU", file=sys.stderr)
         return 2
@@ -62,7 +89,7 @@ def main() -> int:
     ops = torch.ops.se_fused
     deadline = time.time() + args.max_seconds
     print(f"device {torch.cuda.get_device_name()}, batch {args.batch}, {args.dtype}; GB/s of minimum traffic")
-    print(f"{'stage':8s} {'layout':6s} {'pass':8s} {'auto':>7s} {'2-pass':>7s}  best plan (GB/s)  all plans")
+    print(f"{'stage':8s} {'layout':6s} {'pass':8s} {'auto':>7s} {'2-pass':>7s}  best per path (GB/s), then every plan")
     for stage, (c, r, h, w) in STAGES.items():
         for layout in ("NHWC", "NCHW"):
             if time.time() > deadline:
@@ -85,22 +112,25 @@ def main() -> int:
                                                                                   scale, "relu", "sigmoid")),
             }
             for name, (nbytes, fn) in passes.items():
-                results = {}
-                candidates = [("auto", "auto", "", ""), ("2-pass", "two_pass", "", "")]
-                candidates += [(p, "cluster", p, "") for p in PLANS]
-                candidates += [(f"{p}/1", "cluster", p, "1") for p in PLANS]
-                for label, path, plan, buffers in candidates:
-                    set_path(path, plan, buffers)
+                results = {}  # family -> {label: GB/s}
+                for label, family, path, *values in candidates(paths):
+                    set_path(path, *values)
                     try:
-                        results[label] = nbytes / time_ms(fn) / 1e6
+                        results.setdefault(family, {})[label] = nbytes / time_ms(fn) / 1e6
                     except RuntimeError:
                         continue  # this geometry does not fit the shape
                 set_path("auto")
-                plans = {k: v for k, v in results.items() if k not in ("auto", "2-pass")}
-                best = max(plans, key=plans.get) if plans else "-"
-                listing = " ".join(f"{k}:{v:.0f}" for k, v in sorted(plans.items()))
-                print(f"{stage:8s} {layout:6s} {name:8s} {results.get('auto', 0):7.0f} {results.get('2-pass', 0):7.0f}"
-                      f"  {best} ({plans.get(best, 0):.0f})  {listing}")
+                base = results.get("", {})
+                bests = []
+                for family in paths:
+                    plans = results.get(family, {})
+                    best = max(plans, key=plans.get) if plans else "-"
+                    bests.append(f"{family} {best} ({plans.get(best, 0):.0f})")
+                print(f"{stage:8s} {layout:6s} {name:8s} {base.get('auto', 0):7.0f} {base.get('2-pass', 0):7.0f}  "
+                      + "; ".join(bests))
+                for family in paths:
+                    listing = " ".join(f"{k}:{v:.0f}" for k, v in results.get(family, {}).items())
+                    print(f"{'':24s} {family}: {listing}")
             del x, g
             torch.cuda.empty_cache()
     return 0

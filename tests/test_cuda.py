@@ -2,11 +2,12 @@
 
 tests/test_correctness.py runs the ``"cuda"`` backend with its automatic path
 choice over the whole shape/dtype/layout product. This file forces each path
-(``SE_FUSED_CUDA_PATH=cluster|two_pass``), each cluster geometry
+(``SE_FUSED_CUDA_PATH=cluster|two_pass|pipelined``), each cluster geometry
 (``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster; the
 persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and their chunk buffers
 with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
-batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``) and
+batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``), the pipelined path's schedule
+(``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``) and
 each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
@@ -120,6 +121,53 @@ def test_two_pass_path_with_aten_mlp(cuda_path, monkeypatch, shape, memory_forma
                                            gate))
 
 
+def _pipelined_runs(shape: SEShape, dtype: torch.dtype, memory_format: str) -> bool:
+    """Whether the pipelined path takes this call (plan_pipelined): whole 16-byte vectors along the rows."""
+    vector = 16 // torch.empty((), dtype=dtype).element_size()
+    if memory_format == "channels_last":
+        return shape.c % vector == 0
+    return shape.c * shape.h * shape.w % vector == 0
+
+
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES + ODD_SHAPES, ids=[s.id for s in CLUSTER_SHAPES + ODD_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS, ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS])
+def test_pipelined_path(cuda_path, shape, dtype, memory_format, residual, activation, gate):
+    """The pipelined path against the reference; where its vectors do not fit the shape, a clear refusal."""
+    cuda_path("pipelined")
+    inputs = make_se_inputs(shape, dtype, memory_format, "cuda", residual, activation, gate)
+    if not _pipelined_runs(shape, dtype, memory_format):
+        with pytest.raises(RuntimeError, match="pipelined path cannot run this call"):
+            backend_se(inputs, "cuda")
+        return
+    check_against_reference(inputs)
+
+
+# The pipelined schedule under its knobs, each with the reference's results and the same bits as
+# without it (a sample's sums and MLP run in the same order whichever CTA runs them, whatever the
+# group): 1 or 3 CTAs (each walks many tiles, the delay grows to cover a group), groups of 1, 3 and
+# 16 samples (partial last groups; 16 > N for the first shape), a longer delay; with the default
+# tiles and with 1024-byte ones (NHWC: many row blocks of partial sums per sample).
+PIPELINE_KNOBS = [("SE_FUSED_CUDA_PIPELINE_BLOCKS", "1"), ("SE_FUSED_CUDA_PIPELINE_BLOCKS", "3"),
+                  ("SE_FUSED_CUDA_PIPELINE_GROUP", "1"), ("SE_FUSED_CUDA_PIPELINE_GROUP", "3"),
+                  ("SE_FUSED_CUDA_PIPELINE_GROUP", "16"), ("SE_FUSED_CUDA_PIPELINE_DELAY", "7")]
+PIPELINE_SHAPES = (SEShape(7, 64, 4, 12, 12), SEShape(70, 600, 40, 5, 5))
+
+
+@pytest.mark.parametrize("name,value", PIPELINE_KNOBS, ids=[f"{n.rsplit('_', 1)[-1].lower()}={v}" for n, v in PIPELINE_KNOBS])
+@pytest.mark.parametrize("shape", PIPELINE_SHAPES, ids=[s.id for s in PIPELINE_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("tile_bytes", ["", "1024"], ids=["tiles-default", "tiles-1024"])
+def test_pipelined_schedule(cuda_path, monkeypatch, name, value, shape, dtype, memory_format, tile_bytes):
+    cuda_path("pipelined")
+    if tile_bytes:
+        monkeypatch.setenv("SE_FUSED_CUDA_TILE_BYTES", tile_bytes)
+    inputs = make_se_inputs(shape, dtype, memory_format, "cuda", True, "silu", "sigmoid")
+    check_knob_keeps_bits(monkeypatch, inputs, name, value)
+
+
 def test_unknown_mlp_choice_is_refused(monkeypatch):
     monkeypatch.setenv("SE_FUSED_CUDA_MLP", "cublas")
     inputs = make_se_inputs(SEShape(2, 16, 4, 3, 3), torch.float32, "nchw", "cuda")
@@ -187,7 +235,11 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
 @pytest.mark.parametrize("path,name,value,message", [
     ("cluster", "SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
     ("cluster", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2"),
-    ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'")])
+    ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"),
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_GROUP", "17", r"SE_FUSED_CUDA_PIPELINE_GROUP must be an integer in \[1, 16\]"),
+    ("pipelined", "SE_FUSED_CUDA_TILE_BYTES", "512", "SE_FUSED_CUDA_TILE_BYTES must be a number of bytes >= 1024"),
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "SE_FUSED_CUDA_PIPELINE_BLOCKS must be a positive integer"),
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_DELAY", "-1", r"SE_FUSED_CUDA_PIPELINE_DELAY must be an integer in \[0, 2\^20\]")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
     if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")
@@ -249,7 +301,7 @@ def test_forced_cluster_path_refuses_unaligned_shapes(cuda_path):
         backend_se(inputs, "cuda")
 
 
-@pytest.mark.parametrize("path", ["auto", "cluster", "two_pass"])
+@pytest.mark.parametrize("path", ["auto", "cluster", "two_pass", "pipelined"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_more_than_2_pow_31_elements(cuda_path, path, memory_format):
     """Samples whose elements sit past index 2^31 get the same answer as a float64 reference of them alone."""
@@ -286,7 +338,7 @@ def test_more_than_2_pow_31_elements(cuda_path, path, memory_format):
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("path", ["cluster", "two_pass"])
+@pytest.mark.parametrize("path", ["cluster", "two_pass", "pipelined"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_bitwise_deterministic(cuda_path, path, memory_format):
     if path == "cluster" and not _cluster_capable():
@@ -300,7 +352,7 @@ def test_bitwise_deterministic(cuda_path, path, memory_format):
             assert torch.equal(first[name], again[name]), f"{name} differs between identical runs ({path})"
 
 
-@pytest.mark.parametrize("path", ["cluster", "two_pass"])
+@pytest.mark.parametrize("path", ["cluster", "two_pass", "pipelined"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_cuda_graph_capture(cuda_path, path, residual):
     """Forward and backward captured in one CUDA graph replay to the eager result on new data."""
@@ -358,7 +410,7 @@ def test_cuda_graph_capture(cuda_path, path, residual):
         assert torch.equal(p.grad, q.grad)
 
 
-@pytest.mark.parametrize("path", ["auto", "two_pass"])
+@pytest.mark.parametrize("path", ["auto", "two_pass", "pipelined"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_cuda_matches_cpu_kernel(cuda_path, path, memory_format, residual):

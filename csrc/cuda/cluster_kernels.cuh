@@ -259,8 +259,10 @@ __device__ __forceinline__ float output_value(cg::cluster_group& cluster, const 
 
 // Hidden layer, rows [rank*share_a, ...): acc[g] = sum_c A[r][c] vec[g][c]; one
 // warp per row, lanes over channels, one accumulator per sample of the group.
-// `post(g, r, acc)` returns what the output layer consumes.
-template <typename Post>
+// `post(g, r, acc)` returns what the output layer consumes. kLoads: weights a lane
+// loads before using them (the pipelined path's single CTA runs the whole MLP of a
+// group, R / 8 rows per warp, so it keeps more in flight than a cluster's share).
+template <int kLoads = kMlpLoads, typename Post>
 __device__ void hidden_layer(const ClusterGeometry& geo, const ClusterPlace& pl, const float* __restrict__ A,
                              const ClusterSmem& sm, const Post& post) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -270,12 +272,12 @@ __device__ void hidden_layer(const ClusterGeometry& geo, const ClusterPlace& pl,
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
     const float* row = A + static_cast<int64_t>(r) * geo.C;
-    for (int c0 = lane; c0 < geo.C; c0 += kMlpLoads * kWarp) {
-      float w[kMlpLoads];  // kMlpLoads L2 loads in flight, then their products in order
+    for (int c0 = lane; c0 < geo.C; c0 += kLoads * kWarp) {
+      float w[kLoads];  // kLoads L2 loads in flight, then their products in order
 #pragma unroll
-      for (int u = 0; u < kMlpLoads; ++u) w[u] = c0 + u * kWarp < geo.C ? __ldg(row + c0 + u * kWarp) : 0.f;
+      for (int u = 0; u < kLoads; ++u) w[u] = c0 + u * kWarp < geo.C ? __ldg(row + c0 + u * kWarp) : 0.f;
 #pragma unroll
-      for (int u = 0; u < kMlpLoads; ++u) {
+      for (int u = 0; u < kLoads; ++u) {
         const int c = c0 + u * kWarp;
         if (c >= geo.C) break;
 #pragma unroll
@@ -295,7 +297,7 @@ __device__ void hidden_layer(const ClusterGeometry& geo, const ClusterPlace& pl,
 
 // Output layer, columns [rank*share_b, ...): acc[g] = sum_r B[r][c] vec[g][r];
 // one thread per channel. `post(g, c, acc)` returns the value kept in bshare.
-template <typename Post>
+template <int kLoads = kMlpLoads, typename Post>
 __device__ void output_layer(const ClusterGeometry& geo, const ClusterPlace& pl, const float* __restrict__ B,
                              const ClusterSmem& sm, const Post& post) {
   const int c0 = pl.rank * geo.share_b, c1 = min(geo.C, c0 + geo.share_b);
@@ -303,13 +305,13 @@ __device__ void output_layer(const ClusterGeometry& geo, const ClusterPlace& pl,
     float acc[kMaxGroup];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
-    for (int r0 = 0; r0 < geo.R; r0 += kMlpLoads) {
-      float w[kMlpLoads];  // kMlpLoads L2 loads in flight, then their products in order
+    for (int r0 = 0; r0 < geo.R; r0 += kLoads) {
+      float w[kLoads];  // kLoads L2 loads in flight, then their products in order
 #pragma unroll
-      for (int u = 0; u < kMlpLoads; ++u)
+      for (int u = 0; u < kLoads; ++u)
         w[u] = r0 + u < geo.R ? __ldg(B + static_cast<int64_t>(r0 + u) * geo.C + c) : 0.f;
 #pragma unroll
-      for (int u = 0; u < kMlpLoads; ++u) {
+      for (int u = 0; u < kLoads; ++u) {
         const int r = r0 + u;
         if (r >= geo.R) break;
 #pragma unroll

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace se_fused {
 namespace cuda {
@@ -120,6 +121,55 @@ __device__ __forceinline__ void cp_async_wait_pending() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
+}
+
+// Flags and counters between CTAs of one launch (the pipelined path): gpu-scope
+// acquire/release, so data written before a release is visible after the acquire
+// that reads it. Data written by other CTAs is then read with ld.global.cg (L2, not
+// the SM's L1, which is not coherent and may hold an older copy of the line).
+__device__ __forceinline__ unsigned load_acquire_gpu(const unsigned* p) {
+  unsigned v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+#endif
+  return v;
+}
+__device__ __forceinline__ void store_release_gpu(unsigned* p, unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+#endif
+}
+__device__ __forceinline__ unsigned fetch_add_acq_rel_gpu(unsigned* p, unsigned v) {
+  unsigned old = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+#endif
+  return old;
+}
+
+// 16-byte global accesses with cache hints: from L2 only (data other CTAs wrote),
+// and streaming (last use of a line: evict it first, so the lines still to be
+// re-read stay in L2).
+template <typename T>
+__device__ __forceinline__ Vec16<T> load16_l2(const T* p) {
+  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+  Vec16<T> v;
+  static_assert(sizeof(v) == sizeof(raw), "16 bytes");
+  memcpy(&v, &raw, sizeof(raw));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ Vec16<T> load16_last_use(const T* p) {
+  const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+  Vec16<T> v;
+  memcpy(&v, &raw, sizeof(raw));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ void store16_streaming(T* p, const Vec16<T>& v) {
+  uint4 raw;
+  memcpy(&raw, &v, sizeof(raw));
+  __stcs(reinterpret_cast<uint4*>(p), raw);
 }
 
 }  // namespace cuda

@@ -39,6 +39,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -47,6 +48,7 @@
 #include "cluster.h"
 #include "device_utils.cuh"
 #include "excitation_cuda.h"
+#include "pipelined.h"
 
 namespace se_fused {
 namespace cuda {
@@ -539,16 +541,18 @@ struct ClusterPlan {
   std::string reason;  // why the two-pass path was chosen
 };
 
-enum class PathChoice { Auto, Cluster, TwoPass };
+enum class PathChoice { Auto, Cluster, TwoPass, Pipelined };
 
-// SE_FUSED_CUDA_PATH=auto|cluster|two_pass forces a path (tests run each one);
+// SE_FUSED_CUDA_PATH=auto|cluster|two_pass|pipelined forces a path (tests run each one);
 // SE_FUSED_CUDA_PLAN="M,G" forces the cluster geometry (for tuning).
 PathChoice requested_path() {
   const char* env = std::getenv("SE_FUSED_CUDA_PATH");
   if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) return PathChoice::Auto;
   if (std::string(env) == "cluster") return PathChoice::Cluster;
   if (std::string(env) == "two_pass") return PathChoice::TwoPass;
-  TORCH_CHECK_VALUE(false, "se_fused: SE_FUSED_CUDA_PATH must be auto, cluster or two_pass; got '", env, "'");
+  if (std::string(env) == "pipelined") return PathChoice::Pipelined;
+  TORCH_CHECK_VALUE(false, "se_fused: SE_FUSED_CUDA_PATH must be auto, cluster, two_pass or pipelined; got '", env,
+                    "'");
   return PathChoice::Auto;
 }
 
@@ -597,8 +601,8 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
                          std::initializer_list<const void*> pointers) {
   ClusterPlan plan;
   const PathChoice choice = requested_path();
-  if (choice == PathChoice::TwoPass) {
-    plan.reason = "SE_FUSED_CUDA_PATH=two_pass";
+  if (choice == PathChoice::TwoPass || choice == PathChoice::Pipelined) {
+    plan.reason = choice == PathChoice::TwoPass ? "SE_FUSED_CUDA_PATH=two_pass" : "SE_FUSED_CUDA_PATH=pipelined";
     return plan;
   }
   const int device = at::cuda::current_device();
@@ -715,6 +719,182 @@ ClusterPlan plan_cluster(const SEProblem& p, at::ScalarType dtype, bool backward
   return for_this_call(found);
 }
 
+// ---------------------------------------------------------------------------
+// Pipelined path (pipelined.h): planning
+// ---------------------------------------------------------------------------
+
+struct PipelinePlan {
+  bool use = false;
+  PipelineGeometry geo{};
+  size_t smem = 0;
+  int blocks = 0;
+};
+
+int round4(int64_t floats) { return static_cast<int>((floats + 3) / 4 * 4); }
+
+// CTAs of kPipelineThreads with `smem` bytes of dynamic shared memory one SM holds at
+// once, cached per (device, kernel, smem): the query and the attribute it needs cost
+// microseconds of host time per call otherwise.
+int resident_blocks_per_sm(int device, const void* kernel, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, kernel, smem);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPipelineThreads, smem));
+  cache[key] = per_sm;
+  return per_sm;
+}
+
+// The pipelined path's geometry for this call, or nothing. Taken only when asked
+// (SE_FUSED_CUDA_PATH=pipelined) until a GPU run measures where it wins; then it
+// refuses, with the reason, what it cannot run. Knobs (read per call, for tests
+// and tune_cluster.py):
+// * SE_FUSED_CUDA_PIPELINE_GROUP: samples per MLP group (1-16; default: enough that
+//   the weights read per group are at most an eighth of the group's slice bytes).
+// * SE_FUSED_CUDA_TILE_BYTES: bytes of one array a tile covers (default 32 KiB:
+//   NHWC tiles of 16 KiB at conv2_x would add 6% of T in partial sums).
+// * SE_FUSED_CUDA_PIPELINE_DELAY: steps between reducing and scaling a tile beyond
+//   the minimum that keeps the schedule deadlock-free (default 1: a step moves ~100 KB
+//   per SM, ~5 us at 3 TB/s, longer than the group MLP at conv2_x, ~3 us; each step more
+//   keeps another grid's worth of tiles, ~8 MB at 32 KiB tiles, in L2).
+// * SE_FUSED_CUDA_PIPELINE_BLOCKS: at most this many CTAs (tests make each CTA walk
+//   many tiles, and make the delay long, with 1-3).
+PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backward, const void* kernel,
+                            std::initializer_list<const void*> pointers) {
+  PipelinePlan plan;
+  if (requested_path() != PathChoice::Pipelined) return plan;
+  auto refuse = [&](const std::string& why) {
+    TORCH_CHECK(false, "se_fused: SE_FUSED_CUDA_PATH=pipelined, but the pipelined path cannot run this call: ", why);
+    return plan;
+  };
+  const int device = at::cuda::current_device();
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  if (prop->major < 7 || !prop->cooperativeLaunch) return refuse("it needs sm_70 or newer and cooperative launches");
+  if (dtype == at::kDouble) return refuse("float64 runs on the two-pass path");
+  if (p.C > (1 << 20) || p.P > (1 << 24) || p.R > (1 << 20)) return refuse("C, R or H*W too large");
+  for (const void* ptr : pointers)
+    if (ptr != nullptr && !aligned16(ptr)) return refuse("a tensor is not 16-byte aligned");
+  const int elem = static_cast<int>(c10::elementSize(dtype));
+  const int vec = 16 / elem;
+  if (p.channels_last ? p.C % vec != 0 : (p.C * p.P) % vec != 0)
+    return refuse(p.channels_last ? "C is not a multiple of the 16-byte vector"
+                                  : "C*H*W is not a multiple of the 16-byte vector");
+
+  PipelineGeometry& geo = plan.geo;
+  geo.N = p.N;
+  geo.C = static_cast<int>(p.C);
+  geo.R = static_cast<int>(p.R);
+  geo.P = static_cast<int>(p.P);
+  geo.activation = static_cast<int>(p.activation);
+  geo.gate = static_cast<int>(p.gate);
+  const double weight_bytes = 2.0 * p.C * p.R * sizeof(float), slice_bytes = double(p.C) * p.P * elem;
+  const int64_t default_group = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(8.0 * weight_bytes / slice_bytes)),
+                                                    1, kMaxGroup);
+  geo.G = static_cast<int>(std::min<int64_t>(
+      p.N, integer_from_env("SE_FUSED_CUDA_PIPELINE_GROUP", default_group, 1, kMaxGroup, "an integer in [1, 16]")));
+  const int64_t tile_bytes =
+      integer_from_env("SE_FUSED_CUDA_TILE_BYTES", 32768, 1024, int64_t(1) << 30, "a number of bytes >= 1024");
+  if (p.channels_last) {
+    // Rows of at most 512 bytes (whole 128-byte lines, at most 32 vector columns, so
+    // at least 8 pixel lanes per CTA); the pixels split into row blocks of the tile size.
+    geo.tile_channels = p.C * elem <= 512 ? geo.C : 512 / elem;
+    geo.channel_blocks = ceil_div(p.C, geo.tile_channels);
+    const int64_t rows = std::max<int64_t>(1, tile_bytes / (int64_t(geo.tile_channels) * elem));
+    geo.row_blocks = ceil_div(p.P, rows);
+    geo.tile_rows = ceil_div(p.P, geo.row_blocks);
+  } else {
+    // Whole channels, a multiple of the CTA's 8 warps (one channel each), or below 8 a power
+    // of two (each channel split over 8 / channels warps); a tile starts on a vector boundary
+    // (its first channel a multiple of `unit`, a power of two up to 8).
+    const int unit = vec / std::gcd(static_cast<int>(p.P % vec), vec);
+    const int64_t warps = kPipelineThreads / 32;
+    int64_t channels = std::max<int64_t>(1, tile_bytes / (p.P * elem));
+    if (channels >= warps) {
+      channels = channels / warps * warps;
+    } else {
+      int64_t power = 1;
+      while (2 * power <= channels) power *= 2;
+      channels = power;
+    }
+    channels = std::max<int64_t>(unit, channels);
+    geo.tile_channels = static_cast<int>(std::min<int64_t>(channels, p.C));
+    geo.channel_blocks = ceil_div(p.C, geo.tile_channels);
+    geo.row_blocks = 1;
+    geo.tile_rows = geo.P;
+  }
+  geo.tiles = geo.row_blocks * geo.channel_blocks;
+
+  int off = 0;
+  geo.off_scratch = off;
+  off += p.channels_last ? kPipelineThreads * vec : kPipelineThreads / 32;
+  geo.off_values = off;
+  off += 2 * round4(geo.tile_channels);
+  geo.off_vec = off;
+  off += round4(int64_t(geo.G) * std::max(p.C, p.R));
+  geo.off_ushare = off;
+  off += round4(int64_t(geo.G) * p.R);
+  geo.off_bshare = off;
+  off += round4(int64_t(geo.G) * p.C);
+  geo.floats = off;
+  plan.smem = static_cast<size_t>(off) * sizeof(float);
+  if (plan.smem + 1024 > prop->sharedMemPerBlockOptin)
+    return refuse("its shared memory (" + std::to_string(plan.smem) + " bytes) does not fit");
+
+  ClusterGeometry& mg = geo.mlp;  // the cluster path's MLP functions over one CTA
+  mg = ClusterGeometry{};
+  mg.N = p.N;
+  mg.C = geo.C;
+  mg.R = geo.R;
+  mg.P = geo.P;
+  mg.M = mg.K = 1;
+  mg.G = geo.G;
+  mg.share_a = geo.R;
+  mg.share_b = geo.C;
+  mg.activation = geo.activation;
+  mg.gate = geo.gate;
+
+  const int per_sm = resident_blocks_per_sm(device, kernel, plan.smem);
+  if (per_sm == 0) return refuse("no CTA fits on an SM");
+  const int64_t total_tiles = p.N * geo.tiles;
+  const int64_t cap = integer_from_env("SE_FUSED_CUDA_PIPELINE_BLOCKS", INT32_MAX, 1, INT32_MAX, "a positive integer");
+  plan.blocks = static_cast<int>(std::min({int64_t(per_sm) * prop->multiProcessorCount, total_tiles, cap}));
+  const int64_t extra = integer_from_env("SE_FUSED_CUDA_PIPELINE_DELAY", 1, 0, 1 << 20, "an integer in [0, 2^20]");
+  const int64_t needed = (int64_t(geo.G) * geo.tiles + plan.blocks - 1) / plan.blocks;  // delay * grid >= G * tiles
+  TORCH_CHECK(needed + extra < INT32_MAX, "se_fused: pipelined delay out of range");
+  geo.delay = static_cast<int>(needed + extra);
+  plan.use = true;
+  if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE"); verbose != nullptr && std::string(verbose) == "1") {
+    std::fprintf(stderr,
+                 "se_fused: %s N=%lld C=%lld R=%lld HW=%lld %s%s %d-byte -> pipelined G=%d tiles=%d (%d x %d, "
+                 "%d rows x %d channels) blocks=%d (%d per SM) delay=%d smem=%zu; in flight in L2 ~%.1f MB\n",
+                 backward ? "backward" : "forward", static_cast<long long>(p.N), static_cast<long long>(p.C),
+                 static_cast<long long>(p.R), static_cast<long long>(p.P), p.channels_last ? "NHWC" : "NCHW",
+                 p.has_residual ? " residual" : "", elem, geo.G, geo.tiles, geo.row_blocks, geo.channel_blocks,
+                 geo.tile_rows, geo.tile_channels, plan.blocks, per_sm, geo.delay, plan.smem,
+                 double(geo.delay) * plan.blocks * slice_bytes / geo.tiles * (backward ? 2 : 1) / 1e6);
+  }
+  return plan;
+}
+
+// The pipelined path's global scratch: partial sums, and the zeroed arrival counters and
+// ready flags (one launch of a fill kernel; no host synchronisation).
+struct PipelineBuffers {
+  at::Tensor partial, sync;
+  PipelineWorkspace work;
+};
+PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, const at::TensorOptions& float_options) {
+  PipelineBuffers b;
+  const int64_t groups = (geo.N + geo.G - 1) / geo.G;
+  b.partial = at::empty({geo.N * geo.row_blocks * geo.C}, float_options);
+  b.sync = at::zeros({2 * groups}, float_options.dtype(at::kInt));
+  unsigned* sync = reinterpret_cast<unsigned*>(b.sync.mutable_data_ptr<int>());
+  b.work = PipelineWorkspace{b.partial.mutable_data_ptr<float>(), sync, sync + groups};
+  return b;
+}
+
 // Float32 weights for the kernels: W1 as (R, C) and W2 transposed to (R, C) so
 // that both layers read rows of C contiguous floats.
 std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
@@ -808,19 +988,29 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
   const void* res_ptr = residual ? residual->const_data_ptr() : nullptr;
 
   const bool cluster_dtype = x.scalar_type() != at::kDouble;
+  const PipelinePlan pipelined =
+      plan_pipelined(p, x.scalar_type(), false,
+                     cluster_dtype ? forward_pipelined_kernel(x.scalar_type(), p.channels_last) : nullptr,
+                     {x.const_data_ptr(), out.const_data_ptr(), res_ptr});
   const ClusterPlan plan =
       plan_cluster(p, x.scalar_type(), false,
                    cluster_dtype ? forward_cluster_kernel(x.scalar_type(), p.channels_last) : nullptr,
                    {x.const_data_ptr(), out.const_data_ptr(), res_ptr});
-  if (plan.use) {
+  if (pipelined.use || plan.use) {
     auto [w1, w2t] = float_weights(fc1_weight, fc2_weight, p);
     at::Tensor b1 = fc1_bias.to(at::kFloat).contiguous(), b2 = fc2_bias.to(at::kFloat).contiguous();
     ForwardClusterArgs args{x.const_data_ptr(), res_ptr, w1.const_data_ptr<float>(), b1.const_data_ptr<float>(),
                             w2t.const_data_ptr<float>(), b2.const_data_ptr<float>(), out.mutable_data_ptr(),
                             pooled.mutable_data_ptr<float>(), hidden.mutable_data_ptr<float>(),
                             scale.mutable_data_ptr<float>()};
-    launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last,
-                           cluster_count(plan.clusters), args, stream);
+    if (pipelined.use) {
+      const PipelineBuffers buffers = pipeline_buffers(pipelined.geo, pooled.options());
+      launch_forward_pipelined(pipelined.geo, pipelined.smem, x.scalar_type(), p.channels_last, pipelined.blocks,
+                               args, buffers.work, stream);
+    } else {
+      launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, cluster_count(plan.clusters),
+                             args, stream);
+    }
     return {out, pooled, hidden, scale};
   }
 
@@ -901,7 +1091,11 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
 
   const bool cluster_dtype = x.scalar_type() != at::kDouble;
   ClusterPlan plan;
+  PipelinePlan pipelined;
   if (p.N > 0) {
+    pipelined = plan_pipelined(
+        p, x.scalar_type(), true, cluster_dtype ? backward_pipelined_kernel(x.scalar_type(), p.channels_last) : nullptr,
+        {grad_out.const_data_ptr(), x.const_data_ptr(), out_ptr, grad_x.const_data_ptr(), gres_ptr});
     plan = plan_cluster(p, x.scalar_type(), true,
                         cluster_dtype ? backward_cluster_kernel(x.scalar_type(), p.channels_last) : nullptr,
                         {grad_out.const_data_ptr(), x.const_data_ptr(), out_ptr, grad_x.const_data_ptr(), gres_ptr});
@@ -909,7 +1103,8 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
   // The MLP kernels (excitation_cuda.h) unless the parameters' dtypes or SE_FUSED_CUDA_MLP say ATen.
   const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc2_weight});
   at::Tensor dv, du, ds;
-  if (plan.use) {
+  const bool read_once = pipelined.use || plan.use;
+  if (read_once) {
     dv = at::empty({p.N, p.C}, pooled.options());
     du = at::empty({p.N, p.R}, pooled.options());
     auto [w1, w2t] = float_weights(fc1_weight, fc2_weight, p);
@@ -918,8 +1113,15 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                              scale.const_data_ptr<float>(), grad_x.mutable_data_ptr(),
                              p.has_residual ? grad_res.mutable_data_ptr() : nullptr, dv.mutable_data_ptr<float>(),
                              du.mutable_data_ptr<float>()};
-    launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, cluster_count(plan.clusters),
-                            args, stream);
+    if (pipelined.use) {
+      at::Tensor dz_over_p = at::empty({p.N, p.C}, pooled.options());
+      const PipelineBuffers buffers = pipeline_buffers(pipelined.geo, pooled.options());
+      launch_backward_pipelined(pipelined.geo, pipelined.smem, x.scalar_type(), p.channels_last, pipelined.blocks,
+                                args, dz_over_p.mutable_data_ptr<float>(), buffers.work, stream);
+    } else {
+      launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, cluster_count(plan.clusters),
+                              args, stream);
+    }
   } else {
     ds = at::empty({p.N, p.C}, pooled.options());  // every element written by the channel sums
     if (mlp_kernels) {
@@ -945,7 +1147,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
     }
   }
   // The two-pass path with the kernels leaves dv unformed: the kernel forms it from ds and the scale.
-  const bool from_ds = !plan.use && mlp_kernels;
+  const bool from_ds = !read_once && mlp_kernels;
   auto [dw1, db1, dw2, db2] =
       mlp_kernels ? weight_gradients_kernel(from_ds ? ds : dv, from_ds ? c10::optional<at::Tensor>(scale)
                                                                        : c10::nullopt,

@@ -1,0 +1,70 @@
+// Host-visible interface of the pipelined (read-once through L2) path: its geometry
+// and the launchers of its forward and backward kernels (pipelined.cu). Planning
+// lives in squeeze_excitation_cuda.cu (plan_pipelined).
+//
+// Why a third path. The cluster path keeps a sample in shared memory and was
+// measured latency-bound (H100 ncu: 8 warps per SM, 24% of DRAM bandwidth); the
+// two-pass path runs each pass near the bandwidth but moves 3T forward, and its
+// L2-sized batch chunks lost to their per-chunk launches (docs/cuda-notes.md).
+// The pipelined path is one persistent launch of co-resident CTAs: each cuts the
+// batch into tiles, reduces tile j (first read, from HBM), and `delay` steps later
+// scales it (second read, from L2, where the tiles of the last `delay` steps still
+// are), so HBM moves 2T forward and 3T backward, and the per-sample barrier is a
+// counter in global memory (apex's one-pass GroupNorm), not a launch.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cluster.h"
+
+namespace se_fused {
+namespace cuda {
+
+constexpr int kPipelineThreads = 256;
+
+struct PipelineGeometry {
+  int64_t N;
+  int C, R, P;
+  int G;               // samples per group: one arrival counter and one MLP (batched over the group)
+  int activation, gate;
+  // A sample is cut into tiles = row_blocks * channel_blocks. NCHW: a tile is
+  // tile_channels whole channels (row_blocks = 1). NHWC: tile_rows pixels by
+  // tile_channels channels; with several row blocks each one's channel sums are
+  // partial and the group's finishing CTA adds them in row-block order.
+  int tile_rows, tile_channels;
+  int row_blocks, channel_blocks, tiles;
+  int delay;           // steps between reducing a tile and scaling it; delay * grid >= G * tiles
+  // float offsets into dynamic shared memory
+  int off_scratch, off_values, off_vec, off_ushare, off_bshare;
+  int floats;
+  ClusterGeometry mlp; // the MLP's view (K = M = 1, G samples) for the cluster path's layer functions
+};
+
+// Global scratch a launch needs (from PyTorch's allocator):
+// partial: float (N, row_blocks, C); sync: int32 (2 * groups), zeroed (arrivals, ready flags).
+struct PipelineWorkspace {
+  float* partial;
+  unsigned* arrivals;
+  unsigned* ready;
+};
+
+// The kernel a (dtype, layout) pair runs, for occupancy queries.
+const void* forward_pipelined_kernel(at::ScalarType dtype, bool channels_last);
+const void* backward_pipelined_kernel(at::ScalarType dtype, bool channels_last);
+
+// Launch `blocks` co-resident CTAs (a cooperative launch: the runtime refuses a grid
+// that cannot be resident at once, so the spin-waits on the ready flags cannot
+// deadlock) with `smem` bytes of dynamic shared memory each. The arguments are the
+// cluster path's (same outputs); backward also writes dz/P (float (N, C)) to `dz_over_p`.
+void launch_forward_pipelined(const PipelineGeometry& geo, size_t smem, at::ScalarType dtype, bool channels_last,
+                              int blocks, const ForwardClusterArgs& args, const PipelineWorkspace& work,
+                              cudaStream_t stream);
+void launch_backward_pipelined(const PipelineGeometry& geo, size_t smem, at::ScalarType dtype, bool channels_last,
+                               int blocks, const BackwardClusterArgs& args, float* dz_over_p,
+                               const PipelineWorkspace& work, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace se_fused
