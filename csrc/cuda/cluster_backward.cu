@@ -76,8 +76,7 @@ __global__ void __launch_bounds__(kClusterThreads) se_backward_cluster_kernel(
     __syncthreads();
     const float inv_p = 1.f / static_cast<float>(geo.P);
     output_layer(geo, pl, w1, sm, [&](int, int, float acc) { return acc * inv_p; });
-    cluster.sync();
-    __syncthreads();
+    cluster.sync();  // also a barrier of this CTA's threads: vec is rewritten below
     const int chans = epilogue_channels(geo, kChannelsLast);
     float* chan_scale = sm.vec;
     float* chan_add = sm.vec + chans;

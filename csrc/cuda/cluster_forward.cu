@@ -56,8 +56,7 @@ __global__ void __launch_bounds__(kClusterThreads) se_forward_cluster_kernel(
       if (n < geo.N) scale[n * geo.C + c] = s;
       return s;
     });
-    cluster.sync();
-    __syncthreads();  // vec is rewritten below
+    cluster.sync();  // every thread of the cluster (this CTA's too) is past the MLP; vec is rewritten below
     const int chans = epilogue_channels(geo, kChannelsLast);
     for (int j = threadIdx.x; j < chans; j += blockDim.x) {
       const int c = epilogue_channel<kChannelsLast>(geo, pl, j);
