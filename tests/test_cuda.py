@@ -155,7 +155,8 @@ PIPELINE_KNOBS = [("SE_FUSED_CUDA_PIPELINE_BLOCKS", "1"), ("SE_FUSED_CUDA_PIPELI
 PIPELINE_SHAPES = (SEShape(7, 64, 4, 12, 12), SEShape(70, 600, 40, 5, 5))
 
 
-@pytest.mark.parametrize("name,value", PIPELINE_KNOBS, ids=[f"{n.rsplit('_', 1)[-1].lower()}={v}" for n, v in PIPELINE_KNOBS])
+@pytest.mark.parametrize("name,value", PIPELINE_KNOBS,
+                         ids=[f"{n.rsplit('_', 1)[-1].lower()}={v}" for n, v in PIPELINE_KNOBS])
 @pytest.mark.parametrize("shape", PIPELINE_SHAPES, ids=[s.id for s in PIPELINE_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
@@ -236,10 +237,10 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("cluster", "SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
     ("cluster", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2"),
     ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"),
-    ("pipelined", "SE_FUSED_CUDA_PIPELINE_GROUP", "17", r"SE_FUSED_CUDA_PIPELINE_GROUP must be an integer in \[1, 16\]"),
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_GROUP", "17", r"PIPELINE_GROUP must be an integer in \[1, 16\]"),
     ("pipelined", "SE_FUSED_CUDA_TILE_BYTES", "512", "SE_FUSED_CUDA_TILE_BYTES must be a number of bytes >= 1024"),
-    ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "SE_FUSED_CUDA_PIPELINE_BLOCKS must be a positive integer"),
-    ("pipelined", "SE_FUSED_CUDA_PIPELINE_DELAY", "-1", r"SE_FUSED_CUDA_PIPELINE_DELAY must be an integer in \[0, 2\^20\]")])
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "PIPELINE_BLOCKS must be a positive integer"),
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_DELAY", "-1", r"PIPELINE_DELAY must be an integer in \[0, 2\^20\]")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
     if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")

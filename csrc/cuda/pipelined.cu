@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(kPipelineThreads, kPipelineMinBlocks) se_forwa
   float* smem = reinterpret_cast<float*>(smem_raw);
   constexpr int V = Vec16<T>::kSize;
   const auto reduce = [&](const PipelineTile& t) {
-    reduce_tile<T, kChannelsLast, kForwardUnroll>(geo, t, x, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
-                                  smem + geo.off_scratch, work.partial);
+    const T* none = nullptr;
+    reduce_tile<T, kChannelsLast, kForwardUnroll>(geo, t, x, none, none, smem + geo.off_scratch, work.partial);
   };
   const auto finish = [&](int64_t group) {
     const ClusterGeometry mg = group_mlp(geo, group);
