@@ -8,8 +8,8 @@ samples per cluster, a padded last group, persistent clusters that each walk
 several groups with one or two chunk buffers), and the two-pass path's kernels
 (channel sums, the excitation MLP over two sample groups, the weight
 gradients, the scale), over the whole batch and one sample per chunk, and the
-pipelined path (its own CTAs, and 2 CTAs walking 1024-byte tiles, so that each
-CTA waits on groups that other CTAs finish).
+pipelined path (its own CTAs, 2 CTAs walking 1024-byte tiles, so that each CTA
+waits on groups that other CTAs finish, and the direct group MLP beside the staged one).
 The script also checks each result against the eager backend, so a run that
 the sanitizer passes but computes garbage still fails.
 
@@ -28,17 +28,20 @@ import torch
 import _common as common
 import se_fused
 
-# (path, plan, clusters, buffers, chunk bytes, pipeline CTAs, tile bytes): plan "M,G" = CTAs per
-# sample, samples per cluster ("" = automatic); clusters: at most this many persistent clusters
-# (0 = the plan's), so that one cluster walks several groups; buffers: the chunk buffers (0 = two
-# where they fit); chunk bytes: the two-pass path's batch chunks (0 = the whole batch, 1 = one
-# sample per chunk); pipeline CTAs and tile bytes: the pipelined path's (0 = its own).
-CASES = [("two_pass", "", 0, 0, 0, 0, 0), ("two_pass", "", 0, 0, 1, 0, 0), ("cluster", "", 0, 0, 0, 0, 0),
-         ("cluster", "2,4", 0, 0, 0, 0, 0), ("cluster", "4,1", 0, 0, 0, 0, 0), ("cluster", "1,2", 0, 0, 0, 0, 0),
-         ("cluster", "2,1", 1, 0, 0, 0, 0), ("cluster", "1,2", 1, 1, 0, 0, 0), ("pipelined", "", 0, 0, 0, 0, 0),
-         ("pipelined", "", 0, 0, 0, 2, 1024)]
+# (path, plan, clusters, buffers, chunk bytes, pipeline CTAs, tile bytes, pipeline MLP): plan "M,G" =
+# CTAs per sample, samples per cluster ("" = automatic); clusters: at most this many persistent
+# clusters (0 = the plan's), so that one cluster walks several groups; buffers: the chunk buffers
+# (0 = two where they fit); chunk bytes: the two-pass path's batch chunks (0 = the whole batch, 1 =
+# one sample per chunk); pipeline CTAs, tile bytes and MLP: the pipelined path's (0 / "" = its own:
+# the staged MLP where C is a multiple of 4).
+CASES = [("two_pass", "", 0, 0, 0, 0, 0, ""), ("two_pass", "", 0, 0, 1, 0, 0, ""), ("cluster", "", 0, 0, 0, 0, 0, ""),
+         ("cluster", "2,4", 0, 0, 0, 0, 0, ""), ("cluster", "4,1", 0, 0, 0, 0, 0, ""),
+         ("cluster", "1,2", 0, 0, 0, 0, 0, ""), ("cluster", "2,1", 1, 0, 0, 0, 0, ""),
+         ("cluster", "1,2", 1, 1, 0, 0, 0, ""), ("pipelined", "", 0, 0, 0, 0, 0, ""),
+         ("pipelined", "", 0, 0, 0, 2, 1024, ""), ("pipelined", "", 0, 0, 0, 0, 0, "direct")]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
-         "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES")
+         "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
+         "SE_FUSED_CUDA_PIPELINE_MLP")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its
@@ -77,12 +80,12 @@ def main() -> int:
         return 2
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     # (channels_last, residual): quick takes two of the four, each layout and form once, so that
-    # racecheck (about a second per case on an H100) stays inside gpu_check's 100 s.
+    # racecheck (about a second per case on an H100) stays inside gpu_check's 130 s.
     forms = [(False, False), (True, True)] if args.quick else list(itertools.product((False, True), (False, True)))
     failures = 0
     count = 0
     for case, shape, dtype, (cl, residual) in itertools.product(CASES, SHAPES, dtypes, forms):
-        path, plan, clusters, buffers, chunk_bytes, _, _ = case
+        path = case[0]
         for name, value in zip(KNOBS, case):
             common.set_env(name, value)
         try:
@@ -95,8 +98,8 @@ def main() -> int:
         count += 1
         if not diff <= tol:
             failures += 1
-            print(f"MISMATCH path={path} plan={plan or 'auto'} clusters={clusters or 'plan'} "
-                  f"buffers={buffers or 'auto'} chunk_bytes={chunk_bytes or 'batch'} shape={shape} {dtype} "
+            knobs = " ".join(f"{name}={value}" for name, value in zip(KNOBS[1:], case[1:]) if value)
+            print(f"MISMATCH path={path} {knobs} shape={shape} {dtype} "
                   f"{'NHWC' if cl else 'NCHW'} residual={residual}: max diff {diff:.3e} > {tol}")
     if device == "cuda":
         torch.cuda.synchronize()

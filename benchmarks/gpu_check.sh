@@ -162,12 +162,13 @@ if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
 fi
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------
-# A tool starts only with the time it needs (on an H100: memcheck ~11 s, racecheck ~81 s for
-# the quick cases; a slower host takes up to 1.5x): one cut short by the budget would fail.
-declare -A SANITIZER_NEEDS=([memcheck]=40 [racecheck]=130)
+# A tool starts only with the time it needs (on an H100 at cca1da2: memcheck ~11 s, racecheck
+# ~81 s for 64 quick cases; now 88 with the pipelined path's 24, so ~15 s and ~112 s; a slower
+# host takes up to 1.5x): one cut short by the budget would fail.
+declare -A SANITIZER_NEEDS=([memcheck]=45 [racecheck]=160)
 for tool in memcheck racecheck; do
   if [[ ${#SANITIZE[@]} -gt 0 ]]; then
-    step_if "${SANITIZER_NEEDS[$tool]}" "$tool" $(( $(left) < 120 ? $(left) - 20 : 100 )) \
+    step_if "${SANITIZER_NEEDS[$tool]}" "$tool" $(( $(left) < 150 ? $(left) - 20 : 130 )) \
       "${SANITIZE[@]}" --tool "$tool" "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
   else
     step_if "${SANITIZER_NEEDS[$tool]}" "$tool" 120 "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"

@@ -5,10 +5,12 @@ pass, times the raw forward/backward op under the automatic choice, the
 two-pass path and every geometry of the read-once paths, and prints them as
 GB/s of the pass's minimum traffic (SPEC §4):
 
-* pipelined (``SE_FUSED_CUDA_PATH=pipelined``), labelled ``G,tileK,+d``: G samples
-  per MLP group (``SE_FUSED_CUDA_PIPELINE_GROUP``), tiles of tile KiB
-  (``SE_FUSED_CUDA_TILE_BYTES``), d steps of delay beyond the minimum
-  (``SE_FUSED_CUDA_PIPELINE_DELAY``);
+* pipelined (``SE_FUSED_CUDA_PATH=pipelined``): ``default`` (the planner's choice),
+  then ``G,tileK,+d``: G samples per MLP group (``SE_FUSED_CUDA_PIPELINE_GROUP``),
+  tiles of tile KiB (``SE_FUSED_CUDA_TILE_BYTES``), d steps of delay beyond the
+  minimum (``SE_FUSED_CUDA_PIPELINE_DELAY``), with ``/direct`` the group MLP loading
+  its weights from L2 as it goes (``SE_FUSED_CUDA_PIPELINE_MLP=direct``) instead of
+  streaming them through shared memory;
 * cluster (``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster),
   ``M,G`` with two chunk buffers where they fit, ``M,G/1`` with one
   (``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``).
@@ -34,9 +36,10 @@ import se_fused  # noqa: F401  (loads the ops)
 STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x": (1024, 64, 14, 14),
           "conv5_x": (2048, 128, 7, 7)}
 PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
-PIPELINE_PLANS = [(g, kib, d) for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
+PIPELINE_PLANS = [(g, kib, d, "") for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
+PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
-         "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY")
+         "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP")
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -65,8 +68,9 @@ def candidates(paths) -> list:
     """(label, family, path, knob values...) for the automatic choice, the two-pass path and each geometry."""
     found = [("auto", "", "auto"), ("2-pass", "", "two_pass")]
     if "pipelined" in paths:
-        found += [(f"{g},{kib}K,+{d}", "pipelined", "pipelined", "", "", str(g), str(kib * 1024), str(d))
-                  for g, kib, d in PIPELINE_PLANS]
+        found.append(("default", "pipelined", "pipelined"))
+        found += [(f"{g},{kib}K,+{d}" + (f"/{mlp}" if mlp else ""), "pipelined", "pipelined", "", "", str(g),
+                   str(kib * 1024), str(d), mlp) for g, kib, d, mlp in PIPELINE_PLANS]
     if "cluster" in paths:
         found += [(p, "cluster", "cluster", p) for p in PLANS]
         found += [(f"{p}/1", "cluster", "cluster", p, "1") for p in PLANS]

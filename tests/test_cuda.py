@@ -169,6 +169,28 @@ def test_pipelined_schedule(cuda_path, monkeypatch, name, value, shape, dtype, m
     check_knob_keeps_bits(monkeypatch, inputs, name, value)
 
 
+# The group MLP of the pipelined path is staged (weights streamed through shared memory)
+# wherever C is a multiple of 4; SE_FUSED_CUDA_PIPELINE_MLP=direct runs the cluster path's
+# layer functions instead (the default where C is not, e.g. C = 7 and 33 above).
+@pytest.mark.parametrize("shape", PIPELINE_SHAPES + (SEShape(5, 2048, 128, 7, 7), SEShape(3, 40, 2, 5, 5)),
+                         ids=[s.id for s in PIPELINE_SHAPES + (SEShape(5, 2048, 128, 7, 7), SEShape(3, 40, 2, 5, 5))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_pipelined_direct_mlp(cuda_path, monkeypatch, shape, dtype, memory_format, residual):
+    cuda_path("pipelined")
+    monkeypatch.setenv("SE_FUSED_CUDA_PIPELINE_MLP", "direct")
+    check_against_reference(make_se_inputs(shape, dtype, memory_format, "cuda", residual, "relu", "hardsigmoid"))
+
+
+def test_pipelined_staged_mlp_refuses_unaligned_channels(cuda_path, monkeypatch):
+    cuda_path("pipelined")
+    monkeypatch.setenv("SE_FUSED_CUDA_PIPELINE_MLP", "staged")
+    inputs = make_se_inputs(SEShape(2, 7, 1, 56, 56), torch.bfloat16, "nchw", "cuda")
+    with pytest.raises(RuntimeError, match="staged MLP needs C a multiple of 4"):
+        backend_se(inputs, "cuda")
+
+
 def test_unknown_mlp_choice_is_refused(monkeypatch):
     monkeypatch.setenv("SE_FUSED_CUDA_MLP", "cublas")
     inputs = make_se_inputs(SEShape(2, 16, 4, 3, 3), torch.float32, "nchw", "cuda")
@@ -240,7 +262,8 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_GROUP", "17", r"PIPELINE_GROUP must be an integer in \[1, 16\]"),
     ("pipelined", "SE_FUSED_CUDA_TILE_BYTES", "512", "SE_FUSED_CUDA_TILE_BYTES must be a number of bytes >= 1024"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "PIPELINE_BLOCKS must be a positive integer"),
-    ("pipelined", "SE_FUSED_CUDA_PIPELINE_DELAY", "-1", r"PIPELINE_DELAY must be an integer in \[0, 2\^20\]")])
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_DELAY", "-1", r"PIPELINE_DELAY must be an integer in \[0, 2\^20\]"),
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_MLP", "cublas", "PIPELINE_MLP must be staged or direct")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
     if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")

@@ -30,9 +30,6 @@ namespace {
 // 128-register cap), the same bytes per thread.
 constexpr int kForwardUnroll = 4, kBackwardUnroll = 2;
 constexpr int kPipelineMlpLoads = 8;
-// Two CTAs (16 warps) per SM at least: at most 128 registers per thread. Unbounded, the
-// NHWC backward took 212 (one CTA per SM) for its unrolled loads and the MLP's accumulators.
-constexpr int kPipelineMinBlocks = 2;
 
 struct PipelineTile {
   int64_t n, group;
@@ -322,6 +319,159 @@ __device__ __forceinline__ void gather_group_sums(const PipelineGeometry& geo, c
   }
 }
 
+// --- The staged group MLP (geo.mlp_block > 0) --------------------------------------
+// One CTA computes a group's two layers. Loading each weight from L2 as the lanes use it
+// (the cluster path's layer functions, fine there with the MLP split over 16 CTAs) makes
+// a chain of dependent round trips: R / 8 rows per warp times C / 256 loads per row, ~256
+// round trips (~180 us) per group at conv5_x, during which the group's tiles wait. Here
+// the (R, C) weight matrix streams through two shared buffers in column blocks, the next
+// block's cp.async copies in flight while this one is used: ~C / mlp_block copies of up
+// to 32 KiB per layer. Both layers read from shared memory only; every sum runs in a fixed
+// order (a thread's rows or columns in order, its splits added in split order).
+
+// cp.async copies of W[0:rows, c0:c0 + n] (row stride C floats; n, c0 and C multiples of 4,
+// W 16-byte aligned) into buf (row stride `stride` floats).
+__device__ __forceinline__ void issue_weight_block(const float* W, int rows, int C, int c0, int n, int stride,
+                                                   float* buf) {
+  const int per_row = n / 4;
+  for (int i = threadIdx.x; i < rows * per_row; i += blockDim.x) {
+    const int r = i / per_row, q = i % per_row;
+    cp_async_16(buf + r * stride + q * 4, W + static_cast<int64_t>(r) * C + c0 + q * 4);
+  }
+}
+
+// consume(c0, n, buf) for each column block [c0, c0 + n) of W[0:rows, :] in order, buf holding
+// it at row stride geo.mlp_block + 4, the next block loading meanwhile.
+template <typename Consume>
+__device__ __forceinline__ void for_each_weight_block(const PipelineGeometry& geo, const float* W, int rows,
+                                                      float* stage, const Consume& consume) {
+  const int block = geo.mlp_block, stride = block + 4, C = geo.C;
+  const auto buffer = [&](int k) { return stage + (k % 2) * geo.mlp_stage_floats; };
+  const int blocks = (C + block - 1) / block;
+  issue_weight_block(W, rows, C, 0, min(block, C), stride, buffer(0));
+  cp_async_commit();
+  for (int k = 0; k < blocks; ++k) {
+    if (k + 1 < blocks) {
+      // The other buffer was last read by block k - 1, before the barrier that ended it.
+      const int c1 = (k + 1) * block;
+      issue_weight_block(W, rows, C, c1, min(block, C - c1), stride, buffer(k + 1));
+      cp_async_commit();
+      cp_async_wait_pending<1>();
+    } else {
+      cp_async_wait_pending<0>();
+    }
+    __syncthreads();
+    consume(k * block, min(block, C - k * block), static_cast<const float*>(buffer(k)));
+    __syncthreads();
+  }
+}
+
+// out[g][r] = sum_c W[r][c] in[g][c] for r < R (the hidden form: W1 forward, W2^T backward);
+// in: [G][C] in shared memory; post(g, r, total). A pass covers up to blockDim rows: thread t
+// takes row t % rows and every splits-th column of each block from t / rows on; the splits
+// meet in `stash` (blockDim * G floats).
+template <typename Post>
+__device__ void staged_rows_layer(const PipelineGeometry& geo, int G, const float* W, const float* in,
+                                  float* stage, float* stash, const Post& post) {
+  const int C = geo.C, R = geo.R, stride = geo.mlp_block + 4;
+  for (int r0 = 0; r0 < R; r0 += blockDim.x) {
+    const int rows = min(static_cast<int>(blockDim.x), R - r0);
+    const int splits = blockDim.x / rows, rr = threadIdx.x % rows, s = threadIdx.x / rows;
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+    for_each_weight_block(geo, W + static_cast<int64_t>(r0) * C, rows, stage, [&](int c0, int n, const float* buf) {
+      if (s >= splits) return;
+      const float* w_row = buf + rr * stride;
+      for (int j = s; j < n; j += splits) {
+        const float w = w_row[j];
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+          if (g < G) acc[g] = fmaf(w, in[g * C + c0 + j], acc[g]);
+      }
+    });
+    if (s < splits) {
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g)
+        if (g < G) stash[(s * G + g) * rows + rr] = acc[g];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * rows; i += blockDim.x) {
+      const int g = i / rows, q = i % rows;
+      float total = 0.f;
+      for (int k = 0; k < splits; ++k) total += stash[(k * G + g) * rows + q];
+      post(g, r0 + q, total);
+    }
+    __syncthreads();  // the next pass rewrites stash
+  }
+}
+
+// out[g][c] = sum_r W[r][c] in[g][r] for c < C (the output form: W2^T forward, W1 backward);
+// in: [G][R] in shared memory; post(g, c, total). Per block, passes of up to blockDim columns:
+// thread t takes column t % cols and every splits-th row from t / cols on; splits added in order.
+template <typename Post>
+__device__ void staged_columns_layer(const PipelineGeometry& geo, int G, const float* W, const float* in,
+                                     float* stage, float* stash, const Post& post) {
+  const int R = geo.R, stride = geo.mlp_block + 4;
+  for_each_weight_block(geo, W, R, stage, [&](int c0, int n, const float* buf) {
+    for (int j0 = 0; j0 < n; j0 += blockDim.x) {
+      const int cols = min(static_cast<int>(blockDim.x), n - j0);
+      const int splits = blockDim.x / cols, jj = threadIdx.x % cols, s = threadIdx.x / cols;
+      if (s < splits) {
+        float acc[kMaxGroup];
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+        for (int r = s; r < R; r += splits) {
+          const float w = buf[r * stride + j0 + jj];
+#pragma unroll
+          for (int g = 0; g < kMaxGroup; ++g)
+            if (g < G) acc[g] = fmaf(w, in[g * R + r], acc[g]);
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+          if (g < G) stash[(s * G + g) * cols + jj] = acc[g];
+      }
+      __syncthreads();
+      for (int i = threadIdx.x; i < G * cols; i += blockDim.x) {
+        const int g = i / cols, q = i % cols;
+        float total = 0.f;
+        for (int k = 0; k < splits; ++k) total += stash[(k * G + g) * cols + q];
+        post(g, c0 + j0 + q, total);
+      }
+      __syncthreads();  // the next pass rewrites stash
+    }
+  });
+}
+
+// The group's two layers: hidden(g, r, acc) returns the value the second layer takes (and
+// stores what it must); output(g, c, acc) stores. `A` is the first layer's (R, C) matrix, `B`
+// the second's; the first layer's inputs are in sm.vec ([G][C]), its outputs go to sm.ushare
+// ([G][R]), the second layer's input.
+template <typename Hidden, typename Output>
+__device__ __forceinline__ void group_mlp_layers(const PipelineGeometry& geo, const ClusterGeometry& mg,
+                                                 const ClusterPlace& pl, const ClusterSmem& sm, float* smem,
+                                                 const float* A, const float* B, const Hidden& hidden,
+                                                 const Output& output) {
+  if (geo.mlp_block > 0) {
+    float* stage = smem + geo.off_stage;
+    float* stash = smem + geo.off_stash;
+    staged_rows_layer(geo, mg.G, A, sm.vec, stage, stash, [&](int g, int r, float acc) {
+      sm.ushare[g * geo.R + r] = hidden(g, r, acc);
+    });
+    __syncthreads();
+    staged_columns_layer(geo, mg.G, B, sm.ushare, stage, stash, [&](int g, int c, float acc) { output(g, c, acc); });
+  } else {
+    hidden_layer<kPipelineMlpLoads>(mg, pl, A, sm, hidden);
+    __syncthreads();
+    ClusterSmem second = sm;
+    second.vec = sm.ushare;  // [g][R]: share_a == R, so the hidden layer's output is the next input as laid out
+    output_layer<kPipelineMlpLoads>(mg, pl, B, second, [&](int g, int c, float acc) {
+      output(g, c, acc);
+      return 0.f;  // bshare: not read again
+    });
+  }
+}
+
 template <typename T, bool kChannelsLast>
 __global__ void __launch_bounds__(kPipelineThreads, kPipelineMinBlocks) se_forward_pipelined_kernel(
     PipelineGeometry geo, const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ w1,
@@ -346,19 +496,14 @@ __global__ void __launch_bounds__(kPipelineThreads, kPipelineMinBlocks) se_forwa
       return mean;
     });
     __syncthreads();
-    hidden_layer<kPipelineMlpLoads>(mg, pl, w1, sm, [&](int g, int r, float acc) {
-      const float u = acc + __ldg(b1 + r);
-      hidden[(pl.group_n0 + g) * geo.R + r] = u;
-      return apply_activation(u, geo.activation);
-    });
-    __syncthreads();
-    ClusterSmem second = sm;
-    second.vec = sm.ushare;  // [g][R]: share_a == R, so the hidden layer's output is the next input as laid out
-    output_layer<kPipelineMlpLoads>(mg, pl, w2t, second, [&](int g, int c, float acc) {
-      const float s = apply_gate(acc + __ldg(b2 + c), geo.gate);
-      scale[(pl.group_n0 + g) * geo.C + c] = s;
-      return s;
-    });
+    group_mlp_layers(
+        geo, mg, pl, sm, smem, w1, w2t,
+        [&](int g, int r, float acc) {
+          const float u = acc + __ldg(b1 + r);
+          hidden[(pl.group_n0 + g) * geo.R + r] = u;
+          return apply_activation(u, geo.activation);
+        },
+        [&](int g, int c, float acc) { scale[(pl.group_n0 + g) * geo.C + c] = apply_gate(acc + __ldg(b2 + c), geo.gate); });
   };
   const auto excite = [&](const PipelineTile& t) {
     float* values = smem + geo.off_values;
@@ -408,21 +553,16 @@ __global__ void __launch_bounds__(kPipelineThreads, kPipelineMinBlocks) se_backw
       return dv;
     });
     __syncthreads();
-    hidden_layer<kPipelineMlpLoads>(mg, pl, w2t, sm, [&](int g, int r, float acc) {
-      const int64_t n = pl.group_n0 + g;
-      const float du = activation_backward(acc, hidden[n * geo.R + r], geo.activation);
-      du_out[n * geo.R + r] = du;
-      return du;
-    });
-    __syncthreads();
-    ClusterSmem second = sm;
-    second.vec = sm.ushare;
     const float inv_p = 1.f / static_cast<float>(geo.P);
-    output_layer<kPipelineMlpLoads>(mg, pl, w1, second, [&](int g, int c, float acc) {
-      const float d = acc * inv_p;
-      dz_over_p[(pl.group_n0 + g) * geo.C + c] = d;
-      return d;
-    });
+    group_mlp_layers(
+        geo, mg, pl, sm, smem, w2t, w1,
+        [&](int g, int r, float acc) {
+          const int64_t n = pl.group_n0 + g;
+          const float du = activation_backward(acc, hidden[n * geo.R + r], geo.activation);
+          du_out[n * geo.R + r] = du;
+          return du;
+        },
+        [&](int g, int c, float acc) { dz_over_p[(pl.group_n0 + g) * geo.C + c] = acc * inv_p; });
   };
   // dx = g'*s + dz/P (and grad_residual = g'), g and out re-read from L2.
   const auto excite = [&](const PipelineTile& t) {

@@ -24,6 +24,12 @@ namespace se_fused {
 namespace cuda {
 
 constexpr int kPipelineThreads = 256;
+// Two CTAs (16 warps) per SM at least: at most 128 registers per thread (unbounded, the
+// NHWC backward took 212: one CTA per SM), and the planner keeps a CTA's shared memory
+// to half an SM's where it chooses the group size.
+constexpr int kPipelineMinBlocks = 2;
+// The staged MLP (see PipelineGeometry::mlp_block): floats of one weight buffer at most.
+constexpr int kMlpStageFloats = 8192;
 
 struct PipelineGeometry {
   int64_t N;
@@ -37,8 +43,13 @@ struct PipelineGeometry {
   int tile_rows, tile_channels;
   int row_blocks, channel_blocks, tiles;
   int delay;           // steps between reducing a tile and scaling it; delay * grid >= G * tiles
+  // The group MLP. mlp_block > 0: staged, the (R, C) weights streamed through two shared
+  // buffers of R x mlp_block floats (row stride mlp_block + 4, mlp_stage_floats each) with
+  // cp.async; 0: direct, the cluster path's layer functions (each lane's weight loads from L2,
+  // a chain of round trips: ~180 us per group estimated at conv5_x).
+  int mlp_block, mlp_stage_floats;
   // float offsets into dynamic shared memory
-  int off_scratch, off_values, off_vec, off_ushare, off_bshare;
+  int off_scratch, off_values, off_vec, off_ushare, off_bshare, off_stage, off_stash;
   int floats;
   ClusterGeometry mlp; // the MLP's view (K = M = 1, G samples) for the cluster path's layer functions
 };

@@ -791,10 +791,19 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   geo.activation = static_cast<int>(p.activation);
   geo.gate = static_cast<int>(p.gate);
   const double weight_bytes = 2.0 * p.C * p.R * sizeof(float), slice_bytes = double(p.C) * p.P * elem;
-  const int64_t default_group = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(8.0 * weight_bytes / slice_bytes)),
-                                                    1, kMaxGroup);
-  geo.G = static_cast<int>(std::min<int64_t>(
-      p.N, integer_from_env("SE_FUSED_CUDA_PIPELINE_GROUP", default_group, 1, kMaxGroup, "an integer in [1, 16]")));
+  const int64_t asked_group = integer_from_env("SE_FUSED_CUDA_PIPELINE_GROUP", 0, 1, kMaxGroup, "an integer in [1, 16]");
+  // The group MLP: staged where the weights' rows take 16-byte copies and a buffer holds a
+  // column block of at least 4 (SE_FUSED_CUDA_PIPELINE_MLP=direct|staged forces one).
+  const char* mlp_env = std::getenv("SE_FUSED_CUDA_PIPELINE_MLP");
+  const std::string mlp_choice = mlp_env ? mlp_env : "";
+  TORCH_CHECK_VALUE(mlp_choice.empty() || mlp_choice == "staged" || mlp_choice == "direct",
+                    "se_fused: SE_FUSED_CUDA_PIPELINE_MLP must be staged or direct; got '", mlp_choice, "'");
+  const int64_t staged_block = (kMlpStageFloats / p.R - 4) / 4 * 4;
+  const bool can_stage = p.C % 4 == 0 && staged_block >= 4;
+  if (mlp_choice == "staged" && !can_stage) return refuse("the staged MLP needs C a multiple of 4 and R <= 1024");
+  const bool staged = can_stage && mlp_choice != "direct";
+  geo.mlp_block = staged ? static_cast<int>(std::min<int64_t>(staged_block, (p.C + 3) / 4 * 4)) : 0;
+  geo.mlp_stage_floats = staged ? round4(p.R * (geo.mlp_block + 4)) : 0;
   const int64_t tile_bytes =
       integer_from_env("SE_FUSED_CUDA_TILE_BYTES", 32768, 1024, int64_t(1) << 30, "a number of bytes >= 1024");
   if (p.channels_last) {
@@ -827,19 +836,38 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   }
   geo.tiles = geo.row_blocks * geo.channel_blocks;
 
-  int off = 0;
-  geo.off_scratch = off;
-  off += p.channels_last ? kPipelineThreads * vec : kPipelineThreads / 32;
-  geo.off_values = off;
-  off += 2 * round4(geo.tile_channels);
-  geo.off_vec = off;
-  off += round4(int64_t(geo.G) * std::max(p.C, p.R));
-  geo.off_ushare = off;
-  off += round4(int64_t(geo.G) * p.R);
-  geo.off_bshare = off;
-  off += round4(int64_t(geo.G) * p.C);
-  geo.floats = off;
-  plan.smem = static_cast<size_t>(off) * sizeof(float);
+  // Shared memory for a group of G samples (floats, regions 16-byte aligned).
+  const auto layout = [&](int G) {
+    int off = 0;
+    geo.off_scratch = off;
+    off += p.channels_last ? kPipelineThreads * vec : kPipelineThreads / 32;
+    geo.off_values = off;
+    off += 2 * round4(geo.tile_channels);
+    geo.off_vec = off;
+    off += round4(int64_t(G) * std::max(p.C, p.R));
+    geo.off_ushare = off;
+    off += round4(int64_t(G) * p.R);
+    geo.off_bshare = off;
+    off += staged ? 0 : round4(int64_t(G) * p.C);  // the direct output layer's results (not read)
+    geo.off_stage = off;
+    off += 2 * geo.mlp_stage_floats;
+    geo.off_stash = off;
+    off += staged ? kPipelineThreads * G : 0;
+    geo.floats = off;
+    return static_cast<size_t>(off) * sizeof(float);
+  };
+  // The group: as asked, else enough samples that the weights read per group are at most an
+  // eighth of the group's slice bytes, fewer where two CTAs would no longer fit on an SM
+  // (conv5_x: 16 samples would want 2 x 128 KiB of MLP vectors).
+  if (asked_group > 0) {
+    geo.G = static_cast<int>(std::min<int64_t>(p.N, asked_group));
+  } else {
+    const size_t two_per_sm = prop->sharedMemPerMultiprocessor / kPipelineMinBlocks - 2048;
+    geo.G = static_cast<int>(std::min<int64_t>(
+        p.N, std::clamp<int64_t>(static_cast<int64_t>(std::ceil(8.0 * weight_bytes / slice_bytes)), 1, kMaxGroup)));
+    while (geo.G > 1 && layout(geo.G) > two_per_sm) --geo.G;
+  }
+  plan.smem = layout(geo.G);
   if (plan.smem + 1024 > prop->sharedMemPerBlockOptin)
     return refuse("its shared memory (" + std::to_string(plan.smem) + " bytes) does not fit");
 
@@ -869,11 +897,11 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE"); verbose != nullptr && std::string(verbose) == "1") {
     std::fprintf(stderr,
                  "se_fused: %s N=%lld C=%lld R=%lld HW=%lld %s%s %d-byte -> pipelined G=%d tiles=%d (%d x %d, "
-                 "%d rows x %d channels) blocks=%d (%d per SM) delay=%d smem=%zu; in flight in L2 ~%.1f MB\n",
+                 "%d rows x %d channels) blocks=%d (%d per SM) delay=%d mlp=%s smem=%zu; in flight in L2 ~%.1f MB\n",
                  backward ? "backward" : "forward", static_cast<long long>(p.N), static_cast<long long>(p.C),
                  static_cast<long long>(p.R), static_cast<long long>(p.P), p.channels_last ? "NHWC" : "NCHW",
                  p.has_residual ? " residual" : "", elem, geo.G, geo.tiles, geo.row_blocks, geo.channel_blocks,
-                 geo.tile_rows, geo.tile_channels, plan.blocks, per_sm, geo.delay, plan.smem,
+                 geo.tile_rows, geo.tile_channels, plan.blocks, per_sm, geo.delay, staged ? "staged" : "direct", plan.smem,
                  double(geo.delay) * plan.blocks * slice_bytes / geo.tiles * (backward ? 2 : 1) / 1e6);
   }
   return plan;
@@ -896,11 +924,15 @@ PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, const at::TensorOp
 }
 
 // Float32 weights for the kernels: W1 as (R, C) and W2 transposed to (R, C) so
-// that both layers read rows of C contiguous floats.
+// that both layers read rows of C contiguous floats; 16-byte aligned (the pipelined
+// path's staged MLP copies them with cp.async), which a float32 parameter that is a
+// view into a larger buffer need not be.
 std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                                                  const SEProblem& p) {
   at::Tensor w1 = fc1_weight.reshape({p.R, p.C}).to(at::kFloat).contiguous();
   at::Tensor w2t = fc2_weight.reshape({p.C, p.R}).t().to(at::kFloat).contiguous();
+  if (!aligned16(w1.const_data_ptr())) w1 = w1.clone();
+  if (!aligned16(w2t.const_data_ptr())) w2t = w2t.clone();
   return {w1, w2t};
 }
 
