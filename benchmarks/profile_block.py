@@ -19,8 +19,9 @@ On CUDA the fused backend runs four times, with the excitation MLP as kernels
 (``SE_FUSED_CUDA_MLP=kernels``, the default), as ATen ops (``=aten``), with the
 batch in L2-sized chunks (``SE_FUSED_CUDA_CHUNK_BYTES=l2``), and on the pipelined
 path (``SE_FUSED_CUDA_PATH=pipelined``: read once, the re-read from L2), and the
-Triton backend twice, with the batch in L2-sized chunks (the default) and in one
-chunk, so each pair is compared side by side in one run. Writes ``profile.json`` (or
+Triton backend three times, in one chunk (the default), in L2-sized chunks and with
+the pipelined forward (``SE_FUSED_TRITON_PATH=pipelined``), so each pair is compared
+side by side in one run. Writes ``profile.json`` (or
 ``--json-name``) into ``--out``.
 
     python benchmarks/profile_block.py                 # GPU: batch 256, bf16, channels_last
@@ -78,9 +79,11 @@ def variants(device: torch.device) -> List[tuple]:
                  ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"}),
                  ("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"})] \
             if "cuda" in usable else []
-        # Triton as shipped (the whole batch in one chunk: one MLP over the batch) and in
-        # L2-sized chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP).
-        fused += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"})] \
+        # Triton as shipped (the whole batch in one chunk: one MLP over the batch), in L2-sized
+        # chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP), and with the
+        # pipelined forward (read once, one launch; the backward is the two-pass one).
+        fused += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"}),
+                  ("triton/pipelined", "triton", {"triton_path": "pipelined"})] \
             if "triton" in usable else []
     else:
         fused = [("cpu", "cpu", {})] if "cpu" in usable else []
@@ -90,10 +93,11 @@ def variants(device: torch.device) -> List[tuple]:
 def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
-    two-pass path's batch chunks); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
+    two-pass path's batch chunks); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_path`` ->
+    ``SE_FUSED_TRITON_PATH``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
     budget (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
     for key, name in (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
-                      ("cuda_path", "SE_FUSED_CUDA_PATH")):
+                      ("cuda_path", "SE_FUSED_CUDA_PATH"), ("triton_path", "SE_FUSED_TRITON_PATH")):
         common.set_env(name, settings.get(key))
     try:
         from se_fused.triton import _common as triton_common
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
     rows = []
     saved = {"mlp": os.environ.get("SE_FUSED_CUDA_MLP"),
              "cuda_chunk_bytes": os.environ.get("SE_FUSED_CUDA_CHUNK_BYTES"),
-             "cuda_path": os.environ.get("SE_FUSED_CUDA_PATH")}
+             "cuda_path": os.environ.get("SE_FUSED_CUDA_PATH"),
+             "triton_path": os.environ.get("SE_FUSED_TRITON_PATH")}
     bar = common.progress(len(stages) * len(passes), "profile", enabled=sys.stderr.isatty())
     try:
         for stage in stages:

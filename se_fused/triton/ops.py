@@ -8,7 +8,8 @@ behaviour and autograd formula as the compiled ``se_fused::`` ops (_ops.py).
   hidden, scale, activation, gate) -> (grad_x, grad_residual, grad_fc1_weight, grad_fc1_bias,
   grad_fc2_weight, grad_fc2_bias)``; ``grad_residual`` is empty (shape ``[0]``) without ``out``.
 
-Both run the two-pass path over the batch, in one chunk unless a budget is set
+Both run the two-pass path over the batch (the forward, with ``SE_FUSED_TRITON_PATH=pipelined``,
+the read-once path of pipelined_forward.py instead), in one chunk unless a budget is set
 (see :func:`se_fused.triton._common.samples_per_chunk`): per chunk, pass 1
 reduces over ``H·W`` (channel_reduce.py), the MLP runs batched over the chunk's
 samples (batched_linear.py), and pass 2 re-reads the chunk (from L2 when the
@@ -34,6 +35,7 @@ from .batched_linear import FACTOR_ACTIVATION_GRAD, FACTOR_GATE_GRAD, launch_bat
 from .channel_reduce import launch_channel_reduce
 from .excite_backward import launch_excite_backward
 from .excite_forward import launch_excite_forward
+from .pipelined_forward import launch_pipelined_forward, requested as pipelined_requested
 from .weight_grad import launch_weight_grad
 
 Tensor = torch.Tensor
@@ -79,6 +81,12 @@ def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
         return out, pooled, hidden, scale
 
     act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
+    # SE_FUSED_TRITON_PATH=pipelined: read once, in one launch (pipelined_forward.py); eager calls
+    # only (a traced call keeps the two-pass kernels, whose launches torch.compile knows).
+    if pipelined_requested() and not torch.compiler.is_compiling():
+        launch_pipelined_forward(x, residual, out, w1, b1, w2, b2, pooled, hidden, scale, channels_last, act_code,
+                                 gate_code)
+        return out, pooled, hidden, scale
     cfg = reduce_config(c, p, channels_last)
     channel_sums = x.new_empty((cfg.splits, n, c), dtype=acc)
     hidden_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)

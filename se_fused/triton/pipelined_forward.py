@@ -1,0 +1,274 @@
+"""The read-once forward in one persistent launch (``SE_FUSED_TRITON_PATH=pipelined``).
+
+The two-pass forward reads ``x`` twice from HBM (3T of traffic where 2T is the
+minimum), so it cannot reach the Triton issue's 0.75 of copy bandwidth; in
+L2-sized chunks the re-read comes from L2 but every chunk pays its own launches
+(see ``_common.CHUNK_L2_FRACTION``). This kernel is the CUDA pipelined path's
+schedule (csrc/cuda/pipelined.cu) in Triton: program ``b`` of ``programs``
+reduces tile ``k·programs + b`` at step ``k`` (a tile: one sample's pixels
+``[rb·tile_rows, ...)``, every channel) into per-channel partial sums, and
+``delay`` steps later scales the same tile, whose lines are then still in L2.
+A group of ``G`` samples has an arrival counter; the program that completes it
+adds the group's partial sums in row-block order, runs the MLP batched over the
+group and releases the group's ready flag, which the scaling steps acquire.
+
+``delay · programs >= G · row_blocks`` makes the waits deadlock-free when every
+program is resident (an induction on the tile index: every tile a scaling step
+waits for has a smaller index than the tile that program reduced in the same
+step). On a GPU the launch is cooperative (``launch_cooperative_grid``: the
+driver refuses a grid that cannot be resident at once); the interpreter runs
+programs one after another, so there it runs one program, which reduces a whole
+group before it scales any of it. Results do not depend on the number of
+programs, the delay or the group size (every sum runs in a fixed order).
+
+Not yet run on a GPU: the default stays the two-pass path until a measurement
+says where this one wins.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import _common
+from ._common import activation, cdiv, gate, next_power_of_2
+
+
+@triton.jit
+def _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST: tl.constexpr):
+    """Element offsets of pixels ``pp`` (rows) × channels ``cc`` (columns) of sample ``n``."""
+    base = n.to(tl.int64) * C * P
+    if CHANNELS_LAST:
+        return base + pp[:, None].to(tl.int64) * C + cc[None, :]
+    else:
+        return base + cc[None, :].to(tl.int64) * P + pp[:, None]
+
+
+@triton.jit
+def _reduce_tile(x_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows,
+                 CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``partial[n, rb, c] = Σ`` over the tile's pixels of ``x[n, c, p]``, every channel."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    p_begin = rb * tile_rows
+    p_end = tl.minimum(P, p_begin + tile_rows)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cc < C
+        acc = tl.zeros([BLOCK_C], dtype=acc_dtype)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)
+            mask = (pp < p_end)[:, None] & c_mask[None, :]
+            v = tl.load(x_ptr + _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST), mask=mask, other=0.0)
+            acc += tl.sum(v.to(acc_dtype), axis=0)
+        tl.store(partial_ptr + (n.to(tl.int64) * row_blocks + rb) * C + cc, acc, mask=c_mask)
+
+
+@triton.jit
+def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, out_ptr, n0, count, J, K,
+                  IN_ACTIVATE: tl.constexpr, OUT_GATE: tl.constexpr, ACTIVATION: tl.constexpr, GATE: tl.constexpr,
+                  ACC_FP64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[n, j] = epi(Σ_k act?(in[n, k]) · W[j, k] + bias[j])`` for the group's ``count`` samples
+    from ``n0``; ``in (N, K)`` and ``out (N, J)`` row-major in the accumulation dtype, read from L2
+    (this program wrote ``in`` just before, other programs never)."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    gg = tl.arange(0, BLOCK_G)
+    g_mask = gg < count
+    nn = (n0 + gg).to(tl.int64)
+    for j0 in range(0, J, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        j_mask = jj < J
+        acc = tl.zeros([BLOCK_G, BLOCK_J], dtype=acc_dtype)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = kk < K
+            a = tl.load(in_ptr + nn[:, None] * K + kk[None, :], mask=g_mask[:, None] & k_mask[None, :], other=0.0,
+                        cache_modifier=".cg")
+            if IN_ACTIVATE:
+                a = activation(a, ACTIVATION)  # act(0) = 0 where masked
+            w = tl.load(w_ptr + jj[:, None] * stride_wj + kk[None, :] * stride_wk,
+                        mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
+            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        acc += tl.load(bias_ptr + jj, mask=j_mask, other=0.0).to(acc_dtype)[None, :]
+        if OUT_GATE:
+            acc = gate(acc, GATE)
+        tl.store(out_ptr + nn[:, None] * J + jj[None, :], acc, mask=g_mask[:, None] & j_mask[None, :])
+
+
+@triton.jit
+def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
+                  N, C, R, P, row_blocks, G, ACTIVATION: tl.constexpr, GATE: tl.constexpr, ACC_FP64: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The group's pooled means (partial sums added in row-block order), hidden (pre-activation)
+    and scale, batched over its samples (each weight read once per group)."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    n0 = grp * G
+    count = tl.minimum(G, N - n0)
+    gg = tl.arange(0, BLOCK_G)
+    g_mask = gg < count
+    nn = (n0 + gg).to(tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        mask = g_mask[:, None] & (cc < C)[None, :]
+        total = tl.zeros([BLOCK_G, BLOCK_C], dtype=acc_dtype)
+        for k in range(0, row_blocks):
+            total += tl.load(partial_ptr + (nn[:, None] * row_blocks + k) * C + cc[None, :], mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(pooled_ptr + nn[:, None] * C + cc[None, :], total / P, mask=mask)
+    tl.debug_barrier()  # pooled, written by every thread, is read back by every thread
+    _group_linear(pooled_ptr, w1_ptr, C, 1, b1_ptr, hidden_ptr, n0, count, R, C, False, False, ACTIVATION, GATE,
+                  ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+    tl.debug_barrier()
+    _group_linear(hidden_ptr, w2_ptr, R, 1, b2_ptr, scale_ptr, n0, count, C, R, True, True, ACTIVATION, GATE,
+                  ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+
+
+@triton.jit
+def _excite_tile(x_ptr, residual_ptr, out_ptr, scale_ptr, n, rb, C, P, tile_rows, HAS_RESIDUAL: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``out = x · s`` (or ``relu(x · s + residual)``) over the tile; x's second read, its last use."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    p_begin = rb * tile_rows
+    p_end = tl.minimum(P, p_begin + tile_rows)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cc < C
+        s = tl.load(scale_ptr + n.to(tl.int64) * C + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)
+            mask = (pp < p_end)[:, None] & c_mask[None, :]
+            offsets = _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST)
+            y = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_dtype)
+            y = y * s[None, :]
+            if HAS_RESIDUAL:
+                y += tl.load(residual_ptr + offsets, mask=mask, other=0.0,
+                             eviction_policy="evict_first").to(acc_dtype)
+                y = tl.where(y < 0.0, 0.0, y)  # relu that keeps NaN, as torch.relu
+            tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N", "C", "R", "P", "row_blocks", "tile_rows", "G", "groups", "delay", "poll_limit"])
+def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                             pooled_ptr, hidden_ptr, scale_ptr, partial_ptr, sync_ptr,
+                             N, C, R, P, row_blocks, tile_rows, G, groups, delay, poll_limit,
+                             HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACTIVATION: tl.constexpr,
+                             GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """Program ``b``: the step loop (module docstring). ``x``/``residual``/``out (N, C, H, W)`` in one
+    layout; ``w1 (R, C)``, ``w2 (C, R)``, biases, any float dtype; ``pooled``/``scale (N, C)``,
+    ``hidden (N, R)``, ``partial (N, row_blocks, C)`` in the accumulation dtype; ``sync``: int32
+    ``(2 · groups + 1)`` zeros (arrival counters, ready flags, and a flag set when a wait gave up
+    after ``poll_limit`` polls: a bug in the schedule, reported instead of a hang)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    total = N * row_blocks
+    steps = (total - pid + programs - 1) // programs
+    for step in range(0, steps + delay):
+        if step < steps:
+            j = step * programs + pid
+            n = j // row_blocks
+            rb = j - n * row_blocks
+            _reduce_tile(x_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows, CHANNELS_LAST, ACC_FP64,
+                         BLOCK_C, BLOCK_P)
+            tl.debug_barrier()  # every thread's partial sums are written before the arrival
+            grp = n // G
+            arrived = tl.atomic_add(sync_ptr + grp, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.minimum(G, N - grp * G) * row_blocks - 1:  # the group's last tile
+                _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
+                              N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_C, BLOCK_G, BLOCK_J,
+                              BLOCK_K)
+                tl.debug_barrier()
+                tl.atomic_xchg(sync_ptr + groups + grp, 1, sem="release", scope="gpu")
+        if step >= delay:
+            j = (step - delay) * programs + pid
+            n = j // row_blocks
+            rb = j - n * row_blocks
+            ready = tl.atomic_add(sync_ptr + groups + n // G, 0, sem="acquire", scope="gpu")
+            polls = 0
+            while (ready == 0) & (polls < poll_limit):
+                ready = tl.atomic_add(sync_ptr + groups + n // G, 0, sem="acquire", scope="gpu")
+                polls += 1
+            if ready == 0:
+                tl.atomic_xchg(sync_ptr + 2 * groups, 1)
+            _excite_tile(x_ptr, residual_ptr, out_ptr, scale_ptr, n, rb, C, P, tile_rows, HAS_RESIDUAL,
+                         CHANNELS_LAST, ACC_FP64, BLOCK_C, BLOCK_P)
+
+
+def _env_int(name: str, default: int, lo: int) -> int:
+    """The integer in environment variable ``name`` (read per call), or ``default``; at least ``lo``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if value < lo:
+        raise ValueError(f"se_fused: {name} must be an integer >= {lo}; got {raw!r}")
+    return value
+
+
+def requested() -> bool:
+    """Whether ``SE_FUSED_TRITON_PATH`` asks for this path (``pipelined``; default ``two_pass``)."""
+    path = os.environ.get("SE_FUSED_TRITON_PATH", "two_pass").strip() or "two_pass"
+    if path not in ("two_pass", "pipelined"):
+        raise ValueError(f"se_fused: SE_FUSED_TRITON_PATH must be two_pass or pipelined; got {path!r}")
+    return path == "pipelined"
+
+
+def launch_pipelined_forward(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor,
+                             w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                             pooled: torch.Tensor, hidden: torch.Tensor, scale: torch.Tensor, channels_last: bool,
+                             activation_code: int, gate_code: int) -> None:
+    """The whole forward in one launch: writes ``out``, ``pooled``, ``hidden``, ``scale``.
+
+    ``x``/``residual``/``out (N, C, H, W)`` in one layout (NCHW or channels_last,
+    dense), ``w1 (R, C)`` and ``w2 (C, R)`` contiguous, ``pooled``/``scale (N, C)``
+    and ``hidden (N, R)`` contiguous in the accumulation dtype; ``N > 0``. Knobs
+    (read per call): ``SE_FUSED_TRITON_TILE_BYTES`` (a tile's bytes, default
+    32 KiB), ``SE_FUSED_TRITON_PIPELINE_GROUP`` (samples per MLP group),
+    ``SE_FUSED_TRITON_PIPELINE_DELAY`` (steps beyond the minimum, default 1),
+    ``SE_FUSED_TRITON_PIPELINE_PROGRAMS`` (at most this many programs).
+    """
+    n, c, h, w = x.shape
+    p = h * w
+    r = w1.shape[0]
+    elem = x.element_size()
+    tile_bytes = _env_int("SE_FUSED_TRITON_TILE_BYTES", 32768, 1)
+    rows = max(1, tile_bytes // (c * elem))
+    row_blocks = cdiv(p, rows)
+    tile_rows = cdiv(p, row_blocks)
+    # Enough samples per group that the weights read per group are at most an eighth of its slice bytes.
+    default_group = min(16, max(1, math.ceil(8 * 2 * c * r * 4 / (c * p * elem))))
+    group = min(n, _env_int("SE_FUSED_TRITON_PIPELINE_GROUP", default_group, 1))
+    groups = cdiv(n, group)
+    total = n * row_blocks
+    if _common.INTERPRETED:
+        programs = 1  # the interpreter runs programs in turn: a wait on a later program would never end
+    else:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count  # one per SM: co-resident
+    programs = min(programs, total, _env_int("SE_FUSED_TRITON_PIPELINE_PROGRAMS", total, 1))
+    delay = cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", 1, 0)
+    acc = pooled.dtype
+    partial = x.new_empty((n * row_blocks * c,), dtype=acc)
+    sync = torch.zeros((2 * groups + 1,), dtype=torch.int32, device=x.device)
+    # [block_p, block_c] blocks of up to 8192 elements (16 KiB of bf16 per load on a GPU: with one
+    # program of 8 warps per SM, the loads in flight are what bounds the bandwidth).
+    block_c = min(next_power_of_2(c), 256 if _common.INTERPRETED else 128)
+    block_p = min(next_power_of_2(tile_rows), max(1, 8192 // block_c))
+    options = {} if _common.INTERPRETED else {"launch_cooperative_grid": True}
+    wrap_triton(pipelined_forward_kernel)[(programs,)](
+        x, x if residual is None else residual, out, w1, b1, w2, b2, pooled, hidden, scale, partial, sync,
+        # The interpreter runs one program: a group not ready at its first poll never will be.
+        n, c, r, p, row_blocks, tile_rows, group, groups, delay, 1 if _common.INTERPRETED else 1 << 26,
+        HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last, ACTIVATION=activation_code,
+        GATE=gate_code, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
+        BLOCK_G=next_power_of_2(group), BLOCK_J=16, BLOCK_K=32, num_warps=8, **options)
+    if _common.INTERPRETED and int(sync[-1]) != 0:  # on a GPU, reading it would synchronise the host
+        raise RuntimeError("se_fused: the pipelined Triton forward scaled a group that no program finished "
+                           "(a bug in its schedule)")
