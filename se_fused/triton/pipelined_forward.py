@@ -264,8 +264,9 @@ def launch_pipelined_forward(x: torch.Tensor, residual: Optional[torch.Tensor], 
     options = {} if _common.INTERPRETED else {"launch_cooperative_grid": True}
     wrap_triton(pipelined_forward_kernel)[(programs,)](
         x, x if residual is None else residual, out, w1, b1, w2, b2, pooled, hidden, scale, partial, sync,
-        # The interpreter runs one program: a group not ready at its first poll never will be.
-        n, c, r, p, row_blocks, tile_rows, group, groups, delay, 1 if _common.INTERPRETED else 1 << 26,
+        # The interpreter runs one program: a group not ready at its first poll never will be. On a
+        # GPU 2^22 polls (each an L2 round trip and two barriers) are seconds; a real wait is µs.
+        n, c, r, p, row_blocks, tile_rows, group, groups, delay, 1 if _common.INTERPRETED else 1 << 22,
         HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last, ACTIVATION=activation_code,
         GATE=gate_code, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
         BLOCK_G=next_power_of_2(group), BLOCK_J=16, BLOCK_K=32, num_warps=8, **options)
