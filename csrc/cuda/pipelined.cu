@@ -29,7 +29,7 @@ namespace {
 // (x), 2 in the backward (g and x; at 4 the NHWC backward spilled 88-520 bytes at the
 // 128-register cap), the same bytes per thread.
 constexpr int kForwardUnroll = 4, kBackwardUnroll = 2;
-constexpr int kPipelineMlpLoads = 8;
+constexpr int kPipelineMlpLoads = 8;  // weights a lane loads at once in the direct group MLP (16 spilled)
 
 struct PipelineTile {
   int64_t n, group;
@@ -503,7 +503,9 @@ __global__ void __launch_bounds__(kPipelineThreads, kPipelineMinBlocks) se_forwa
           hidden[(pl.group_n0 + g) * geo.R + r] = u;
           return apply_activation(u, geo.activation);
         },
-        [&](int g, int c, float acc) { scale[(pl.group_n0 + g) * geo.C + c] = apply_gate(acc + __ldg(b2 + c), geo.gate); });
+        [&](int g, int c, float acc) {
+          scale[(pl.group_n0 + g) * geo.C + c] = apply_gate(acc + __ldg(b2 + c), geo.gate);
+        });
   };
   const auto excite = [&](const PipelineTile& t) {
     float* values = smem + geo.off_values;

@@ -791,7 +791,8 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   geo.activation = static_cast<int>(p.activation);
   geo.gate = static_cast<int>(p.gate);
   const double weight_bytes = 2.0 * p.C * p.R * sizeof(float), slice_bytes = double(p.C) * p.P * elem;
-  const int64_t asked_group = integer_from_env("SE_FUSED_CUDA_PIPELINE_GROUP", 0, 1, kMaxGroup, "an integer in [1, 16]");
+  const int64_t asked_group =
+      integer_from_env("SE_FUSED_CUDA_PIPELINE_GROUP", 0, 1, kMaxGroup, "an integer in [1, 16]");
   // The group MLP: staged where the weights' rows take 16-byte copies and a buffer holds a
   // column block of at least 4 (SE_FUSED_CUDA_PIPELINE_MLP=direct|staged forces one).
   const char* mlp_env = std::getenv("SE_FUSED_CUDA_PIPELINE_MLP");
@@ -901,7 +902,8 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
                  backward ? "backward" : "forward", static_cast<long long>(p.N), static_cast<long long>(p.C),
                  static_cast<long long>(p.R), static_cast<long long>(p.P), p.channels_last ? "NHWC" : "NCHW",
                  p.has_residual ? " residual" : "", elem, geo.G, geo.tiles, geo.row_blocks, geo.channel_blocks,
-                 geo.tile_rows, geo.tile_channels, plan.blocks, per_sm, geo.delay, staged ? "staged" : "direct", plan.smem,
+                 geo.tile_rows, geo.tile_channels, plan.blocks, per_sm, geo.delay, staged ? "staged" : "direct",
+                 plan.smem,
                  double(geo.delay) * plan.blocks * slice_bytes / geo.tiles * (backward ? 2 : 1) / 1e6);
   }
   return plan;
