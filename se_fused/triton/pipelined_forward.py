@@ -199,6 +199,17 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
                          CHANNELS_LAST, ACC_FP64, BLOCK_C, BLOCK_P)
 
 
+def _cooperative_launch_option() -> dict:
+    """``{"launch_cooperative_grid": True}`` where this Triton's NVIDIA backend has the option
+    (Triton 3.3 on), else ``{}``: one program per SM is then resident anyway on an otherwise idle GPU,
+    without the driver's guarantee."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return {}
+    return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__ else {}
+
+
 def _env_int(name: str, default: int, lo: int) -> int:
     """The integer in environment variable ``name`` (read per call), or ``default``; at least ``lo``."""
     raw = os.environ.get(name, "").strip()
@@ -261,7 +272,7 @@ def launch_pipelined_forward(x: torch.Tensor, residual: Optional[torch.Tensor], 
     # program of 8 warps per SM, the loads in flight are what bounds the bandwidth).
     block_c = min(next_power_of_2(c), 256 if _common.INTERPRETED else 128)
     block_p = min(next_power_of_2(tile_rows), max(1, 8192 // block_c))
-    options = {} if _common.INTERPRETED else {"launch_cooperative_grid": True}
+    options = {} if _common.INTERPRETED else _cooperative_launch_option()
     wrap_triton(pipelined_forward_kernel)[(programs,)](
         x, x if residual is None else residual, out, w1, b1, w2, b2, pooled, hidden, scale, partial, sync,
         # The interpreter runs one program: a group not ready at its first poll never will be. On a
