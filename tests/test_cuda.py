@@ -183,6 +183,18 @@ def test_pipelined_direct_mlp(cuda_path, monkeypatch, shape, dtype, memory_forma
     check_against_reference(make_se_inputs(shape, dtype, memory_format, "cuda", residual, "relu", "hardsigmoid"))
 
 
+# The staged MLP's edges: R > 256 (the hidden layer in two passes of rows), R = 1024 (column blocks
+# of 4 channels), R = 1025 (no block fits: the direct MLP by default).
+STAGED_EDGE_SHAPES = (SEShape(3, 64, 300, 2, 2), SEShape(2, 8, 1024, 3, 3), SEShape(2, 8, 1025, 3, 3))
+
+
+@pytest.mark.parametrize("shape", STAGED_EDGE_SHAPES, ids=[s.id for s in STAGED_EDGE_SHAPES])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_pipelined_staged_mlp_edges(cuda_path, shape, memory_format):
+    cuda_path("pipelined")
+    check_against_reference(make_se_inputs(shape, torch.float32, memory_format, "cuda", True, "silu", "sigmoid"))
+
+
 def test_pipelined_staged_mlp_refuses_unaligned_channels(cuda_path, monkeypatch):
     cuda_path("pipelined")
     monkeypatch.setenv("SE_FUSED_CUDA_PIPELINE_MLP", "staged")

@@ -40,9 +40,11 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../squeeze_excitation.h"
 #include "cluster.h"
@@ -748,6 +750,18 @@ int resident_blocks_per_sm(int device, const void* kernel, size_t smem) {
   return per_sm;
 }
 
+// Whether this (problem, pass, geometry) is printed for the first time (SE_FUSED_CUDA_VERBOSE prints
+// each pipelined plan once, not once per call).
+bool first_time_printed(const SEProblem& p, bool backward, int elem, const PipelineGeometry& geo) {
+  static std::mutex mutex;
+  static std::set<std::vector<int64_t>> printed;
+  const std::lock_guard<std::mutex> lock(mutex);
+  return printed
+      .insert({p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, backward, elem, geo.G, geo.tiles, geo.delay,
+               geo.mlp_block})
+      .second;
+}
+
 // The pipelined path's geometry for this call, or nothing. Taken only when asked
 // (SE_FUSED_CUDA_PATH=pipelined) until a GPU run measures where it wins; then it
 // refuses, with the reason, what it cannot run. Knobs (read per call, for tests
@@ -895,7 +909,8 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   TORCH_CHECK(needed + extra < INT32_MAX, "se_fused: pipelined delay out of range");
   geo.delay = static_cast<int>(needed + extra);
   plan.use = true;
-  if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE"); verbose != nullptr && std::string(verbose) == "1") {
+  if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE");
+      verbose != nullptr && std::string(verbose) == "1" && first_time_printed(p, backward, elem, geo)) {
     std::fprintf(stderr,
                  "se_fused: %s N=%lld C=%lld R=%lld HW=%lld %s%s %d-byte -> pipelined G=%d tiles=%d (%d x %d, "
                  "%d rows x %d channels) blocks=%d (%d per SM) delay=%d mlp=%s smem=%zu; in flight in L2 ~%.1f MB\n",
