@@ -20,7 +20,7 @@ On CUDA the fused backend runs four times, with the excitation MLP as kernels
 batch in L2-sized chunks (``SE_FUSED_CUDA_CHUNK_BYTES=l2``), and on the pipelined
 path (``SE_FUSED_CUDA_PATH=pipelined``: read once, the re-read from L2), and the
 Triton backend three times, in one chunk (the default), in L2-sized chunks and with
-the pipelined forward (``SE_FUSED_TRITON_PATH=pipelined``), so each pair is compared
+the pipelined path (``SE_FUSED_TRITON_PATH=pipelined``), so each pair is compared
 side by side in one run. Writes ``profile.json`` (or
 ``--json-name``) into ``--out``.
 
@@ -81,7 +81,7 @@ def variants(device: torch.device) -> List[tuple]:
             if "cuda" in usable else []
         # Triton as shipped (the whole batch in one chunk: one MLP over the batch), in L2-sized
         # chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP), and with the
-        # pipelined forward (read once, one launch; the backward is the two-pass one).
+        # pipelined path (read once, one launch per pass).
         fused += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"}),
                   ("triton/pipelined", "triton", {"triton_path": "pipelined"})] \
             if "triton" in usable else []

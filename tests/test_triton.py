@@ -122,16 +122,16 @@ def test_activation_gate_product(shape, dtype, memory_format, residual, activati
     check_against_reference(inputs)
 
 
-# The pipelined forward (SE_FUSED_TRITON_PATH=pipelined, pipelined_forward.py). The interpreter runs
-# it as one program (programs run in turn there), which reduces a whole group before scaling any of
-# it; a GPU runs one program per SM, each waiting on groups the others finish.
+# The pipelined path (SE_FUSED_TRITON_PATH=pipelined: pipelined_forward.py and pipelined_backward.py).
+# The interpreter runs it as one program (programs run in turn there), which reduces a whole group
+# before scaling any of it; a GPU runs one program per SM, each waiting on groups the others finish.
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape,dtype", SHAPE_DTYPES,
                          ids=[f"{s.id}-{str(d).replace('torch.', '')}" for s, d in SHAPE_DTYPES])
-def test_pipelined_forward(shape, dtype, memory_format, residual, monkeypatch):
-    """Forward and every gradient (the backward runs on the pipelined forward's pooled, hidden and
-    scale), an (activation, gate) pair per shape, all four over the shapes."""
+def test_pipelined_path(shape, dtype, memory_format, residual, monkeypatch):
+    """Forward and every gradient, both passes pipelined (the backward from the pipelined forward's
+    pooled, hidden and scale), an (activation, gate) pair per shape, all four over the shapes."""
     monkeypatch.setenv("SE_FUSED_TRITON_PATH", "pipelined")
     activation, gate = ACT_GATES[(ODD_SHAPES + STAGE_SHAPES).index(shape) % len(ACT_GATES)]
     check_against_reference(make_se_inputs(shape, dtype, memory_format, DEVICE, residual, activation, gate))
@@ -147,7 +147,7 @@ PIPELINE_KNOBS = [("SE_FUSED_TRITON_PIPELINE_GROUP", "1"), ("SE_FUSED_TRITON_PIP
 
 @pytest.mark.parametrize("name,value", PIPELINE_KNOBS, ids=[f"{n[16:].lower()}={v}" for n, v in PIPELINE_KNOBS])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
-def test_pipelined_forward_knobs(name, value, memory_format, monkeypatch):
+def test_pipelined_path_knobs(name, value, memory_format, monkeypatch):
     monkeypatch.setenv("SE_FUSED_TRITON_PATH", "pipelined")
     inputs = make_se_inputs(SEShape(5, 40, 3, 5, 5), torch.float32, memory_format, DEVICE, True, "silu", "sigmoid")
     default = backend_se(inputs, "triton")
@@ -162,7 +162,7 @@ def test_pipelined_forward_knobs(name, value, memory_format, monkeypatch):
     ("SE_FUSED_TRITON_PATH", "cluster", "SE_FUSED_TRITON_PATH must be two_pass or pipelined"),
     ("SE_FUSED_TRITON_PIPELINE_GROUP", "0", "SE_FUSED_TRITON_PIPELINE_GROUP must be an integer >= 1"),
     ("SE_FUSED_TRITON_TILE_BYTES", "many", "SE_FUSED_TRITON_TILE_BYTES must be an integer >= 1")])
-def test_pipelined_forward_refuses_bad_knobs(name, value, message, monkeypatch):
+def test_pipelined_path_refuses_bad_knobs(name, value, message, monkeypatch):
     monkeypatch.setenv("SE_FUSED_TRITON_PATH", "pipelined")
     monkeypatch.setenv(name, value)
     inputs = make_se_inputs(ODD_SHAPES[0], torch.float32, "nchw", DEVICE)

@@ -34,8 +34,8 @@ def _acc(dtype: str) -> str:
 
 def variants(everything: bool) -> Iterator[Variant]:
     """The kernel instances to compile: a representative set, or with ``everything`` the full product."""
-    from . import (_common, batched_linear, channel_reduce, excite_backward, excite_forward, pipelined_forward,
-                   weight_grad)
+    from . import (_common, batched_linear, channel_reduce, excite_backward, excite_forward, pipelined_backward,
+                   pipelined_forward, weight_grad)
 
     blocks = _common.GPU_BLOCKS
     # Representative: every constexpr branch once (the storage dtype only changes loads and stores;
@@ -84,17 +84,24 @@ def variants(everything: bool) -> Iterator[Variant]:
                     grad_x_ptr=PTR[dtype], grad_residual_ptr=PTR[dtype]),
                dict(HAS_OUT=flag, CHANNELS_LAST=channels_last, ACC_FP64=dtype == "float64",
                     BLOCK_INNER=inner, TILE=tile), warps)
-    # The pipelined forward (its launcher's GPU blocks from C = 128 on: 128 channels x 64 pixels,
-    # groups of up to 16 samples): the atomics, the spin-wait loop and the group MLP's products.
+    # The pipelined forward and backward (their launcher's GPU blocks from C = 128 on: 128 channels
+    # x 64 pixels, groups of up to 16 samples): the atomics, the spin-wait loop, the group MLP.
+    pipeline_blocks = dict(BLOCK_C=128, BLOCK_P=64, BLOCK_J=16, BLOCK_K=32)
     for dtype, residual, channels_last, group_block in itertools.product(
             dtypes, (False, True), (False, True), (1, 16) if everything else (16,)):
+        yield (pipelined_backward.pipelined_backward_kernel,
+               dict(grad_out_ptr=PTR[dtype], x_ptr=PTR[dtype], out_ptr=PTR[dtype], grad_x_ptr=PTR[dtype],
+                    grad_residual_ptr=PTR[dtype], w1_ptr=PTR[dtype], w2_ptr=PTR[dtype], hidden_ptr=_acc(dtype),
+                    scale_ptr=_acc(dtype), dv_ptr=_acc(dtype), du_ptr=_acc(dtype), dz_ptr=_acc(dtype),
+                    partial_ptr=_acc(dtype), sync_ptr="*i32"),
+               dict(HAS_OUT=residual, CHANNELS_LAST=channels_last, ACTIVATION=1, GATE=1,
+                    ACC_FP64=dtype == "float64", BLOCK_G=group_block, **pipeline_blocks), 8)
         yield (pipelined_forward.pipelined_forward_kernel,
                dict(x_ptr=PTR[dtype], residual_ptr=PTR[dtype], out_ptr=PTR[dtype], w1_ptr=PTR[dtype],
                     b1_ptr=PTR[dtype], w2_ptr=PTR[dtype], b2_ptr=PTR[dtype], pooled_ptr=_acc(dtype),
                     hidden_ptr=_acc(dtype), scale_ptr=_acc(dtype), partial_ptr=_acc(dtype), sync_ptr="*i32"),
                dict(HAS_RESIDUAL=residual, CHANNELS_LAST=channels_last, ACTIVATION=1, GATE=0,
-                    ACC_FP64=dtype == "float64", BLOCK_C=128, BLOCK_P=64, BLOCK_G=group_block, BLOCK_J=16,
-                    BLOCK_K=32), 8)
+                    ACC_FP64=dtype == "float64", BLOCK_G=group_block, **pipeline_blocks), 8)
     for (acc, weight), activate in itertools.product(
             (("float32", "bfloat16"), ("float64", "float64")) if not everything else
             (("float32", "float32"), ("float32", "bfloat16"), ("float32", "float16"), ("float64", "float64")),

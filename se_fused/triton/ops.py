@@ -8,8 +8,9 @@ behaviour and autograd formula as the compiled ``se_fused::`` ops (_ops.py).
   hidden, scale, activation, gate) -> (grad_x, grad_residual, grad_fc1_weight, grad_fc1_bias,
   grad_fc2_weight, grad_fc2_bias)``; ``grad_residual`` is empty (shape ``[0]``) without ``out``.
 
-Both run the two-pass path over the batch (the forward, with ``SE_FUSED_TRITON_PATH=pipelined``,
-the read-once path of pipelined_forward.py instead), in one chunk unless a budget is set
+Both run the two-pass path over the batch (with ``SE_FUSED_TRITON_PATH=pipelined``, eager calls
+run the read-once path of pipelined_forward.py / pipelined_backward.py instead), in one chunk
+unless a budget is set
 (see :func:`se_fused.triton._common.samples_per_chunk`): per chunk, pass 1
 reduces over ``H·W`` (channel_reduce.py), the MLP runs batched over the chunk's
 samples (batched_linear.py), and pass 2 re-reads the chunk (from L2 when the
@@ -35,6 +36,7 @@ from .batched_linear import FACTOR_ACTIVATION_GRAD, FACTOR_GATE_GRAD, launch_bat
 from .channel_reduce import launch_channel_reduce
 from .excite_backward import launch_excite_backward
 from .excite_forward import launch_excite_forward
+from .pipelined_backward import launch_pipelined_backward
 from .pipelined_forward import launch_pipelined_forward, requested as pipelined_requested
 from .weight_grad import launch_weight_grad
 
@@ -104,6 +106,33 @@ def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
     return out, pooled, hidden, scale
 
 
+def _two_pass_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], w1: Tensor, w2: Tensor, hidden: Tensor,
+                       scale: Tensor, grad_x: Tensor, grad_residual: Tensor, dv: Tensor, du: Tensor,
+                       channels_last: bool, act_code: int, gate_code: int) -> None:
+    """The two-pass backward over the batch in chunks: writes ``grad_x`` (and ``grad_residual``),
+    ``dv (N, C)`` and ``du (N, R)`` (shapes and dtypes as :func:`run_backward`'s)."""
+    n, c, h, w = x.shape
+    p = h * w
+    r = w1.shape[0]
+    acc = dv.dtype
+    cfg = reduce_config(c, p, channels_last)
+    ds_partial = x.new_empty((cfg.splits, n, c), dtype=acc)
+    dh_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
+    dz = x.new_empty((n, c), dtype=acc)
+    reread = 2 if out is not None else 1  # pass 2 reads grad_out (and out) again, not x
+    chunk = _common.samples_per_chunk(n, reread * c * p * x.element_size(), x.device)
+    for n0 in range(0, n, chunk):
+        count = min(chunk, n - n0)
+        launch_channel_reduce(x, grad_out, out, ds_partial, n0, count, cfg, channels_last)
+        # dv = ds · gate'(s);  dh_partial = dv · W2 (split over C)
+        launch_batched_linear(ds_partial, 1, w2, True, dh_partial, n0, count, act_code, gate_code,
+                              a_factor=FACTOR_GATE_GRAD, aux=scale, a_store=dv)
+        # du = (Σ dh_partial) · act'(u);  dz = du · W1
+        launch_batched_linear(dh_partial, 1, w1, True, dz, n0, count, act_code, gate_code,
+                              a_factor=FACTOR_ACTIVATION_GRAD, aux=hidden, a_store=du)
+        launch_excite_backward(grad_out, out, scale, dz, grad_x, grad_residual, n0, count, channels_last)
+
+
 def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight: Tensor, fc2_weight: Tensor,
                  pooled: Tensor, hidden: Tensor, scale: Tensor, activation: str, gate: str
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -124,7 +153,6 @@ def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight:
     if out is not None:
         out = same_layout_as(out, x)
     n, c, h, w = x.shape
-    p = h * w
     r = fc1_weight.shape[0]
     acc = pooled.dtype
     w1 = fc1_weight.contiguous().reshape(r, c)
@@ -142,24 +170,14 @@ def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight:
                 torch.zeros_like(grad_w2), torch.zeros_like(grad_b2))
 
     act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
-    cfg = reduce_config(c, p, channels_last)
-    ds_partial = x.new_empty((cfg.splits, n, c), dtype=acc)
     dv = x.new_empty((n, c), dtype=acc)
-    dh_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
     du = x.new_empty((n, r), dtype=acc)
-    dz = x.new_empty((n, c), dtype=acc)
-    reread = 2 if out is not None else 1  # pass 2 reads grad_out (and out) again, not x
-    chunk = _common.samples_per_chunk(n, reread * c * p * x.element_size(), x.device)
-    for n0 in range(0, n, chunk):
-        count = min(chunk, n - n0)
-        launch_channel_reduce(x, grad_out, out, ds_partial, n0, count, cfg, channels_last)
-        # dv = ds · gate'(s);  dh_partial = dv · W2 (split over C)
-        launch_batched_linear(ds_partial, 1, w2, True, dh_partial, n0, count, act_code, gate_code,
-                              a_factor=FACTOR_GATE_GRAD, aux=scale, a_store=dv)
-        # du = (Σ dh_partial) · act'(u);  dz = du · W1
-        launch_batched_linear(dh_partial, 1, w1, True, dz, n0, count, act_code, gate_code,
-                              a_factor=FACTOR_ACTIVATION_GRAD, aux=hidden, a_store=du)
-        launch_excite_backward(grad_out, out, scale, dz, grad_x, grad_residual, n0, count, channels_last)
+    if pipelined_requested() and not torch.compiler.is_compiling():  # see run_forward
+        launch_pipelined_backward(grad_out, x, out, grad_x, grad_residual, w1, w2, hidden, scale, dv, du,
+                                  x.new_empty((n, c), dtype=acc), channels_last, act_code, gate_code)
+    else:
+        _two_pass_backward(grad_out, x, out, w1, w2, hidden, scale, grad_x, grad_residual, dv, du, channels_last,
+                           act_code, gate_code)
     # dW2 = dvᵀ act(u), db2 = Σ dv;  dW1 = duᵀ z, db1 = Σ du
     launch_weight_grad(dv, hidden, grad_w2, grad_b2, True, act_code)
     launch_weight_grad(du, pooled, grad_w1, grad_b1, False, act_code)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,7 +37,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation, cdiv, gate, next_power_of_2
+from ._common import activation, activation_backward, cdiv, gate, next_power_of_2
 
 
 @triton.jit
@@ -50,9 +51,11 @@ def _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _reduce_tile(x_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows,
-                 CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """``partial[n, rb, c] = Σ`` over the tile's pixels of ``x[n, c, p]``, every channel."""
+def _reduce_tile(a_ptr, b_ptr, m_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows, HAS_B: tl.constexpr,
+                 HAS_MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """``partial[n, rb, c] = Σ`` over the tile's pixels of ``a`` (zeroed where ``m <= 0`` with
+    HAS_MASK: the residual form's relu), times ``b`` with HAS_B; every channel."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     p_begin = rb * tile_rows
     p_end = tl.minimum(P, p_begin + tile_rows)
@@ -63,18 +66,31 @@ def _reduce_tile(x_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows,
         for p0 in range(p_begin, p_end, BLOCK_P):
             pp = p0 + tl.arange(0, BLOCK_P)
             mask = (pp < p_end)[:, None] & c_mask[None, :]
-            v = tl.load(x_ptr + _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST), mask=mask, other=0.0)
-            acc += tl.sum(v.to(acc_dtype), axis=0)
+            offsets = _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST)
+            v = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+            if HAS_MASK:
+                v = tl.where(tl.load(m_ptr + offsets, mask=mask, other=0.0) <= 0.0, 0.0, v)
+            if HAS_B:
+                v *= tl.load(b_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+            acc += tl.sum(v, axis=0)
         tl.store(partial_ptr + (n.to(tl.int64) * row_blocks + rb) * C + cc, acc, mask=c_mask)
 
 
+# The epilogues of _group_linear (constexpr globals: a jit function may read no other kind).
+OUT_BIAS_GATE = tl.constexpr(0)  # out = gate(Σ + bias[j])    (forward, second layer)
+OUT_BIAS = tl.constexpr(1)       # out = Σ + bias[j]          (forward, first layer: the pre-activation)
+OUT_ACT_GRAD = tl.constexpr(2)   # out = act'(aux[n, j]) · Σ  (backward, first layer: du, aux = hidden)
+OUT_DIVIDED = tl.constexpr(3)    # out = Σ / divisor          (backward, second layer: dz / P)
+
+
 @triton.jit
-def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, out_ptr, n0, count, J, K,
-                  IN_ACTIVATE: tl.constexpr, OUT_GATE: tl.constexpr, ACTIVATION: tl.constexpr, GATE: tl.constexpr,
+def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, aux_ptr, divisor, out_ptr, n0, count, J, K,
+                  IN_ACTIVATE: tl.constexpr, OUT: tl.constexpr, ACTIVATION: tl.constexpr, GATE: tl.constexpr,
                   ACC_FP64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[n, j] = epi(Σ_k act?(in[n, k]) · W[j, k] + bias[j])`` for the group's ``count`` samples
-    from ``n0``; ``in (N, K)`` and ``out (N, J)`` row-major in the accumulation dtype, read from L2
-    (this program wrote ``in`` just before, other programs never)."""
+    """``out[n, j] = epilogue(Σ_k act?(in[n, k]) · W[j, k])`` (``OUT``, above) for the group's
+    ``count`` samples from ``n0``; ``W[j, k]`` at ``w + j·stride_wj + k·stride_wk``; ``in (N, K)``,
+    ``aux``/``out (N, J)`` row-major in the accumulation dtype, ``in`` read from L2 (this program
+    wrote it just before, other programs never)."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     gg = tl.arange(0, BLOCK_G)
     g_mask = gg < count
@@ -93,10 +109,17 @@ def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, out_ptr, n0, co
             w = tl.load(w_ptr + jj[:, None] * stride_wj + kk[None, :] * stride_wk,
                         mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
             acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
-        acc += tl.load(bias_ptr + jj, mask=j_mask, other=0.0).to(acc_dtype)[None, :]
-        if OUT_GATE:
+        out_mask = g_mask[:, None] & j_mask[None, :]
+        if OUT == OUT_BIAS_GATE or OUT == OUT_BIAS:
+            acc += tl.load(bias_ptr + jj, mask=j_mask, other=0.0).to(acc_dtype)[None, :]
+        if OUT == OUT_BIAS_GATE:
             acc = gate(acc, GATE)
-        tl.store(out_ptr + nn[:, None] * J + jj[None, :], acc, mask=g_mask[:, None] & j_mask[None, :])
+        if OUT == OUT_ACT_GRAD:
+            acc = activation_backward(acc, tl.load(aux_ptr + nn[:, None] * J + jj[None, :], mask=out_mask, other=0.0),
+                                      ACTIVATION)
+        if OUT == OUT_DIVIDED:
+            acc = acc / divisor
+        tl.store(out_ptr + nn[:, None] * J + jj[None, :], acc, mask=out_mask)
 
 
 @triton.jit
@@ -120,11 +143,11 @@ def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr
                              cache_modifier=".cg")
         tl.store(pooled_ptr + nn[:, None] * C + cc[None, :], total / P, mask=mask)
     tl.debug_barrier()  # pooled, written by every thread, is read back by every thread
-    _group_linear(pooled_ptr, w1_ptr, C, 1, b1_ptr, hidden_ptr, n0, count, R, C, False, False, ACTIVATION, GATE,
-                  ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+    _group_linear(pooled_ptr, w1_ptr, C, 1, b1_ptr, pooled_ptr, 1, hidden_ptr, n0, count, R, C, False, OUT_BIAS,
+                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
     tl.debug_barrier()
-    _group_linear(hidden_ptr, w2_ptr, R, 1, b2_ptr, scale_ptr, n0, count, C, R, True, True, ACTIVATION, GATE,
-                  ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+    _group_linear(hidden_ptr, w2_ptr, R, 1, b2_ptr, hidden_ptr, 1, scale_ptr, n0, count, C, R, True, OUT_BIAS_GATE,
+                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
 
 
 @triton.jit
@@ -151,6 +174,35 @@ def _excite_tile(x_ptr, residual_ptr, out_ptr, scale_ptr, n, rb, C, P, tile_rows
             tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _arrive(sync_ptr, grp, N, G, row_blocks):
+    """Counts this program's tile of group ``grp`` (after a barrier: every thread's partial sums are
+    written); true for the group's last tile, whose program then finishes the group."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sync_ptr + grp, 1, sem="acq_rel", scope="gpu")
+    return arrived == tl.minimum(G, N - grp * G) * row_blocks - 1
+
+
+@triton.jit
+def _release(sync_ptr, groups, grp):
+    """Sets group ``grp``'s ready flag once every thread's results of the group are written."""
+    tl.debug_barrier()
+    tl.atomic_xchg(sync_ptr + groups + grp, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_ready(sync_ptr, groups, grp, poll_limit):
+    """Waits for group ``grp``'s ready flag; after ``poll_limit`` polls gives up and sets the error
+    flag ``sync[2 · groups]`` (a bug in the schedule, reported instead of a hang)."""
+    ready = tl.atomic_add(sync_ptr + groups + grp, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (ready == 0) & (polls < poll_limit):
+        ready = tl.atomic_add(sync_ptr + groups + grp, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if ready == 0:
+        tl.atomic_xchg(sync_ptr + 2 * groups, 1)
+
+
 @triton.jit(do_not_specialize=["N", "C", "R", "P", "row_blocks", "tile_rows", "G", "groups", "delay", "poll_limit"])
 def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                              pooled_ptr, hidden_ptr, scale_ptr, partial_ptr, sync_ptr,
@@ -173,28 +225,18 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
             j = step * programs + pid
             n = j // row_blocks
             rb = j - n * row_blocks
-            _reduce_tile(x_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows, CHANNELS_LAST, ACC_FP64,
-                         BLOCK_C, BLOCK_P)
-            tl.debug_barrier()  # every thread's partial sums are written before the arrival
-            grp = n // G
-            arrived = tl.atomic_add(sync_ptr + grp, 1, sem="acq_rel", scope="gpu")
-            if arrived == tl.minimum(G, N - grp * G) * row_blocks - 1:  # the group's last tile
-                _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
-                              N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_C, BLOCK_G, BLOCK_J,
-                              BLOCK_K)
-                tl.debug_barrier()
-                tl.atomic_xchg(sync_ptr + groups + grp, 1, sem="release", scope="gpu")
+            _reduce_tile(x_ptr, x_ptr, x_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows, False, False,
+                         CHANNELS_LAST, ACC_FP64, BLOCK_C, BLOCK_P)
+            if _arrive(sync_ptr, n // G, N, G, row_blocks):
+                _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                              n // G, N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_C, BLOCK_G,
+                              BLOCK_J, BLOCK_K)
+                _release(sync_ptr, groups, n // G)
         if step >= delay:
             j = (step - delay) * programs + pid
             n = j // row_blocks
             rb = j - n * row_blocks
-            ready = tl.atomic_add(sync_ptr + groups + n // G, 0, sem="acquire", scope="gpu")
-            polls = 0
-            while (ready == 0) & (polls < poll_limit):
-                ready = tl.atomic_add(sync_ptr + groups + n // G, 0, sem="acquire", scope="gpu")
-                polls += 1
-            if ready == 0:
-                tl.atomic_xchg(sync_ptr + 2 * groups, 1)
+            _wait_ready(sync_ptr, groups, n // G, poll_limit)
             _excite_tile(x_ptr, residual_ptr, out_ptr, scale_ptr, n, rb, C, P, tile_rows, HAS_RESIDUAL,
                          CHANNELS_LAST, ACC_FP64, BLOCK_C, BLOCK_P)
 
@@ -232,30 +274,41 @@ def requested() -> bool:
     return path == "pipelined"
 
 
-def launch_pipelined_forward(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor,
-                             w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                             pooled: torch.Tensor, hidden: torch.Tensor, scale: torch.Tensor, channels_last: bool,
-                             activation_code: int, gate_code: int) -> None:
-    """The whole forward in one launch: writes ``out``, ``pooled``, ``hidden``, ``scale``.
+@dataclass
+class Schedule:
+    """A pipelined launch's geometry and scratch (see :func:`schedule`)."""
+    row_blocks: int
+    tile_rows: int
+    group: int
+    groups: int
+    programs: int
+    delay: int
+    poll_limit: int
+    partial: torch.Tensor  # (N, row_blocks, C) in the accumulation dtype
+    sync: torch.Tensor     # int32 (2 · groups + 1) zeros
+    blocks: dict           # the kernels' block-shape constexprs and launch options
 
-    ``x``/``residual``/``out (N, C, H, W)`` in one layout (NCHW or channels_last,
-    dense), ``w1 (R, C)`` and ``w2 (C, R)`` contiguous, ``pooled``/``scale (N, C)``
-    and ``hidden (N, R)`` contiguous in the accumulation dtype; ``N > 0``. Knobs
-    (read per call): ``SE_FUSED_TRITON_TILE_BYTES`` (a tile's bytes, default
-    32 KiB), ``SE_FUSED_TRITON_PIPELINE_GROUP`` (samples per MLP group),
-    ``SE_FUSED_TRITON_PIPELINE_DELAY`` (steps beyond the minimum, default 1),
-    ``SE_FUSED_TRITON_PIPELINE_PROGRAMS`` (at most this many programs).
-    """
+    def check(self, what: str) -> None:
+        """Under the interpreter, raise if a wait gave up (on a GPU, reading the flag would synchronise)."""
+        if _common.INTERPRETED and int(self.sync[-1]) != 0:
+            raise RuntimeError(f"se_fused: the pipelined Triton {what} scaled a group that no program finished "
+                               "(a bug in its schedule)")
+
+
+def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule:
+    """The tiling, group, programs and delay of a pipelined launch over ``x (N, C, H, W)`` whose tiles
+    read ``arrays`` tensors like ``x``. Knobs (read per call): ``SE_FUSED_TRITON_TILE_BYTES`` (bytes
+    of one array per tile, default 32 KiB), ``SE_FUSED_TRITON_PIPELINE_GROUP`` (samples per MLP
+    group), ``SE_FUSED_TRITON_PIPELINE_DELAY`` (steps beyond the minimum, default 1),
+    ``SE_FUSED_TRITON_PIPELINE_PROGRAMS`` (at most this many programs)."""
     n, c, h, w = x.shape
     p = h * w
-    r = w1.shape[0]
     elem = x.element_size()
-    tile_bytes = _env_int("SE_FUSED_TRITON_TILE_BYTES", 32768, 1)
-    rows = max(1, tile_bytes // (c * elem))
+    rows = max(1, _env_int("SE_FUSED_TRITON_TILE_BYTES", 32768, 1) // (c * elem))
     row_blocks = cdiv(p, rows)
     tile_rows = cdiv(p, row_blocks)
     # Enough samples per group that the weights read per group are at most an eighth of its slice bytes.
-    default_group = min(16, max(1, math.ceil(8 * 2 * c * r * 4 / (c * p * elem))))
+    default_group = min(16, max(1, math.ceil(8 * 2 * c * r * 4 / (c * p * elem * arrays))))
     group = min(n, _env_int("SE_FUSED_TRITON_PIPELINE_GROUP", default_group, 1))
     groups = cdiv(n, group)
     total = n * row_blocks
@@ -264,23 +317,39 @@ def launch_pipelined_forward(x: torch.Tensor, residual: Optional[torch.Tensor], 
     else:
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count  # one per SM: co-resident
     programs = min(programs, total, _env_int("SE_FUSED_TRITON_PIPELINE_PROGRAMS", total, 1))
-    delay = cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", 1, 0)
-    acc = pooled.dtype
-    partial = x.new_empty((n * row_blocks * c,), dtype=acc)
-    sync = torch.zeros((2 * groups + 1,), dtype=torch.int32, device=x.device)
     # [block_p, block_c] blocks of up to 8192 elements (16 KiB of bf16 per load on a GPU: with one
     # program of 8 warps per SM, the loads in flight are what bounds the bandwidth).
     block_c = min(next_power_of_2(c), 256 if _common.INTERPRETED else 128)
-    block_p = min(next_power_of_2(tile_rows), max(1, 8192 // block_c))
-    options = {} if _common.INTERPRETED else _cooperative_launch_option()
-    wrap_triton(pipelined_forward_kernel)[(programs,)](
-        x, x if residual is None else residual, out, w1, b1, w2, b2, pooled, hidden, scale, partial, sync,
+    blocks = dict(BLOCK_C=block_c, BLOCK_P=min(next_power_of_2(tile_rows), max(1, 8192 // block_c)),
+                  BLOCK_G=next_power_of_2(group), BLOCK_J=16, BLOCK_K=32, num_warps=8,
+                  **({} if _common.INTERPRETED else _cooperative_launch_option()))
+    return Schedule(
+        row_blocks=row_blocks, tile_rows=tile_rows, group=group, groups=groups, programs=programs,
+        delay=cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", 1, 0),
         # The interpreter runs one program: a group not ready at its first poll never will be. On a
         # GPU 2^22 polls (each an L2 round trip and two barriers) are seconds; a real wait is µs.
-        n, c, r, p, row_blocks, tile_rows, group, groups, delay, 1 if _common.INTERPRETED else 1 << 22,
+        poll_limit=1 if _common.INTERPRETED else 1 << 22,
+        partial=x.new_empty((n * row_blocks * c,), dtype=acc),
+        sync=torch.zeros((2 * groups + 1,), dtype=torch.int32, device=x.device), blocks=blocks)
+
+
+def launch_pipelined_forward(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor,
+                             w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                             pooled: torch.Tensor, hidden: torch.Tensor, scale: torch.Tensor, channels_last: bool,
+                             activation_code: int, gate_code: int) -> None:
+    """The whole forward in one launch: writes ``out``, ``pooled``, ``hidden``, ``scale``.
+
+    ``x``/``residual``/``out (N, C, H, W)`` in one layout (NCHW or channels_last,
+    dense), ``w1 (R, C)`` and ``w2 (C, R)`` contiguous, ``pooled``/``scale (N, C)``
+    and ``hidden (N, R)`` contiguous in the accumulation dtype; ``N > 0``. Knobs:
+    :func:`schedule`.
+    """
+    n, c, h, w = x.shape
+    r = w1.shape[0]
+    s = schedule(x, r, pooled.dtype, 1)
+    wrap_triton(pipelined_forward_kernel)[(s.programs,)](
+        x, x if residual is None else residual, out, w1, b1, w2, b2, pooled, hidden, scale, s.partial, s.sync,
+        n, c, r, h * w, s.row_blocks, s.tile_rows, s.group, s.groups, s.delay, s.poll_limit,
         HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last, ACTIVATION=activation_code,
-        GATE=gate_code, ACC_FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
-        BLOCK_G=next_power_of_2(group), BLOCK_J=16, BLOCK_K=32, num_warps=8, **options)
-    if _common.INTERPRETED and int(sync[-1]) != 0:  # on a GPU, reading it would synchronise the host
-        raise RuntimeError("se_fused: the pipelined Triton forward scaled a group that no program finished "
-                           "(a bug in its schedule)")
+        GATE=gate_code, ACC_FP64=pooled.dtype == torch.float64, **s.blocks)
+    s.check("forward")
