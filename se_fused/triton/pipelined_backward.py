@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import gate_backward_from_output
 from .pipelined_forward import (OUT_ACT_GRAD, OUT_DIVIDED, _arrive, _group_linear, _reduce_tile, _release,
-                                _tile_offsets, _wait_ready, schedule)
+                                _store_group_sums, _tile_offsets, _tile_pixels, _wait_ready, schedule)
 
 
 @triton.jit
@@ -31,21 +30,10 @@ def _finish_group_backward(partial_ptr, scale_ptr, hidden_ptr, dv_ptr, du_ptr, d
                            ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """The group's ``dv`` (from its partial sums, added in row-block order), ``du`` and ``dz / P``."""
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     n0 = grp * G
     count = tl.minimum(G, N - n0)
-    gg = tl.arange(0, BLOCK_G)
-    g_mask = gg < count
-    nn = (n0 + gg).to(tl.int64)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        mask = g_mask[:, None] & (cc < C)[None, :]
-        ds = tl.zeros([BLOCK_G, BLOCK_C], dtype=acc_dtype)
-        for k in range(0, row_blocks):
-            ds += tl.load(partial_ptr + (nn[:, None] * row_blocks + k) * C + cc[None, :], mask=mask, other=0.0,
-                          cache_modifier=".cg")
-        s = tl.load(scale_ptr + nn[:, None] * C + cc[None, :], mask=mask, other=0.0)
-        tl.store(dv_ptr + nn[:, None] * C + cc[None, :], gate_backward_from_output(ds, s, GATE), mask=mask)
+    _store_group_sums(partial_ptr, scale_ptr, dv_ptr, n0, count, C, P, row_blocks, True, GATE, ACC_FP64, BLOCK_G,
+                      BLOCK_C)
     tl.debug_barrier()  # dv, written by every thread, is read back by every thread
     # du[n, r] = act'(hidden[n, r]) · Σ_c dv[n, c] · W2[c, r]   (W2 is (C, R): W[j=r, k=c] at c·R + r)
     _group_linear(dv_ptr, w2_ptr, 1, R, w2_ptr, hidden_ptr, 1, du_ptr, n0, count, R, C, False, OUT_ACT_GRAD,
@@ -62,8 +50,7 @@ def _excite_tile_backward(grad_out_ptr, out_ptr, scale_ptr, dz_ptr, grad_x_ptr, 
                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """``grad_x = g'·s + dz/P`` and, with ``out``, ``grad_residual = g'``; grad_out's (and out's) last use."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    p_begin = rb * tile_rows
-    p_end = tl.minimum(P, p_begin + tile_rows)
+    p_begin, p_end = _tile_pixels(rb, tile_rows, P)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         c_mask = cc < C

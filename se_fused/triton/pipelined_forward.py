@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation, activation_backward, cdiv, gate, next_power_of_2
+from ._common import activation, activation_backward, cdiv, gate, gate_backward_from_output, next_power_of_2
 
 
 @triton.jit
@@ -51,14 +51,20 @@ def _tile_offsets(n, pp, cc, C, P, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_pixels(rb, tile_rows, P):
+    """The pixels ``[begin, end)`` of row block ``rb``."""
+    p_begin = rb * tile_rows
+    return p_begin, tl.minimum(P, p_begin + tile_rows)
+
+
+@triton.jit
 def _reduce_tile(a_ptr, b_ptr, m_ptr, partial_ptr, n, rb, C, P, row_blocks, tile_rows, HAS_B: tl.constexpr,
                  HAS_MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_P: tl.constexpr):
     """``partial[n, rb, c] = Σ`` over the tile's pixels of ``a`` (zeroed where ``m <= 0`` with
     HAS_MASK: the residual form's relu), times ``b`` with HAS_B; every channel."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    p_begin = rb * tile_rows
-    p_end = tl.minimum(P, p_begin + tile_rows)
+    p_begin, p_end = _tile_pixels(rb, tile_rows, P)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         c_mask = cc < C
@@ -123,14 +129,12 @@ def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, aux_ptr, diviso
 
 
 @triton.jit
-def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
-                  N, C, R, P, row_blocks, G, ACTIVATION: tl.constexpr, GATE: tl.constexpr, ACC_FP64: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The group's pooled means (partial sums added in row-block order), hidden (pre-activation)
-    and scale, batched over its samples (each weight read once per group)."""
+def _store_group_sums(partial_ptr, aux_ptr, out_ptr, n0, count, C, P, row_blocks, GATE_GRAD: tl.constexpr,
+                      GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """For the group's ``count`` samples from ``n0``: the channel sums, their tiles' partial sums added
+    in row-block order, stored as means (``out = Σ / P``: pooled) or, with GATE_GRAD, as the gradient
+    at the gate's input (``out = Σ · gate'`` from the saved scale ``aux``: dv); ``(N, C)`` arrays."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    n0 = grp * G
-    count = tl.minimum(G, N - n0)
     gg = tl.arange(0, BLOCK_G)
     g_mask = gg < count
     nn = (n0 + gg).to(tl.int64)
@@ -141,7 +145,24 @@ def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr
         for k in range(0, row_blocks):
             total += tl.load(partial_ptr + (nn[:, None] * row_blocks + k) * C + cc[None, :], mask=mask, other=0.0,
                              cache_modifier=".cg")
-        tl.store(pooled_ptr + nn[:, None] * C + cc[None, :], total / P, mask=mask)
+        if GATE_GRAD:
+            s = tl.load(aux_ptr + nn[:, None] * C + cc[None, :], mask=mask, other=0.0)
+            total = gate_backward_from_output(total, s, GATE)
+        else:
+            total = total / P
+        tl.store(out_ptr + nn[:, None] * C + cc[None, :], total, mask=mask)
+
+
+@triton.jit
+def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
+                  N, C, R, P, row_blocks, G, ACTIVATION: tl.constexpr, GATE: tl.constexpr, ACC_FP64: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The group's pooled means (partial sums added in row-block order), hidden (pre-activation)
+    and scale, batched over its samples (each weight read once per group)."""
+    n0 = grp * G
+    count = tl.minimum(G, N - n0)
+    _store_group_sums(partial_ptr, partial_ptr, pooled_ptr, n0, count, C, P, row_blocks, False, GATE, ACC_FP64,
+                      BLOCK_G, BLOCK_C)
     tl.debug_barrier()  # pooled, written by every thread, is read back by every thread
     _group_linear(pooled_ptr, w1_ptr, C, 1, b1_ptr, pooled_ptr, 1, hidden_ptr, n0, count, R, C, False, OUT_BIAS,
                   ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
@@ -155,8 +176,7 @@ def _excite_tile(x_ptr, residual_ptr, out_ptr, scale_ptr, n, rb, C, P, tile_rows
                  CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """``out = x · s`` (or ``relu(x · s + residual)``) over the tile; x's second read, its last use."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    p_begin = rb * tile_rows
-    p_end = tl.minimum(P, p_begin + tile_rows)
+    p_begin, p_end = _tile_pixels(rb, tile_rows, P)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         c_mask = cc < C
