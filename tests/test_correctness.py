@@ -16,7 +16,7 @@ from se_fused._reference import excitation, gate_fn
 from se_fused._validation import validate_se_inputs
 from se_fused.backends import resolve_backend
 from conftest import (ODD_SHAPES, SKIPPED_DEVICE_BACKENDS, STAGE_SHAPES, SEShape, backend_se, cached_run,
-                      why_not_run)
+                      make_se_inputs, why_not_run)
 from tolerances import assert_close_to_reference
 
 ACT_GATES = [("relu", "sigmoid"), ("relu", "hardsigmoid"), ("silu", "sigmoid"), ("silu", "hardsigmoid")]
@@ -254,6 +254,17 @@ def test_cpu_backend_cache_paths(setting, se_odd_shape, se_dtype, memory_format,
     for name, value in CPU_CACHE_SETTINGS[setting].items():
         monkeypatch.setenv(name, value)
     check_backend(se_inputs(se_odd_shape, se_dtype, memory_format, "cpu", residual), "cpu", request=request)
+
+
+@pytest.mark.parametrize("name", ["SE_FUSED_CPU_STREAM_BYTES", "SE_FUSED_CPU_CHUNK_BYTES"])
+@pytest.mark.parametrize("value", ["8MB", "abc", "-1"])
+def test_cpu_cache_settings_refuse_non_byte_counts(name, value, monkeypatch):
+    """A cache setting that is not a non-negative integer is refused by name, not read as some number."""
+    _cpu_backend_or_skip()
+    monkeypatch.setenv(name, value)
+    inputs = make_se_inputs(SEShape(2, 8, 2, 3, 3), torch.float32, "nchw", "cpu")
+    with pytest.raises(ValueError, match=f"{name} must be a number of bytes >= 0"):
+        backend_se(inputs, "cpu")
 
 
 # H·W = 9: float32 rows of one to two vectors, so the flat NCHW sweep (cpu::stream_rows) blends in most vectors.

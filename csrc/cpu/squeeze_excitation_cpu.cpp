@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -348,11 +349,17 @@ void scale_backward(const SEProblem& p, int64_t n0, int64_t n1, const scalar_t* 
 constexpr int64_t kCacheBudgetBytes = int64_t(8) << 20;
 
 // A byte count from the environment variable `name` (read per call, so tests
-// can force either path), or nothing when it is unset or empty.
+// can force either path), or nothing when it is unset or empty. Anything but a
+// non-negative integer is refused (atoll read "8MB" as 8 and "abc" as 0).
 std::optional<int64_t> bytes_from_env(const char* name) {
   const char* env = std::getenv(name);
   if (env == nullptr || env[0] == '\0') return std::nullopt;
-  return std::max<int64_t>(0, std::atoll(env));
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && errno == 0 && value >= 0, "se_fused: ", name,
+                    " must be a number of bytes >= 0; got '", env, "'");
+  return static_cast<int64_t>(value);
 }
 
 // Samples per chunk: as many as keep `bytes_per_sample` (the bytes the second
