@@ -11,7 +11,8 @@
 # path beside the shipped one), sweep the read-once paths' geometries of the stage
 # shapes (pipelined, cluster), run Nsight Compute on the pipelined
 # forward, run compute-sanitizer (memcheck, racecheck) over every kernel
-# path, time the block in NCHW and against torch.compile, and, with the time
+# path, time the pipelined paths with the block benchmark (into the log), time
+# the block in NCHW and against torch.compile, and, with the time
 # left, train a few steps and run Nsight Compute on the MLP kernels. Files come
 # back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
@@ -174,6 +175,13 @@ for tool in memcheck racecheck; do
     step_if "${SANITIZER_NEEDS[$tool]}" "$tool" 120 "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
   fi
 done
+
+# --- 4b. the pipelined paths (CUDA and Triton, both passes) through the block benchmark: the
+# issues' own measure (bytes_min / time against the copy bandwidth of the same run), beside the
+# shipped rows of step 3. The table goes into the log. (The rehearsal times the CPU kernel.)
+step_if 60 bench-pipelined 45 env SE_FUSED_CUDA_PATH=pipelined SE_FUSED_TRITON_PATH=pipelined \
+  "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" --impls "$([[ $DRY_RUN -eq 1 ]] && echo cpu || echo cuda,triton)" \
+  --out "$WORK" --json-name block-pipelined.json --no-progress
 
 # --- 5. the rows the quick block run leaves out: NCHW, and torch.compile of the eager block ---
 # (the CUDA issue's goals name both). The rehearsal times the CPU kernel instead of
