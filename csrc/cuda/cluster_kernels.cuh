@@ -362,17 +362,8 @@ struct ChannelCursor {
 template <bool kChannelsLast, int kVec>
 __device__ __forceinline__ void channel_values(const ClusterGeometry& geo, const float* values, int element,
                                                float (&out)[kVec]) {
-  static_assert(kVec % 4 == 0, "whole float4 loads");
   if (kChannelsLast && geo.C % kVec == 0) {
-    const float4* run = reinterpret_cast<const float4*>(values + element % geo.C);
-#pragma unroll
-    for (int q = 0; q < kVec / 4; ++q) {
-      const float4 v = run[q];
-      out[4 * q] = v.x;
-      out[4 * q + 1] = v.y;
-      out[4 * q + 2] = v.z;
-      out[4 * q + 3] = v.w;
-    }
+    load_float_run(values + element % geo.C, out);
   } else {
     ChannelCursor cur;
     cur.start<kChannelsLast>(geo, element);

@@ -147,21 +147,13 @@ __device__ __forceinline__ unsigned fetch_add_acq_rel_gpu(unsigned* p, unsigned 
   return old;
 }
 
-// 16-byte global accesses with cache hints: from L2 only (data other CTAs wrote),
-// and streaming (last use of a line: evict it first, so the lines still to be
-// re-read stay in L2).
-template <typename T>
-__device__ __forceinline__ Vec16<T> load16_l2(const T* p) {
-  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-  Vec16<T> v;
-  static_assert(sizeof(v) == sizeof(raw), "16 bytes");
-  memcpy(&v, &raw, sizeof(raw));
-  return v;
-}
+// 16-byte global accesses for a line's last use (evict it first, so the lines still
+// to be re-read stay in L2).
 template <typename T>
 __device__ __forceinline__ Vec16<T> load16_last_use(const T* p) {
   const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
   Vec16<T> v;
+  static_assert(sizeof(v) == sizeof(raw), "16 bytes");
   memcpy(&v, &raw, sizeof(raw));
   return v;
 }
@@ -170,6 +162,19 @@ __device__ __forceinline__ void store16_streaming(T* p, const Vec16<T>& v) {
   uint4 raw;
   memcpy(&raw, &v, sizeof(raw));
   __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
+// out[0..V) = run[0..V) for a 16-byte aligned run of V floats (V a multiple of 4), as
+// float4 loads: the epilogues' per-channel values, which one float per element read
+// with bank conflicts (shared memory) or V loads per vector (global).
+template <int V>
+__device__ __forceinline__ void load_float_run(const float* run, float (&out)[V]) {
+  static_assert(V % 4 == 0, "whole float4 loads");
+#pragma unroll
+  for (int q = 0; q < V / 4; ++q) {
+    const float4 f = reinterpret_cast<const float4*>(run)[q];
+    out[4 * q] = f.x, out[4 * q + 1] = f.y, out[4 * q + 2] = f.z, out[4 * q + 3] = f.w;
+  }
 }
 
 }  // namespace cuda

@@ -257,14 +257,7 @@ __device__ __forceinline__ void for_each_tile_vector(const PipelineGeometry& geo
         const int r = i / columns, col = i % columns;
         element = (t.n * geo.P + t.row0 + r) * geo.C + t.c0 + col * V;
 #pragma unroll
-        for (int k = 0; k < kArrays; ++k) {
-          const float4* run = reinterpret_cast<const float4*>(values[k] + col * V);
-#pragma unroll
-          for (int q = 0; q < V / 4; ++q) {
-            const float4 f = run[q];
-            v[k][4 * q] = f.x, v[k][4 * q + 1] = f.y, v[k][4 * q + 2] = f.z, v[k][4 * q + 3] = f.w;
-          }
-        }
+        for (int k = 0; k < kArrays; ++k) load_float_run(values[k] + col * V, v[k]);
       } else {
         element = nchw_base + static_cast<int64_t>(i) * V;
 #pragma unroll

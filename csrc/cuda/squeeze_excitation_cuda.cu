@@ -40,11 +40,9 @@
 #include <map>
 #include <mutex>
 #include <numeric>
-#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "../squeeze_excitation.h"
 #include "cluster.h"
@@ -315,11 +313,7 @@ __device__ __forceinline__ void channel_values(const acc_t* __restrict__ row, in
   if (runs && kChannelsLast) {
     const acc_t* run = row + within_sample % C;  // V-aligned: C and the start are multiples of V
     if constexpr (std::is_same_v<acc_t, float> && V % 4 == 0) {
-#pragma unroll
-      for (int q = 0; q < V / 4; ++q) {
-        const float4 f = reinterpret_cast<const float4*>(run)[q];
-        v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
-      }
+      load_float_run(run, v);
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] = run[e];
@@ -734,38 +728,9 @@ struct PipelinePlan {
 
 int round4(int64_t floats) { return static_cast<int>((floats + 3) / 4 * 4); }
 
-// CTAs of kPipelineThreads with `smem` bytes of dynamic shared memory one SM holds at
-// once, cached per (device, kernel, smem): the query and the attribute it needs cost
-// microseconds of host time per call otherwise.
-int resident_blocks_per_sm(int device, const void* kernel, size_t smem) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, size_t>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, kernel, smem);
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPipelineThreads, smem));
-  cache[key] = per_sm;
-  return per_sm;
-}
-
-// Whether this (problem, pass, geometry) is printed for the first time (SE_FUSED_CUDA_VERBOSE prints
-// each pipelined plan once, not once per call).
-bool first_time_printed(const SEProblem& p, bool backward, int elem, const PipelineGeometry& geo) {
-  static std::mutex mutex;
-  static std::set<std::vector<int64_t>> printed;
-  const std::lock_guard<std::mutex> lock(mutex);
-  return printed
-      .insert({p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, backward, elem, geo.G, geo.tiles, geo.delay,
-               geo.mlp_block})
-      .second;
-}
-
-// The pipelined path's geometry for this call, or nothing. Taken only when asked
-// (SE_FUSED_CUDA_PATH=pipelined) until a GPU run measures where it wins; then it
-// refuses, with the reason, what it cannot run. Knobs (read per call, for tests
-// and tune_cluster.py):
+// The pipelined path's geometry for a call that asked for it (SE_FUSED_CUDA_PATH=pipelined;
+// plan_pipelined caches it); refuses, with the reason, what the path cannot run. Knobs
+// (read per call, for tests and tune_cluster.py):
 // * SE_FUSED_CUDA_PIPELINE_GROUP: samples per MLP group (1-16; default: enough that
 //   the weights read per group are at most an eighth of the group's slice bytes).
 // * SE_FUSED_CUDA_TILE_BYTES: bytes of one array a tile covers (default 32 KiB:
@@ -776,10 +741,9 @@ bool first_time_printed(const SEProblem& p, bool backward, int elem, const Pipel
 //   keeps another grid's worth of tiles, ~8 MB at 32 KiB tiles, in L2).
 // * SE_FUSED_CUDA_PIPELINE_BLOCKS: at most this many CTAs (tests make each CTA walk
 //   many tiles, and make the delay long, with 1-3).
-PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backward, const void* kernel,
-                            std::initializer_list<const void*> pointers) {
+PipelinePlan make_pipeline_plan(const SEProblem& p, at::ScalarType dtype, bool backward, const void* kernel,
+                                std::initializer_list<const void*> pointers) {
   PipelinePlan plan;
-  if (requested_path() != PathChoice::Pipelined) return plan;
   auto refuse = [&](const std::string& why) {
     TORCH_CHECK(false, "se_fused: SE_FUSED_CUDA_PATH=pipelined, but the pipelined path cannot run this call: ", why);
     return plan;
@@ -899,7 +863,10 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   mg.activation = geo.activation;
   mg.gate = geo.gate;
 
-  const int per_sm = resident_blocks_per_sm(device, kernel, plan.smem);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  int per_sm = 0;  // CTAs one SM holds at once
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPipelineThreads, plan.smem));
   if (per_sm == 0) return refuse("no CTA fits on an SM");
   const int64_t total_tiles = p.N * geo.tiles;
   const int64_t cap = integer_from_env("SE_FUSED_CUDA_PIPELINE_BLOCKS", INT32_MAX, 1, INT32_MAX, "a positive integer");
@@ -909,8 +876,7 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
   TORCH_CHECK(needed + extra < INT32_MAX, "se_fused: pipelined delay out of range");
   geo.delay = static_cast<int>(needed + extra);
   plan.use = true;
-  if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE");
-      verbose != nullptr && std::string(verbose) == "1" && first_time_printed(p, backward, elem, geo)) {
+  if (const char* verbose = std::getenv("SE_FUSED_CUDA_VERBOSE"); verbose != nullptr && std::string(verbose) == "1") {
     std::fprintf(stderr,
                  "se_fused: %s N=%lld C=%lld R=%lld HW=%lld %s%s %d-byte -> pipelined G=%d tiles=%d (%d x %d, "
                  "%d rows x %d channels) blocks=%d (%d per SM) delay=%d mlp=%s smem=%zu; in flight in L2 ~%.1f MB\n",
@@ -921,6 +887,37 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
                  plan.smem,
                  double(geo.delay) * plan.blocks * slice_bytes / geo.tiles * (backward ? 2 : 1) / 1e6);
   }
+  return plan;
+}
+
+// The pipelined path's plan for this call, or nothing when it was not asked for. Planned once
+// per (device, shape, layout, form, dtype, pass, kernel, knob values) as plan_cluster does:
+// the occupancy query and the knobs' parsing stay off the per-call path, and
+// SE_FUSED_CUDA_VERBOSE prints each plan once. The activation and gate are this call's.
+PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backward, const void* kernel,
+                            std::initializer_list<const void*> pointers) {
+  if (requested_path() != PathChoice::Pipelined) return {};
+  std::string knobs;
+  for (const char* name : {"SE_FUSED_CUDA_PIPELINE_GROUP", "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY",
+                           "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_PIPELINE_MLP"}) {
+    const char* env = std::getenv(name);
+    knobs.append(env ? env : "").push_back('\n');
+  }
+  // Alignment is part of the key: the plan refuses unaligned tensors.
+  bool aligned = true;
+  for (const void* ptr : pointers) aligned = aligned && (ptr == nullptr || aligned16(ptr));
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, bool, at::ScalarType, bool, const void*, bool,
+                         std::string>;
+  const Key key{at::cuda::current_device(), p.N, p.C, p.R, p.P, p.channels_last, p.has_residual, dtype, backward,
+                kernel, aligned, knobs};
+  static std::mutex mutex;
+  static std::map<Key, PipelinePlan> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, make_pipeline_plan(p, dtype, backward, kernel, pointers)).first;
+  PipelinePlan plan = it->second;
+  plan.geo.activation = plan.geo.mlp.activation = static_cast<int>(p.activation);
+  plan.geo.gate = plan.geo.mlp.gate = static_cast<int>(p.gate);
   return plan;
 }
 
