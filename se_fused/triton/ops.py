@@ -46,6 +46,13 @@ FORWARD_OP = "se_fused::triton_squeeze_excitation_forward"
 BACKWARD_OP = "se_fused::triton_squeeze_excitation_backward"
 
 
+def _tracing() -> bool:
+    """Whether torch.compile/export traces or a TorchDispatchMode (fake tensors, make_fx) is active:
+    then the registered ops must be seen, and only the two-pass kernels run (their launches are
+    the ones torch.compile knows)."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 def _check_call(x: Tensor, activation: str, gate: str) -> None:
     """What the ops check themselves (the backend callers validated everything else already)."""
     validate_options(activation, gate)
@@ -83,9 +90,8 @@ def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
         return out, pooled, hidden, scale
 
     act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
-    # SE_FUSED_TRITON_PATH=pipelined: read once, in one launch (pipelined_forward.py); eager calls
-    # only (a traced call keeps the two-pass kernels, whose launches torch.compile knows).
-    if pipelined_requested() and not torch.compiler.is_compiling():
+    # SE_FUSED_TRITON_PATH=pipelined: read once, in one launch (pipelined_forward.py); eager calls only.
+    if pipelined_requested() and not _tracing():
         launch_pipelined_forward(x, residual, out, w1, b1, w2, b2, pooled, hidden, scale, channels_last, act_code,
                                  gate_code)
         return out, pooled, hidden, scale
@@ -172,7 +178,7 @@ def run_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], fc1_weight:
     act_code, gate_code = ACTIVATION_CODES[activation], GATE_CODES[gate]
     dv = x.new_empty((n, c), dtype=acc)
     du = x.new_empty((n, r), dtype=acc)
-    if pipelined_requested() and not torch.compiler.is_compiling():  # see run_forward
+    if pipelined_requested() and not _tracing():  # see run_forward
         launch_pipelined_backward(grad_out, x, out, grad_x, grad_residual, w1, w2, hidden, scale, dv, du,
                                   x.new_empty((n, c), dtype=acc), channels_last, act_code, gate_code)
     else:
@@ -204,7 +210,7 @@ def runs_without_dispatcher(*tensors: Optional[Tensor]) -> bool:
     torch.compile/export traces (they must see the op), not under a TorchDispatchMode (fake tensors,
     make_fx), not for tensor subclasses other than ``nn.Parameter`` (the weights of every module).
     """
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    if _tracing():
         return False
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 

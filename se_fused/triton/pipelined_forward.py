@@ -26,6 +26,7 @@ says where this one wins.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -261,6 +262,7 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
                          CHANNELS_LAST, ACC_FP64, BLOCK_C, BLOCK_P)
 
 
+@functools.lru_cache(maxsize=None)
 def _cooperative_launch_option() -> dict:
     """``{"launch_cooperative_grid": True}`` where this Triton's NVIDIA backend has the option
     (Triton 3.3 on), else ``{}``: one program per SM is then resident anyway on an otherwise idle GPU,
