@@ -13,13 +13,18 @@ GB/s of the pass's minimum traffic (SPEC §4):
   streaming them through shared memory;
 * cluster (``SE_FUSED_CUDA_PLAN=M,G``: M CTAs per sample, G samples per cluster),
   ``M,G`` with two chunk buffers where they fit, ``M,G/1`` with one
-  (``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``).
+  (``SE_FUSED_CUDA_CLUSTER_BUFFERS=1``);
+* mlp-split: the two-pass path with its MLP products over C split every k
+  channels (``SE_FUSED_CUDA_MLP_SPLIT``; 256 by default, the ``2-pass`` column)
+  and t row tiles per block of the forward's rows kernels
+  (``SE_FUSED_CUDA_MLP_ROW_TILES``; 1 by default), ``k1024`` or ``k256xr4``:
+  fewer, longer blocks (the MLP kernels are 50 of the forward's 112 us at conv5_x).
 
 It tells whether a read-once path beats the two-pass one, and with which
 geometry, which is what ``auto`` needs to know before it takes one.
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
-[--paths pipelined,cluster]``
+[--paths pipelined,cluster,mlp-split]``
 """
 from __future__ import annotations
 
@@ -38,8 +43,10 @@ STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x":
 PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
 PIPELINE_PLANS = [(g, kib, d, "") for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
 PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
+MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
-         "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP")
+         "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
+         "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES")
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -74,6 +81,9 @@ def candidates(paths) -> list:
     if "cluster" in paths:
         found += [(p, "cluster", "cluster", p) for p in PLANS]
         found += [(f"{p}/1", "cluster", "cluster", p, "1") for p in PLANS]
+    if "mlp-split" in paths:
+        found += [(f"k{k}" + (f"xr{t}" if t > 1 else ""), "mlp-split", "two_pass", "", "", "", "", "", "", str(k),
+                   str(t)) for k, t in MLP_PLANS]
     return found
 
 
@@ -82,8 +92,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
-    parser.add_argument("--paths", default="pipelined,cluster",
-                        help="read-once paths to sweep (comma-separated: pipelined, cluster)")
+    parser.add_argument("--paths", default="pipelined,cluster,mlp-split",
+                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split)")
     args = parser.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     if not torch.cuda.is_available():

@@ -7,8 +7,9 @@ choice over the whole shape/dtype/layout product. This file forces each path
 persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and their chunk buffers
 with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
 batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``), the pipelined path's schedule
-(``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``) and
-each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), and
+(``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``),
+each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), its splits of C and row
+tiles per block (``SE_FUSED_CUDA_MLP_SPLIT``, ``SE_FUSED_CUDA_MLP_ROW_TILES``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
 """
@@ -201,6 +202,52 @@ def test_pipelined_staged_mlp_refuses_unaligned_channels(cuda_path, monkeypatch)
     inputs = make_se_inputs(SEShape(2, 7, 1, 56, 56), torch.bfloat16, "nchw", "cuda")
     with pytest.raises(RuntimeError, match="staged MLP needs C a multiple of 4"):
         backend_se(inputs, "cuda")
+
+
+# SE_FUSED_CUDA_MLP_SPLIT: the MLP products over C split every k channels instead of 256, so a
+# block walks several staged pieces of C (and the next product adds fewer splits): C = 600 in
+# one split or two (the last partial), conv5_x's C = 2048 in four, two or one.
+MLP_SPLIT_SHAPES = (SEShape(70, 600, 40, 5, 5), SEShape(5, 2048, 128, 7, 7))
+
+
+@pytest.mark.parametrize("shape", MLP_SPLIT_SHAPES, ids=[s.id for s in MLP_SPLIT_SHAPES])
+@pytest.mark.parametrize("split", [512, 1024, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS[1:3], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[1:3]])
+def test_two_pass_mlp_split(cuda_path, monkeypatch, shape, split, dtype, residual, activation, gate):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP_SPLIT", str(split))
+    check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
+
+
+# SE_FUSED_CUDA_MLP_ROW_TILES: the forward's rows kernels (fc1, fc2) take several tiles of rows
+# per block. One staged piece (fc1 at a split of 256, fc2 at R <= 128) is staged once for all
+# of them; several pieces (fc1 at a split of 1024 with C > 256, fc2 at R = 300 > 128) are
+# staged again for each tile. 3 and 5 tiles leave a partial last block at every shape here.
+ROW_TILE_SHAPES = (SEShape(70, 600, 40, 5, 5), SEShape(5, 2048, 128, 7, 7), SEShape(3, 1024, 300, 2, 2))
+
+
+@pytest.mark.parametrize("shape", ROW_TILE_SHAPES, ids=[s.id for s in ROW_TILE_SHAPES])
+@pytest.mark.parametrize("row_tiles", [3, 5])
+@pytest.mark.parametrize("split", [256, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_two_pass_mlp_row_tiles_keep_bits(cuda_path, monkeypatch, shape, row_tiles, split, dtype):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP_SPLIT", str(split))
+    inputs = make_se_inputs(shape, dtype, "channels_last", "cuda", True, "silu", "sigmoid")
+    check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_MLP_ROW_TILES", str(row_tiles))
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("SE_FUSED_CUDA_MLP_SPLIT", "128", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
+    ("SE_FUSED_CUDA_MLP_SPLIT", "300", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
+    ("SE_FUSED_CUDA_MLP_SPLIT", "many", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
+    ("SE_FUSED_CUDA_MLP_ROW_TILES", "0", r"SE_FUSED_CUDA_MLP_ROW_TILES must be an integer in \[1, 65536\]")])
+def test_mlp_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, message):
+    cuda_path("two_pass")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
 
 
 def test_unknown_mlp_choice_is_refused(monkeypatch):

@@ -40,6 +40,7 @@
 #include <cstring>
 
 #include "device_utils.cuh"
+#include "env_knobs.h"
 
 namespace se_fused {
 namespace cuda {
@@ -48,7 +49,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kSamples = 8;       // samples per block: accumulators per thread
-constexpr int kChunk = 256;       // k values per split of C (and staged at a time in the split products)
+constexpr int kChunk = 256;       // k values staged at a time in the products split over C, and per split by default
 constexpr int kSummingWidth = 128; // k values staged at a time where K = R (the products that add the splits)
 // Outputs per warp (rows kernel) and per lane (columns kernel): few in the products split over C,
 // so they have many blocks; more in the products that add the splits, so fewer blocks re-read them.
@@ -233,28 +234,35 @@ __device__ __forceinline__ void store_output(const Output& o, int split, int64_t
 }
 
 // out[n, j] = sum_k in(n, k) * W[j, k], W (J, K) row-major. Block: kSamples samples
-// (blockIdx.z), kWarps * kRowsPerWarp rows (blockIdx.x), the k range of split
-// blockIdx.y (k_split values, staged kWidth at a time). A warp owns kRowsPerWarp
-// rows; a lane owns groups of 4 consecutive k (one 16-byte shared load per sample
-// feeds 4 FMAs: ncu had the rows kernels issue-bound), all of a chunk's weight
-// loads in flight at once; the lanes' sums meet in one transposing reduction.
+// (blockIdx.z), `row_tiles` tiles of kWarps * kRowsPerWarp rows (tiles blockIdx.x *
+// row_tiles + t), the k range of split blockIdx.y (k_split values, staged kWidth at a
+// time). A warp owns kRowsPerWarp rows of a tile; a lane owns groups of 4 consecutive k
+// (one 16-byte shared load per sample feeds 4 FMAs: ncu had the rows kernels issue-bound),
+// all of a chunk's weight loads in flight at once; the lanes' sums meet in one transposing
+// reduction. Several row tiles per block: where the block's k range is one staged piece
+// (fc1 at the default split, fc2 at R <= 128), the piece is staged once for all its tiles
+// (the samples' inputs are the same for every tile) and the next tile's weights load
+// during this tile's reduction. Each output's sum runs in the same order whatever
+// row_tiles is (the bits do not depend on it).
 template <typename w_t, int kRowsPerWarp, int Kind, int kWidth>
 __global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                    int64_t N, int J, int K, int k_split,
-                                                                   int activation, int gate) {
+                                                                   int row_tiles, int activation, int gate) {
   constexpr int kGroups = kWidth / (4 * kWarp);  // groups of 4 k per lane in a staged piece
+  constexpr int kTileRows = kWarps * kRowsPerWarp;
   static_assert(kWidth % (4 * kWarp) == 0, "whole groups of 4 per lane");
   __shared__ alignas(16) float tile[kSamples][kWidth];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const BlockSpan b(in, N, K, k_split);
+  const int first_tile = blockIdx.x * row_tiles;
+  const int tiles = min(row_tiles, (J + kTileRows - 1) / kTileRows - first_tile);  // uniform across the block
+  const bool one_piece = b.k_end - b.k_begin <= kWidth;                            // uniform too
   int rows[kRowsPerWarp];
-  float bias[kRowsPerWarp];
+  const auto set_rows = [&](int row_tile) {
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    rows[r] = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
-    bias[r] = rows[r] < J ? bias_of<w_t>(o, b.split, rows[r]) : 0.f;
-  }
-  float acc[kRowsPerWarp * kSamples] = {};  // [r * kSamples + s]
+    for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = (row_tile * kRowsPerWarp + r) * kWarps + warp;
+  };
+  float acc[kRowsPerWarp * kSamples];  // [r * kSamples + s]
   w_t w[kRowsPerWarp][kGroups][4];
   // The first k of group g of this lane (within the staged piece).
   const auto group_k = [&](int g) { return (g * kWarp + lane) * 4; };
@@ -291,16 +299,44 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_rows_kernel(Input in, 
       }
     }
   };
-  for_each_staged_chunk<Kind, kWidth>(tile, in, b, K, activation, gate, load_weights, compute);
+  const int kc = b.k_end - b.k_begin;  // the one piece's width (one_piece)
+  set_rows(first_tile);
+  if (one_piece) {
+    load_weights(b.k_begin, kc);  // before the staging's loads, so both are in flight at once
+    stage_input<Kind, kWidth>(tile, in, b.n0, b.ns, b.k_begin, kc, K, b.writer, activation, gate);
+    __syncthreads();
+  }
   constexpr int kValues = kRowsPerWarp * kSamples, kLanesPerValue = kWarp / kValues;
   static_assert(kValues <= kWarp, "one value per lane at least");
-  const float total = warp_transpose_sum(acc, lane);
   const int value = lane / kLanesPerValue, r = value / kSamples, s = value % kSamples;
-  float row_bias = 0.f;  // bias[r], selected without a runtime index into registers
+  for (int t = 0; t < tiles; ++t) {
+    const int row_tile = first_tile + t;
+    float bias[kRowsPerWarp];
 #pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) row_bias = rr == r ? bias[rr] : row_bias;
-  const int j = (blockIdx.x * kRowsPerWarp + r) * kWarps + warp;
-  if (lane % kLanesPerValue == 0 && j < J && s < b.ns) store_output(o, b.split, b.n0 + s, j, J, total, row_bias, gate);
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int j = (row_tile * kRowsPerWarp + rr) * kWarps + warp;
+      bias[rr] = j < J ? bias_of<w_t>(o, b.split, j) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) acc[i] = 0.f;
+    if (one_piece) {
+      compute(b.k_begin, kc);
+      if (t + 1 < tiles) {  // the next tile's weights, in flight during this tile's reduction
+        set_rows(row_tile + 1);
+        load_weights(b.k_begin, kc);
+      }
+    } else {
+      set_rows(row_tile);
+      for_each_staged_chunk<Kind, kWidth>(tile, in, b, K, activation, gate, load_weights, compute);
+    }
+    const float total = warp_transpose_sum(acc, lane);
+    float row_bias = 0.f;  // bias[r], selected without a runtime index into registers
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) row_bias = rr == r ? bias[rr] : row_bias;
+    const int j = (row_tile * kRowsPerWarp + r) * kWarps + warp;
+    if (lane % kLanesPerValue == 0 && j < J && s < b.ns)
+      store_output(o, b.split, b.n0 + s, j, J, total, row_bias, gate);
+  }
 }
 
 // out[n, j] = sum_k in(n, k) * W[k, j], W (K, J) row-major. Block: kSamples samples
@@ -509,12 +545,39 @@ int weight_gradient_splits(int tiles, int64_t N) {
 
 unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// k values per split of C in the products over C (fc1 forward, W2^T dv backward): kChunk, or
+// SE_FUSED_CUDA_MLP_SPLIT (a multiple of kChunk) for tuning. At conv5_x a split of kChunk makes
+// 2048 blocks of one staged piece each for fc1, about eight waves of blocks whose time is
+// mostly one L2 round trip and a reduction (21 us of the forward's 112, H100 dd6c3b3); a larger
+// split has fewer blocks that each walk several pieces, and fewer partial sums for the
+// next product to add. The split decides the order of the sums (the bits), so it comes
+// from the shape and this knob only, never from the device.
+// (docs/cuda-notes.md, "The two-pass MLP's splits of C".)
+int mlp_k_split() {
+  const int64_t split = integer_from_env("SE_FUSED_CUDA_MLP_SPLIT", kChunk, kChunk, int64_t(1) << 20,
+                                         "a multiple of 256 in [256, 2^20]");
+  TORCH_CHECK_VALUE(split % kChunk == 0, "se_fused: SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in "
+                    "[256, 2^20]; got ", split);
+  return static_cast<int>(split);
+}
+
+// Row tiles per block of the rows kernels (fc1 and fc2 forward): 1, or
+// SE_FUSED_CUDA_MLP_ROW_TILES for tuning. fc2's grid is C/32 row tiles x N/8 sample groups
+// (2048 blocks at conv5_x, 29 us); with several tiles per block the staged input serves
+// them all and the blocks are fewer. Any value gives the same bits.
+int mlp_row_tiles() {
+  return static_cast<int>(integer_from_env("SE_FUSED_CUDA_MLP_ROW_TILES", 1, 1, 1 << 16,
+                                           "an integer in [1, 65536]"));
+}
+
 // What the forward and the backward MLP launches share: the weights as (R, C) and (C, R)
 // matrices, the grid's sample groups and splits over C, and the buffer of the split sums.
 struct MlpLaunch {
   at::Tensor w1, w2, partial;
   int64_t N;
   int R, C, act, gate;
+  int k_split;    // k values per split of C (mlp_k_split)
+  int row_tiles;  // row tiles per block of the rows kernels (mlp_row_tiles)
   unsigned groups, splits;
   MlpLaunch(const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, const SEProblem& p,
             const at::TensorOptions& float_options)
@@ -525,13 +588,19 @@ struct MlpLaunch {
         C(static_cast<int>(p.C)),
         act(static_cast<int>(p.activation)),
         gate(static_cast<int>(p.gate)),
+        k_split(mlp_k_split()),
+        row_tiles(mlp_row_tiles()),
         groups(ceil_div(p.N, kSamples)),
-        splits(ceil_div(p.C, kChunk)) {
+        splits(ceil_div(p.C, k_split)) {
     partial = at::empty({static_cast<int64_t>(splits), p.N, p.R}, float_options);
   }
   // Grid of a product with J outputs, outputs_per_block per block, split over C or not.
   dim3 grid(int J, int outputs_per_block, bool split_over_c) const {
     return dim3(ceil_div(J, outputs_per_block), split_over_c ? splits : 1, groups);
+  }
+  // The same for a rows kernel: row_tiles tiles of rows_per_tile rows per block.
+  dim3 rows_grid(int J, int rows_per_tile, bool split_over_c) const {
+    return dim3(ceil_div(ceil_div(J, rows_per_tile), row_tiles), split_over_c ? splits : 1, groups);
   }
   // The first product's output: the sums of each split (+ bias in split 0; bias may be nullptr).
   Output split_sums(const void* bias) const {
@@ -576,15 +645,15 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
   const MlpLaunch m(fc1_weight, fc2_weight, p, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_forward_kernels", [&] {
     excitation_rows_kernel<scalar_t, kSplitRowsPerWarp, kPlain, kChunk>
-        <<<m.grid(m.R, kWarps * kSplitRowsPerWarp, true), kThreads, 0, stream>>>(
+        <<<m.rows_grid(m.R, kWarps * kSplitRowsPerWarp, true), kThreads, 0, stream>>>(
             input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
-            kChunk, m.act, m.gate);
+            m.k_split, m.row_tiles, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
     excitation_rows_kernel<scalar_t, kSummingRowsPerWarp, kSumActivate, kSummingWidth>
-        <<<m.grid(m.C, kWarps * kSummingRowsPerWarp, false), kThreads, 0, stream>>>(
+        <<<m.rows_grid(m.C, kWarps * kSummingRowsPerWarp, false), kThreads, 0, stream>>>(
             m.summed_splits(nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R,
-            m.R, m.act, m.gate);
+            m.R, m.row_tiles, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -598,7 +667,7 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
     const Input dv = input_of(ds, &scale);  // read as kGateGrad
     excitation_columns_kernel<scalar_t, kSplitColumnsPerLane, kGateGrad, kChunk>
         <<<m.grid(m.R, kWarp * kSplitColumnsPerLane, true), kThreads, 0, stream>>>(
-            dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, kChunk, m.act, m.gate);
+            dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, m.k_split, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
     const Output scaled{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0};

@@ -47,6 +47,7 @@
 #include "../squeeze_excitation.h"
 #include "cluster.h"
 #include "device_utils.cuh"
+#include "env_knobs.h"
 #include "excitation_cuda.h"
 #include "pipelined.h"
 
@@ -550,19 +551,6 @@ PathChoice requested_path() {
   TORCH_CHECK_VALUE(false, "se_fused: SE_FUSED_CUDA_PATH must be auto, cluster, two_pass or pipelined; got '", env,
                     "'");
   return PathChoice::Auto;
-}
-
-// The integer in the environment variable `name` (read per call, so tests and tuning can
-// switch it), or `unset` when it is unset or empty; anything that is not an integer in
-// [lo, hi] is refused with "`name` must be `requirement`".
-int64_t integer_from_env(const char* name, int64_t unset, int64_t lo, int64_t hi, const char* requirement) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return unset;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && value >= lo && value <= hi, "se_fused: ", name, " must be ", requirement,
-                    "; got '", env, "'");
-  return value;
 }
 
 // The persistent clusters to launch: the plan's, or fewer with SE_FUSED_CUDA_CLUSTERS=n
