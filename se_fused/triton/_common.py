@@ -169,6 +169,43 @@ def gate_backward_from_output(grad, s, GATE: tl.constexpr):
         return tl.where((s > 0.0) & (s < 1.0), grad / 6.0, 0.0)
 
 
+
+@triton.jit
+def _load_partial(ptr, offsets, stride, s, count, mask, CACHE: tl.constexpr):
+    """``ptr[offsets + s·stride]`` where ``s < count`` and ``mask``, else ``-0.0`` (which adds nothing)."""
+    return tl.load(ptr + offsets + tl.cast(s, tl.int64) * stride, mask=mask & (s < count), other=-0.0,
+                   cache_modifier=CACHE)
+
+
+@triton.jit
+def add_partials_in_order(acc, ptr, offsets, stride, count, mask, CACHE: tl.constexpr, IN_FLIGHT: tl.constexpr):
+    """``acc + Σ_{s < count} ptr[offsets + s·stride]``, added in the order ``s = 0, 1, ...`` (the
+    bits do not depend on anything else), ``IN_FLIGHT`` (2 or 4) partials loaded before any of
+    them is added.
+
+    In a loop of one load and one add per partial every iteration waits for its load before
+    the next load is issued: one L2 round trip per partial (8 per k block of the MLP's second
+    step at conv5_x, up to 49 per group in the pipelined kernels' channel sums). Loads past
+    ``count`` give ``-0.0``, and ``x + (-0.0)`` is ``x`` bit for bit (also for ``x = -0.0``), so
+    the padding changes no result. ``CACHE``: the loads' cache modifier (``".cg"`` for sums
+    other programs of the same launch wrote: L1 is not coherent). The pipelined kernels take 2:
+    with 4 ptxas compiled their forward to 80 registers and 16-24 bytes of spills (103 and none
+    with 2; sm_90, Triton 3.8).
+    """
+    for s0 in range(0, count, IN_FLIGHT):
+        p0 = _load_partial(ptr, offsets, stride, s0, count, mask, CACHE)
+        p1 = _load_partial(ptr, offsets, stride, s0 + 1, count, mask, CACHE)
+        if IN_FLIGHT == 4:
+            p2 = _load_partial(ptr, offsets, stride, s0 + 2, count, mask, CACHE)
+            p3 = _load_partial(ptr, offsets, stride, s0 + 3, count, mask, CACHE)
+        acc += p0.to(acc.dtype)
+        acc += p1.to(acc.dtype)
+        if IN_FLIGHT == 4:
+            acc += p2.to(acc.dtype)
+            acc += p3.to(acc.dtype)
+    return acc
+
+
 # ---------------------------------------------------------------------------
 # Launch heuristics
 # ---------------------------------------------------------------------------

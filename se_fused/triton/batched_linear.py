@@ -29,7 +29,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation, activation_backward, cdiv, gate, gate_backward_from_output, linear_k_splits
+from ._common import (activation, activation_backward, add_partials_in_order, cdiv, gate, gate_backward_from_output,
+                      linear_k_splits)
 
 FACTOR_NONE = 0
 FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v) (a select for hardsigmoid)
@@ -74,10 +75,8 @@ def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, 
         nk_mask = row_mask[:, None] & k_mask[None, :]
         nk = n[:, None] * K + k[None, :]
         # Prologue: the input vector, summed from its partials in a fixed order.
-        a = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
-        for s in range(0, a_splits):
-            a += tl.load(a_part_ptr + (n[:, None] + s * N) * K + k[None, :], mask=nk_mask,
-                         other=0.0).to(acc_dtype)
+        a = add_partials_in_order(tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype), a_part_ptr, nk, N * K, a_splits,
+                                  nk_mask, "", 4)
         a = a / a_divisor
         if A_BIAS:
             a += tl.load(a_bias_ptr + k, mask=k_mask, other=0.0).to(acc_dtype)[None, :]

@@ -38,7 +38,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import activation, activation_backward, cdiv, gate, gate_backward_from_output, next_power_of_2
+from ._common import (activation, activation_backward, add_partials_in_order, cdiv, gate, gate_backward_from_output,
+                      next_power_of_2)
 
 
 @triton.jit
@@ -142,10 +143,9 @@ def _store_group_sums(partial_ptr, aux_ptr, out_ptr, n0, count, C, P, row_blocks
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         mask = g_mask[:, None] & (cc < C)[None, :]
-        total = tl.zeros([BLOCK_G, BLOCK_C], dtype=acc_dtype)
-        for k in range(0, row_blocks):
-            total += tl.load(partial_ptr + (nn[:, None] * row_blocks + k) * C + cc[None, :], mask=mask, other=0.0,
-                             cache_modifier=".cg")
+        total = add_partials_in_order(tl.zeros([BLOCK_G, BLOCK_C], dtype=acc_dtype), partial_ptr,
+                                      nn[:, None] * row_blocks * C + cc[None, :], C, row_blocks, mask, ".cg",
+                                      2)
         if GATE_GRAD:
             s = tl.load(aux_ptr + nn[:, None] * C + cc[None, :], mask=mask, other=0.0)
             total = gate_backward_from_output(total, s, GATE)

@@ -40,7 +40,10 @@ def weight_grad_kernel(a_ptr, b_ptr, out_ptr, bias_out_ptr, N, I, J,
     j_mask = j < J
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=acc_dtype)
     bias_acc = tl.zeros([BLOCK_I], dtype=acc_dtype)
-    for n0 in range(0, N, BLOCK_N):
+    # The loads of the next stages are issued while this block of samples is summed: with a plain
+    # range (loads that feed no tl.dot are not pipelined) every block waited for its own loads, 32
+    # round trips at batch 256, and the kernel took 45-49 us at every stage (H100 dd6c3b3).
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=3):
         n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_mask = n < N
         a = tl.load(a_ptr + n[:, None] * I + i[None, :], mask=n_mask[:, None] & i_mask[None, :],
