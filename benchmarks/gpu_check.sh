@@ -57,7 +57,7 @@ step() {
   local status=ok
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then status="TIMEOUT"; FAILED=1
   elif [[ $rc -ne 0 ]]; then status="FAIL(rc=$rc)"; FAILED=1; fi
-  SUMMARY+=("$(printf '%-14s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
+  SUMMARY+=("$(printf '%-16s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
   echo "=== [$name] $status" | tee -a "$LOG"
   return 0
 }
@@ -73,7 +73,7 @@ step_if() {
 }
 
 # skip NAME REASON: record a step that did not run.
-skip() { SUMMARY+=("$(printf '%-14s %-14s %s' "$1" "skipped" "$2")"); echo "=== [$1] skipped: $2" | tee -a "$LOG"; }
+skip() { SUMMARY+=("$(printf '%-16s %-14s %s' "$1" "skipped" "$2")"); echo "=== [$1] skipped: $2" | tee -a "$LOG"; }
 
 left() { echo $(( BUDGET - $(elapsed) )); }
 

@@ -70,34 +70,44 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def variants(device: torch.device) -> List[tuple]:
-    """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`."""
+    """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`.
+
+    The paths not yet measured on a GPU (the pipelined ones) come last: main() profiles variant by
+    variant, and a kernel that traps ends the CUDA context for every variant after it."""
     usable = common.usable_backends()
-    if device.type == "cuda":
-        # CUDA as shipped, with the MLP as ATen ops, the two-pass path in L2-sized chunks, and
-        # the pipelined path.
-        fused = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
-                 ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"}),
-                 ("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"})] \
-            if "cuda" in usable else []
-        # Triton as shipped (the whole batch in one chunk: one MLP over the batch), in L2-sized
-        # chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP), and with the
-        # pipelined path (read once, one launch per pass).
-        fused += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"}),
-                  ("triton/pipelined", "triton", {"triton_path": "pipelined"})] \
-            if "triton" in usable else []
-    else:
-        fused = [("cpu", "cpu", {})] if "cpu" in usable else []
-    return fused + [("eager", "eager", {})]
+    if device.type != "cuda":
+        return ([("cpu", "cpu", {})] if "cpu" in usable else []) + [("eager", "eager", {})]
+    # CUDA as shipped, with the MLP as ATen ops, and the two-pass path in L2-sized chunks.
+    shipped = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
+               ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})] \
+        if "cuda" in usable else []
+    # Triton as shipped (the whole batch in one chunk: one MLP over the batch), and in L2-sized
+    # chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP).
+    shipped += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"})] \
+        if "triton" in usable else []
+    # The pipelined paths (read once, one launch per pass); Triton's with one program per SM and two.
+    pipelined = [("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"})] \
+        if "cuda" in usable else []
+    pipelined += [("triton/pipelined", "triton", {"triton_path": "pipelined"}),
+                  ("triton/pipelined-2x", "triton", {"triton_path": "pipelined", "triton_per_sm": 2})] \
+        if "triton" in usable else []
+    return shipped + [("eager", "eager", {})] + pipelined
+
+
+# The settings a variant may name, and the environment variable each sets.
+SETTINGS = (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
+            ("cuda_path", "SE_FUSED_CUDA_PATH"), ("triton_path", "SE_FUSED_TRITON_PATH"),
+            ("triton_per_sm", "SE_FUSED_TRITON_PIPELINE_PER_SM"))
 
 
 def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
     two-pass path's batch chunks); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_path`` ->
-    ``SE_FUSED_TRITON_PATH``; ``triton_chunk_bytes`` -> the Triton backend's batch chunk
-    budget (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
-    for key, name in (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
-                      ("cuda_path", "SE_FUSED_CUDA_PATH"), ("triton_path", "SE_FUSED_TRITON_PATH")):
+    ``SE_FUSED_TRITON_PATH``; ``triton_per_sm`` -> ``SE_FUSED_TRITON_PIPELINE_PER_SM``;
+    ``triton_chunk_bytes`` -> the Triton backend's batch chunk budget
+    (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
+    for key, name in SETTINGS:
         common.set_env(name, settings.get(key))
     try:
         from se_fused.triton import _common as triton_common
@@ -173,6 +183,23 @@ def device_profile(fn, calls: int, device: torch.device, top: int) -> Dict[str, 
             "top": kernels[:top]}
 
 
+def profile_variant(label: str, impl: str, channels: int, dtype, device: torch.device, reference, pass_name: str,
+                    sets, args) -> Dict[str, object]:
+    """Wall, host and device time of one variant's pass (its settings applied), as a row's fields."""
+    block, module = bench_block.make_block(impl, channels, dtype, device, reference)
+    fn = bench_block.pass_callable(pass_name, block, list(module.parameters()), sets)
+    for _ in range(3):
+        fn()
+    common.synchronize(device)
+    host = host_ms_per_call(fn, args.calls, device)
+    # On the CPU every call runs on the host: wall time is the host time.
+    wall = common.gpu_median_ms(fn, 10, 50)["ms"] if device.type == "cuda" else host
+    prof = device_profile(fn, args.calls, device, args.top)
+    if args.python_top > 0 and label in PYTHON_PROFILED:
+        prof["python_top"] = python_profile(fn, args.calls, device, args.python_top)
+    return {"wall_ms": wall, "host_ms": host, **prof}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, gpu = common.run_device(args)
@@ -188,38 +215,39 @@ def main(argv=None) -> int:
     print(f"SE block profile on {env['device_detail']} | batch {args.batch} | dtype {args.dtype} | "
           f"memory format {args.memory_format} | commit {env['commit'][:12]}")
     rows = []
-    saved = {"mlp": os.environ.get("SE_FUSED_CUDA_MLP"),
-             "cuda_chunk_bytes": os.environ.get("SE_FUSED_CUDA_CHUNK_BYTES"),
-             "cuda_path": os.environ.get("SE_FUSED_CUDA_PATH"),
-             "triton_path": os.environ.get("SE_FUSED_TRITON_PATH")}
-    bar = common.progress(len(stages) * len(passes), "profile", enabled=sys.stderr.isatty())
+    saved = {key: os.environ.get(name) for key, name in SETTINGS}
+    # Variant by variant (the stages inside), so that a variant that fails (a kernel not yet run on
+    # a GPU: the pipelined ones come last) costs its own rows only. A kernel that traps ends the
+    # process's CUDA context: the variants after it fail too, and say so in their rows.
+    inputs = {}
+    bar = common.progress(len(stages) * len(passes) * len(variants(device)), "profile", enabled=sys.stderr.isatty())
     try:
-        for stage in stages:
-            channels, hw = common.STAGES[stage]
-            shape = (args.batch, channels, hw, hw)
-            torch.manual_seed(0)
-            reference = se_fused.SEBlock(channels, common.SE_REDUCTION)
-            sets = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
-            for pass_name in passes:
-                for label, impl, settings in variants(device):
-                    apply_settings(settings)
-                    block, module = bench_block.make_block(impl, channels, dtype, device, reference)
-                    fn = bench_block.pass_callable(pass_name, block, list(module.parameters()), sets)
-                    for _ in range(3):
-                        fn()
-                    common.synchronize(device)
-                    host = host_ms_per_call(fn, args.calls, device)
-                    # On the CPU every call runs on the host: wall time is the host time.
-                    wall = common.gpu_median_ms(fn, 10, 50)["ms"] if gpu else host
-                    prof = device_profile(fn, args.calls, device, args.top)
-                    if args.python_top > 0 and label in PYTHON_PROFILED:
-                        prof["python_top"] = python_profile(fn, args.calls, device, args.python_top)
-                    rows.append({"stage": stage, "shape": list(shape), "pass": pass_name, "impl": label,
-                                 "wall_ms": wall, "host_ms": host, **prof})
-                bar.update()
+        for label, impl, settings in variants(device):
+            apply_settings(settings)
+            for stage in stages:
+                channels, hw = common.STAGES[stage]
+                shape = (args.batch, channels, hw, hw)
+                if stage not in inputs:
+                    inputs[stage] = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
+                for pass_name in passes:
+                    bar.update()
+                    torch.manual_seed(0)
+                    reference = se_fused.SEBlock(channels, common.SE_REDUCTION)
+                    row = {"stage": stage, "shape": list(shape), "pass": pass_name, "impl": label}
+                    try:
+                        row.update(profile_variant(label, impl, channels, dtype, device, reference, pass_name,
+                                                   inputs[stage], args))
+                    except RuntimeError as exc:
+                        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+                        print(f"profile: {label} {stage} {pass_name} failed: {message}", file=sys.stderr)
+                        row.update({"wall_ms": float("nan"), "host_ms": float("nan"), "device_ms": float("nan"),
+                                    "launches": float("nan"), "top": [], "error": message})
+                    rows.append(row)
     finally:
         bar.close()
         apply_settings(saved)
+    order = {label: i for i, (label, _, _) in enumerate(variants(device))}
+    rows.sort(key=lambda r: (stages.index(r["stage"]), passes.index(r["pass"]), order[r["impl"]]))
 
     what = "device ms" if gpu else "op self-CPU ms"
     columns = [("stage", "stage", None), ("pass", "pass", None), ("impl", "impl", None),

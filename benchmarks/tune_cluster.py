@@ -131,8 +131,11 @@ def main() -> int:
                     set_path(path, *values)
                     try:
                         results.setdefault(family, {})[label] = nbytes / time_ms(fn) / 1e6
-                    except RuntimeError:
-                        continue  # this geometry does not fit the shape
+                    except RuntimeError as exc:
+                        if not any(m in str(exc) for m in ("does not fit this call", "cannot run this call")):
+                            # A kernel that failed (a trap ends the CUDA context: what follows fails too).
+                            print(f"  {stage} {layout} {name} {label}: {str(exc).strip()[:160]}")
+                        continue
                 set_path("auto")
                 base = results.get("", {})
                 bests = []

@@ -207,6 +207,31 @@ def test_profile_rows(tmp_path):
     assert any("se_fused::squeeze_excitation_forward" in k["name"] for k in rows[("forward", "cpu")]["top"])
 
 
+@needs_cpu_kernel
+def test_profile_keeps_the_other_rows_when_a_variant_fails(tmp_path, monkeypatch, capsys):
+    """A variant that raises (on a GPU: a kernel not yet run there, or a context a trap ended) gets a
+    row with its error and no times; the other variants' rows are still measured and written."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_block
+
+    measured = profile_block.profile_variant
+
+    def failing_eager(label, *args, **kwargs):
+        if label == "eager":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return measured(label, *args, **kwargs)
+
+    monkeypatch.setattr(profile_block, "profile_variant", failing_eager)
+    assert profile_block.main(["--device", "cpu", "--batch", "2", "--stages", "conv5_x", "--calls", "2",
+                               "--passes", "forward", "--out", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "profile.json").read_text())["rows"]}
+    assert set(rows) == {"cpu", "eager"}
+    assert rows["cpu"]["device_ms"] > 0 and "error" not in rows["cpu"]
+    assert rows["eager"]["error"] == "CUDA error: an illegal memory access was encountered"
+    assert rows["eager"]["device_ms"] is None  # NaN in the table, null in the JSON
+    assert "eager conv5_x forward failed" in capsys.readouterr().err
+
+
 def test_gpu_check_script_parses():
     """benchmarks/gpu_check.sh, which only a GPU machine runs in full, is valid bash (its
     rehearsal, ``--dry-run``, takes minutes and is run by hand before a GPU session)."""

@@ -142,7 +142,8 @@ def test_pipelined_path(shape, dtype, memory_format, residual, monkeypatch):
 # row blocks whose partial sums are added (1-byte tiles: one pixel per tile).
 PIPELINE_KNOBS = [("SE_FUSED_TRITON_PIPELINE_GROUP", "1"), ("SE_FUSED_TRITON_PIPELINE_GROUP", "3"),
                   ("SE_FUSED_TRITON_PIPELINE_GROUP", "16"), ("SE_FUSED_TRITON_PIPELINE_DELAY", "4"),
-                  ("SE_FUSED_TRITON_PIPELINE_PROGRAMS", "2"), ("SE_FUSED_TRITON_TILE_BYTES", "1")]
+                  ("SE_FUSED_TRITON_PIPELINE_PROGRAMS", "2"), ("SE_FUSED_TRITON_PIPELINE_PER_SM", "2"),
+                  ("SE_FUSED_TRITON_TILE_BYTES", "1")]
 
 
 @pytest.mark.parametrize("name,value", PIPELINE_KNOBS, ids=[f"{n[16:].lower()}={v}" for n, v in PIPELINE_KNOBS])
@@ -161,6 +162,7 @@ def test_pipelined_path_knobs(name, value, memory_format, monkeypatch):
 @pytest.mark.parametrize("name,value,message", [
     ("SE_FUSED_TRITON_PATH", "cluster", "SE_FUSED_TRITON_PATH must be two_pass or pipelined"),
     ("SE_FUSED_TRITON_PIPELINE_GROUP", "0", "SE_FUSED_TRITON_PIPELINE_GROUP must be an integer >= 1"),
+    ("SE_FUSED_TRITON_PIPELINE_PER_SM", "0", "SE_FUSED_TRITON_PIPELINE_PER_SM must be an integer >= 1"),
     ("SE_FUSED_TRITON_TILE_BYTES", "many", "SE_FUSED_TRITON_TILE_BYTES must be an integer >= 1")])
 def test_pipelined_path_refuses_bad_knobs(name, value, message, monkeypatch):
     monkeypatch.setenv("SE_FUSED_TRITON_PATH", "pipelined")

@@ -322,7 +322,11 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     read ``arrays`` tensors like ``x``. Knobs (read per call): ``SE_FUSED_TRITON_TILE_BYTES`` (bytes
     of one array per tile, default 32 KiB), ``SE_FUSED_TRITON_PIPELINE_GROUP`` (samples per MLP
     group), ``SE_FUSED_TRITON_PIPELINE_DELAY`` (steps beyond the minimum, default 1),
-    ``SE_FUSED_TRITON_PIPELINE_PROGRAMS`` (at most this many programs)."""
+    ``SE_FUSED_TRITON_PIPELINE_PER_SM`` (programs per SM, default 1: with 8 warps and ~16 KiB of
+    loads in flight per program, one per SM bounds the reads near 16 KiB per round trip per SM,
+    ~2 TB/s on an H100; a second needs the registers of both, which the cooperative launch
+    checks: it refuses a grid that cannot be resident), ``SE_FUSED_TRITON_PIPELINE_PROGRAMS``
+    (at most this many programs)."""
     n, c, h, w = x.shape
     p = h * w
     elem = x.element_size()
@@ -334,10 +338,11 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     group = min(n, _env_int("SE_FUSED_TRITON_PIPELINE_GROUP", default_group, 1))
     groups = cdiv(n, group)
     total = n * row_blocks
+    per_sm = _env_int("SE_FUSED_TRITON_PIPELINE_PER_SM", 1, 1)
     if _common.INTERPRETED:
         programs = 1  # the interpreter runs programs in turn: a wait on a later program would never end
     else:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count  # one per SM: co-resident
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm  # co-resident
     programs = min(programs, total, _env_int("SE_FUSED_TRITON_PIPELINE_PROGRAMS", total, 1))
     # [block_p, block_c] blocks of up to 8192 elements (16 KiB of bf16 per load on a GPU: with one
     # program of 8 warps per SM, the loads in flight are what bounds the bandwidth).
