@@ -124,7 +124,7 @@ fi
 # --- 2. GPU tests -------------------------------------------------------------
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN -eq 0 ]]; then XDIST=(-n 12); fi
-step tests 170 "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_SELECT[@]}"
+step tests 200 "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_SELECT[@]}"
 
 # --- 3. benchmarks and the record ---------------------------------------------
 step bench-block 130 "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" --out "$WORK" --json-name block.json --no-progress

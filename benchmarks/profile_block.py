@@ -15,14 +15,12 @@ stage shape, pass and implementation:
   the N Python functions with the most own time per call (``cProfile``), which
   says where a host-bound call (the Triton backend's) spends it.
 
-On CUDA the fused backend runs four times, with the excitation MLP as kernels
-(``SE_FUSED_CUDA_MLP=kernels``, the default), as ATen ops (``=aten``), with the
-batch in L2-sized chunks (``SE_FUSED_CUDA_CHUNK_BYTES=l2``), and on the pipelined
-path (``SE_FUSED_CUDA_PATH=pipelined``: read once, the re-read from L2), and the
-Triton backend three times, in one chunk (the default), in L2-sized chunks and with
-the pipelined path (``SE_FUSED_TRITON_PATH=pipelined``), so each pair is compared
-side by side in one run. Writes ``profile.json`` (or
-``--json-name``) into ``--out``.
+On CUDA the fused backends run as shipped and on their pipelined paths
+(``SE_FUSED_CUDA_PATH=pipelined``, ``SE_FUSED_TRITON_PATH=pipelined`` with one and
+two programs per SM: read once, the re-read from L2), and with ``--all-variants``
+also with the CUDA MLP as ATen ops (``SE_FUSED_CUDA_MLP=aten``) and both two-pass
+paths in L2-sized batch chunks, so each pair is compared side by side in one run.
+Writes ``profile.json`` (or ``--json-name``) into ``--out``.
 
     python benchmarks/profile_block.py                 # GPU: batch 256, bf16, channels_last
     python benchmarks/profile_block.py --device cpu --batch 2 --stages conv5_x   # a CPU rehearsal
@@ -64,34 +62,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--python-top", type=int, default=0,
                         help="list the N Python functions with the most own time per call (cProfile) for "
                              "the fused backends (default 0: off)")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="also the variants earlier records settled (GPU: cuda/aten-mlp, cuda/l2-chunks, "
+                             "triton/l2-chunks)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     parser.add_argument("--json-name", default="profile.json")
     return parser.parse_args(argv)
 
 
-def variants(device: torch.device) -> List[tuple]:
+def variants(device: torch.device, everything: bool = False) -> List[tuple]:
     """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`.
 
     The paths not yet measured on a GPU (the pipelined ones) come last: main() profiles variant by
-    variant, and a kernel that traps ends the CUDA context for every variant after it."""
+    variant, and a kernel that traps ends the CUDA context for every variant after it. ``everything``
+    adds the variants whose question earlier records answered (the MLP as ATen ops: slower, host-bound;
+    the two-pass path in L2-sized chunks: each chunk's MLP launches cost more than the L2 re-read
+    saves; H100 dd6c3b3), which a GPU run's time budget no longer repeats by default."""
     usable = common.usable_backends()
     if device.type != "cuda":
         return ([("cpu", "cpu", {})] if "cpu" in usable else []) + [("eager", "eager", {})]
-    # CUDA as shipped, with the MLP as ATen ops, and the two-pass path in L2-sized chunks.
-    shipped = [("cuda", "cuda", {"mlp": "kernels"}), ("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
-               ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})] \
-        if "cuda" in usable else []
-    # Triton as shipped (the whole batch in one chunk: one MLP over the batch), and in L2-sized
-    # chunks (pass 2 re-reads x from L2, but each chunk runs its own MLP).
-    shipped += [("triton", "triton", {}), ("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"})] \
-        if "triton" in usable else []
-    # The pipelined paths (read once, one launch per pass); Triton's with one program per SM and two.
-    pipelined = [("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"})] \
-        if "cuda" in usable else []
-    pipelined += [("triton/pipelined", "triton", {"triton_path": "pipelined"}),
-                  ("triton/pipelined-2x", "triton", {"triton_path": "pipelined", "triton_per_sm": 2})] \
-        if "triton" in usable else []
-    return shipped + [("eager", "eager", {})] + pipelined
+    shipped, settled, pipelined = [], [], []
+    if "cuda" in usable:
+        shipped.append(("cuda", "cuda", {"mlp": "kernels"}))
+        settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
+                    ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})]
+        pipelined.append(("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"}))
+    if "triton" in usable:
+        # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
+        shipped.append(("triton", "triton", {}))
+        settled.append(("triton/l2-chunks", "triton", {"triton_chunk_bytes": "l2"}))
+        # One program per SM, and two.
+        pipelined += [("triton/pipelined", "triton", {"triton_path": "pipelined"}),
+                      ("triton/pipelined-2x", "triton", {"triton_path": "pipelined", "triton_per_sm": 2})]
+    return shipped + (settled if everything else []) + [("eager", "eager", {})] + pipelined
 
 
 # The settings a variant may name, and the environment variable each sets.
@@ -220,9 +223,10 @@ def main(argv=None) -> int:
     # a GPU: the pipelined ones come last) costs its own rows only. A kernel that traps ends the
     # process's CUDA context: the variants after it fail too, and say so in their rows.
     inputs = {}
-    bar = common.progress(len(stages) * len(passes) * len(variants(device)), "profile", enabled=sys.stderr.isatty())
+    profiled = variants(device, args.all_variants)
+    bar = common.progress(len(stages) * len(passes) * len(profiled), "profile", enabled=sys.stderr.isatty())
     try:
-        for label, impl, settings in variants(device):
+        for label, impl, settings in profiled:
             apply_settings(settings)
             for stage in stages:
                 channels, hw = common.STAGES[stage]
@@ -246,7 +250,7 @@ def main(argv=None) -> int:
     finally:
         bar.close()
         apply_settings(saved)
-    order = {label: i for i, (label, _, _) in enumerate(variants(device))}
+    order = {label: i for i, (label, _, _) in enumerate(profiled)}
     rows.sort(key=lambda r: (stages.index(r["stage"]), passes.index(r["pass"]), order[r["impl"]]))
 
     what = "device ms" if gpu else "op self-CPU ms"
