@@ -116,7 +116,13 @@ def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, aux_ptr, diviso
                 a = activation(a, ACTIVATION)  # act(0) = 0 where masked
             w = tl.load(w_ptr + jj[:, None] * stride_wj + kk[None, :] * stride_wk,
                         mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
-            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+            if ACC_FP64:
+                acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+            else:
+                # float32 products (input_precision="ieee", not TF32) as a tl.dot: its loads are
+                # pipelined (the kernel's num_stages), where the broadcast product's waited for their
+                # own round trip per block of K, 2 x 8 x 64 of them per group at conv5_x.
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
         out_mask = g_mask[:, None] & j_mask[None, :]
         if OUT == OUT_BIAS_GATE or OUT == OUT_BIAS:
             acc += tl.load(bias_ptr + jj, mask=j_mask, other=0.0).to(acc_dtype)[None, :]
@@ -347,8 +353,9 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     # [block_p, block_c] blocks of up to 8192 elements (16 KiB of bf16 per load on a GPU: with one
     # program of 8 warps per SM, the loads in flight are what bounds the bandwidth).
     block_c = min(next_power_of_2(c), 256 if _common.INTERPRETED else 128)
+    # BLOCK_G: at least tl.dot's 16 rows (the group MLP; rows past the group are masked).
     blocks = dict(BLOCK_C=block_c, BLOCK_P=min(next_power_of_2(tile_rows), max(1, 8192 // block_c)),
-                  BLOCK_G=next_power_of_2(group), BLOCK_J=16, BLOCK_K=32, num_warps=8,
+                  BLOCK_G=max(16, next_power_of_2(group)), BLOCK_J=16, BLOCK_K=32, num_warps=8,
                   **({} if _common.INTERPRETED else _cooperative_launch_option()))
     return Schedule(
         row_blocks=row_blocks, tile_rows=tile_rows, group=group, groups=groups, programs=programs,
