@@ -64,6 +64,16 @@ def time_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def context_alive() -> bool:
+    """Whether CUDA still works in this process (a kernel that traps ends its context)."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return True
+    except RuntimeError:
+        return False
+
+
 def set_path(path: str, *values) -> None:
     """The path and its knobs, in KNOBS order after the path (unset where not given)."""
     settings = (path,) + values + ("",) * (len(KNOBS) - 1 - len(values))
@@ -132,9 +142,12 @@ def main() -> int:
                     try:
                         results.setdefault(family, {})[label] = nbytes / time_ms(fn) / 1e6
                     except RuntimeError as exc:
-                        if not any(m in str(exc) for m in ("does not fit this call", "cannot run this call")):
-                            # A kernel that failed (a trap ends the CUDA context: what follows fails too).
-                            print(f"  {stage} {layout} {name} {label}: {str(exc).strip()[:160]}")
+                        if any(m in str(exc) for m in ("does not fit this call", "cannot run this call")):
+                            continue  # this geometry does not fit the shape
+                        print(f"  {stage} {layout} {name} {label} failed: {str(exc).strip()[:160]}")
+                        if not context_alive():
+                            print("tune_cluster: the CUDA context is lost (a kernel trapped); stopping the sweep")
+                            return 1
                         continue
                 set_path("auto")
                 base = results.get("", {})
