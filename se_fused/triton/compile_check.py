@@ -85,10 +85,11 @@ def variants(everything: bool) -> Iterator[Variant]:
                dict(HAS_OUT=flag, CHANNELS_LAST=channels_last, ACC_FP64=dtype == "float64",
                     BLOCK_INNER=inner, TILE=tile), warps)
     # The pipelined forward and backward (their launcher's GPU blocks from C = 128 on: 128 channels
-    # x 64 pixels, groups of up to 16 samples): the atomics, the spin-wait loop, the group MLP.
+    # x 64 pixels, group blocks of 16 rows, tl.dot's least, and 32 with --all: groups past 16 samples
+    # set by SE_FUSED_TRITON_PIPELINE_GROUP): the atomics, the spin-wait loop, the group MLP.
     pipeline_blocks = dict(BLOCK_C=128, BLOCK_P=64, BLOCK_J=16, BLOCK_K=32)
     for dtype, residual, channels_last, group_block in itertools.product(
-            dtypes, (False, True), (False, True), (1, 16) if everything else (16,)):
+            dtypes, (False, True), (False, True), (16, 32) if everything else (16,)):
         yield (pipelined_backward.pipelined_backward_kernel,
                dict(grad_out_ptr=PTR[dtype], x_ptr=PTR[dtype], out_ptr=PTR[dtype], grad_x_ptr=PTR[dtype],
                     grad_residual_ptr=PTR[dtype], w1_ptr=PTR[dtype], w2_ptr=PTR[dtype], hidden_ptr=_acc(dtype),
