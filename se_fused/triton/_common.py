@@ -169,7 +169,6 @@ def gate_backward_from_output(grad, s, GATE: tl.constexpr):
         return tl.where((s > 0.0) & (s < 1.0), grad / 6.0, 0.0)
 
 
-
 @triton.jit
 def _load_partial(ptr, offsets, stride, s, count, mask, CACHE: tl.constexpr):
     """``ptr[offsets + s·stride]`` where ``s < count`` and ``mask``, else ``-0.0`` (which adds nothing)."""
