@@ -161,7 +161,7 @@ def main() -> int:
                 for family in paths:
                     listing = " ".join(f"{k}:{v:.0f}" for k, v in results.get(family, {}).items())
                     print(f"{'':24s} {family}: {listing}")
-            del x, g
+            x = g = passes = None  # free the tensors before the next layout (the lambdas hold them)
             torch.cuda.empty_cache()
     return 0
 
