@@ -10,7 +10,8 @@ several groups with one or two chunk buffers), and the two-pass path's kernels
 gradients, the scale), over the whole batch and one sample per chunk, and the
 pipelined path (its own CTAs, 2 CTAs walking 1024-byte tiles, so that each CTA
 waits on groups that other CTAs finish, and the direct group MLP beside the staged one),
-and the two-pass MLP kernels with several row tiles per block and pieces per split.
+the two-pass MLP kernels with several row tiles per block and pieces per split, and
+the staged NCHW channel sums.
 The script also checks each result against the eager backend, so a run that
 the sanitizer passes but computes garbage still fails.
 
@@ -35,16 +36,19 @@ import se_fused
 # buffers: the chunk buffers (0 = two where they fit); chunk bytes: the two-pass path's batch chunks
 # (0 = the whole batch, 1 = one sample per chunk); pipeline CTAs, tile bytes and MLP: the pipelined
 # path's (0 / "" = its own: the staged MLP where C is a multiple of 4); MLP split and row tiles: the
-# two-pass MLP kernels' (absent = theirs: 256, 1).
+# two-pass MLP kernels' (absent or 0 = theirs: 256, 1); NCHW sums: "staged" for the NCHW channel
+# sums through shared memory where H*W is not a multiple of the vector (absent = the warp kernel).
 CASES = [("two_pass", "", 0, 0, 0, 0, 0, ""), ("two_pass", "", 0, 0, 1, 0, 0, ""),
-         ("two_pass", "", 0, 0, 0, 0, 0, "", 512, 3), ("cluster", "", 0, 0, 0, 0, 0, ""),
+         ("two_pass", "", 0, 0, 0, 0, 0, "", 512, 3), ("two_pass", "", 0, 0, 0, 0, 0, "", 0, 0, "staged"),
+         ("cluster", "", 0, 0, 0, 0, 0, ""),
          ("cluster", "2,4", 0, 0, 0, 0, 0, ""), ("cluster", "4,1", 0, 0, 0, 0, 0, ""),
          ("cluster", "1,2", 0, 0, 0, 0, 0, ""), ("cluster", "2,1", 1, 0, 0, 0, 0, ""),
          ("cluster", "1,2", 1, 1, 0, 0, 0, ""), ("pipelined", "", 0, 0, 0, 0, 0, ""),
          ("pipelined", "", 0, 0, 0, 2, 1024, ""), ("pipelined", "", 0, 0, 0, 0, 0, "direct")]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
-         "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES")
+         "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
+         "SE_FUSED_CUDA_NCHW_SUMS")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its

@@ -18,13 +18,16 @@ GB/s of the pass's minimum traffic (SPEC §4):
   channels (``SE_FUSED_CUDA_MLP_SPLIT``; 256 by default, the ``2-pass`` column)
   and t row tiles per block of the forward's rows kernels
   (``SE_FUSED_CUDA_MLP_ROW_TILES``; 1 by default), ``k1024`` or ``k256xr4``:
-  fewer, longer blocks (the MLP kernels are 50 of the forward's 112 us at conv5_x).
+  fewer, longer blocks (the MLP kernels are 50 of the forward's 112 us at conv5_x);
+* nchw-sums: the two-pass path with ``SE_FUSED_CUDA_NCHW_SUMS=staged`` (NCHW channel
+  sums through shared memory where H*W is not a multiple of the vector: conv4_x and
+  conv5_x in 16-bit dtypes; the NHWC rows repeat the two-pass path).
 
 It tells whether a read-once path beats the two-pass one, and with which
 geometry, which is what ``auto`` needs to know before it takes one.
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
-[--paths pipelined,cluster,mlp-split]``
+[--paths pipelined,cluster,mlp-split,nchw-sums]``
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
-         "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES")
+         "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS")
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -94,6 +97,8 @@ def candidates(paths) -> list:
     if "mlp-split" in paths:
         found += [(f"k{k}" + (f"xr{t}" if t > 1 else ""), "mlp-split", "two_pass", "", "", "", "", "", "", str(k),
                    str(t)) for k, t in MLP_PLANS]
+    if "nchw-sums" in paths:
+        found.append(("staged", "nchw-sums", "two_pass", "", "", "", "", "", "", "", "", "staged"))
     return found
 
 
@@ -102,8 +107,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
-    parser.add_argument("--paths", default="pipelined,cluster,mlp-split",
-                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split)")
+    parser.add_argument("--paths", default="pipelined,cluster,mlp-split,nchw-sums",
+                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split, nchw-sums)")
     args = parser.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     if not torch.cuda.is_available():

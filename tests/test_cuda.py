@@ -9,7 +9,8 @@ with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
 batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``), the pipelined path's schedule
 (``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``),
 each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), its splits of C and row
-tiles per block (``SE_FUSED_CUDA_MLP_SPLIT``, ``SE_FUSED_CUDA_MLP_ROW_TILES``), and
+tiles per block (``SE_FUSED_CUDA_MLP_SPLIT``, ``SE_FUSED_CUDA_MLP_ROW_TILES``), the NCHW
+channel sums through shared memory (``SE_FUSED_CUDA_NCHW_SUMS=staged``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
 """
@@ -248,6 +249,29 @@ def test_mlp_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, messag
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
+
+
+# SE_FUSED_CUDA_NCHW_SUMS=staged: NCHW channel sums where H*W is not a whole number of 16-byte
+# vectors stage spans of whole rows through shared memory (49 and 196 pixels: conv5_x and conv4_x;
+# C*H*W odd; one pixel per row; the residual form's masked sums in the backward).
+STAGED_SUM_SHAPES = (SEShape(5, 2048, 128, 7, 7), SEShape(5, 1024, 64, 14, 14), SEShape(2, 37, 2, 7, 7),
+                     SEShape(3, 37, 1, 1, 1), SEShape(70, 600, 40, 5, 5))
+
+
+@pytest.mark.parametrize("shape", STAGED_SUM_SHAPES, ids=[s.id for s in STAGED_SUM_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS[:2], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[:2]])
+def test_two_pass_nchw_staged_sums(cuda_path, monkeypatch, shape, dtype, residual, activation, gate):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", "staged")
+    check_against_reference(make_se_inputs(shape, dtype, "nchw", "cuda", residual, activation, gate))
+
+
+def test_nchw_sums_choice_is_refused(cuda_path, monkeypatch):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", "tiled")
+    with pytest.raises(ValueError, match="SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"):
+        backend_se(make_se_inputs(SEShape(2, 64, 4, 7, 7), torch.float32, "nchw", "cuda"), "cuda")
 
 
 def test_unknown_mlp_choice_is_refused(monkeypatch):

@@ -232,6 +232,60 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
   if (lane == 0) out[row] = total * factor;
 }
 
+// NCHW, P not a multiple of the vector (conv4_x's 196 and conv5_x's 49 pixels in 16-bit
+// dtypes): channel_sums_nchw_kernel reads such rows a 2-byte element per lane. Here a block
+// stages `rows_per_block` whole rows, whose span starts 16-byte aligned (rows_per_block * P is
+// a multiple of V, see nchw_staged_rows), with 16-byte loads, as terms in shared memory; then
+// `rows_per_block` groups of threads sum each row, each thread a segment of it in order and the
+// segments in order: a fixed order, so the bits are reproducible (not those of the warp kernel).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kernel(
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
+    acc_t* __restrict__ out, int64_t rows, int P, int rows_per_block, acc_t factor) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  extern __shared__ __align__(16) unsigned char staged_sums_smem[];
+  acc_t* terms = reinterpret_cast<acc_t*>(staged_sums_smem);  // [rows_per_block][P]
+  __shared__ acc_t segment_sums[kTwoPassThreads];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(rows_per_block), rows - row0));
+  const int64_t base = row0 * P;  // a multiple of V
+  const int span = nrows * P, vectors = span / V;
+  const bool has_b = b != nullptr, has_m = mask_by != nullptr;
+  Vec16<scalar_t> bv{}, mv{};
+  for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+    const Vec16<scalar_t> av = load16(a + base + static_cast<int64_t>(i) * V);
+    if (has_b) bv = load16(b + base + static_cast<int64_t>(i) * V);
+    if (has_m) mv = load16(mask_by + base + static_cast<int64_t>(i) * V);
+    // Stored 16 bytes at a time (a thread's V terms are 16 or 32 bytes): one 4-byte store per term
+    // would put a warp's stores V words apart, V-way bank conflicts.
+    alignas(16) acc_t v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = vec_term<scalar_t, acc_t>(av, bv, mv, has_b, has_m, e);
+    static_assert(V * sizeof(acc_t) % 16 == 0, "whole 16-byte chunks of terms");
+#pragma unroll
+    for (int q = 0; q < static_cast<int>(V * sizeof(acc_t) / 16); ++q)
+      reinterpret_cast<uint4*>(terms + i * V)[q] = reinterpret_cast<const uint4*>(v)[q];
+  }
+  for (int i = vectors * V + threadIdx.x; i < span; i += blockDim.x)  // the last block's partial vector
+    terms[i] = sum_term<scalar_t, acc_t>(a, b, mask_by, base + i);
+  __syncthreads();
+  const int per_row = blockDim.x / rows_per_block;  // >= 1: rows_per_block <= blockDim
+  const int r = threadIdx.x / per_row, t = threadIdx.x % per_row;
+  const int segment = (P + per_row - 1) / per_row;
+  acc_t part = 0;
+  if (r < nrows) {
+    const int p1 = min(P, (t + 1) * segment);
+    for (int p = t * segment; p < p1; ++p) part += terms[r * P + p];
+  }
+  segment_sums[threadIdx.x] = part;
+  __syncthreads();
+  if (t == 0 && r < nrows) {
+    acc_t total = 0;
+    for (int k = 0; k < per_row; ++k) total += segment_sums[threadIdx.x + k];
+    out[row0 + r] = total * factor;
+  }
+}
+
 // NHWC, C a multiple of the vector: a block covers (sample n, 32 vectors of
 // channels, a split of the pixels); 16 pixel lanes stride over the split's pixels,
 // combined in lane order.
@@ -438,6 +492,29 @@ void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t*
       partial.const_data_ptr<acc_t>(), sums, count, static_cast<int>(splits), factor);
 }
 
+// NCHW channel sums where H*W is not a whole number of 16-byte vectors: a warp per (n, c) row
+// of element loads (channel_sums_nchw_kernel, the default), or with SE_FUSED_CUDA_NCHW_SUMS=staged
+// spans of whole rows through shared memory (channel_sums_nchw_staged_kernel; for tuning until a
+// GPU has timed it: the NCHW conv5_x forward took 0.179 ms against 0.119 ms in channels_last,
+// H100 cca1da2 / dd6c3b3).
+bool nchw_staged_sums_requested() {
+  const char* env = std::getenv("SE_FUSED_CUDA_NCHW_SUMS");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "warp") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(env, "staged") == 0, "se_fused: SE_FUSED_CUDA_NCHW_SUMS must be warp or staged; got '",
+                    env, "'");
+  return true;
+}
+
+// Rows per block of channel_sums_nchw_staged_kernel: as many whole rows as kStagedSumBytes of
+// terms hold, at most a thread each, and a multiple of V / gcd(P, V), so that every block's span
+// starts on a 16-byte boundary; 0 where not even that many rows fit (the warp kernel serves).
+constexpr int64_t kStagedSumBytes = 32 * 1024;
+int nchw_staged_rows(int64_t P, int V, int acc_bytes) {
+  const int64_t unit = V / std::gcd(P, static_cast<int64_t>(V));
+  const int64_t fit = std::min<int64_t>(kStagedSumBytes / (P * acc_bytes), kTwoPassThreads);
+  return static_cast<int>(fit / unit * unit);
+}
+
 // sums[n, c] = factor * sum_p a * b (masked), via the layout's kernel.
 template <typename scalar_t, typename acc_t>
 void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
@@ -455,6 +532,14 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
       channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
                                                                                         p.P, f, split);
     });
+  } else if (!p.channels_last && pointers_aligned && nchw_staged_sums_requested() &&
+             nchw_staged_rows(p.P, V, sizeof(acc_t)) > 0) {
+    const int64_t rows = p.N * p.C;
+    const int rows_per_block = nchw_staged_rows(p.P, V, sizeof(acc_t));
+    const size_t smem = static_cast<size_t>(rows_per_block) * p.P * sizeof(acc_t);  // <= kStagedSumBytes
+    channel_sums_nchw_staged_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kTwoPassThreads, smem, stream>>>(
+            a, b, mask_by, sums, rows, static_cast<int>(p.P), rows_per_block, factor);
   } else if (!p.channels_last) {
     const int64_t rows = p.N * p.C;
     const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
