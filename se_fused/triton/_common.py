@@ -170,6 +170,17 @@ def gate_backward_from_output(grad, s, GATE: tl.constexpr):
 
 
 @triton.jit
+def add_product(acc, a, w, ACC_FP64: tl.constexpr):
+    """``acc + a · wᵀ`` for ``a [M, K]``, ``w [J, K]`` (the MLP's products): float32 FMAs as a
+    ``tl.dot`` with ``input_precision="ieee"`` (not TF32; register-tiled, and its loads pipelined by
+    the kernel's stages), float64 as a broadcast product reduced over K (tl.dot has no float64)."""
+    if ACC_FP64:
+        return acc + tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+    else:
+        return acc + tl.dot(a, tl.trans(w), input_precision="ieee")
+
+
+@triton.jit
 def _load_partial(ptr, offsets, stride, s, count, mask, CACHE: tl.constexpr):
     """``ptr[offsets + s·stride]`` where ``s < count`` and ``mask``, else ``-0.0`` (which adds nothing)."""
     return tl.load(ptr + offsets + tl.cast(s, tl.int64) * stride, mask=mask & (s < count), other=-0.0,

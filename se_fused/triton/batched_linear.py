@@ -29,8 +29,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import (activation, activation_backward, add_partials_in_order, cdiv, gate, gate_backward_from_output,
-                      linear_k_splits)
+from ._common import (activation, activation_backward, add_partials_in_order, add_product, cdiv, gate,
+                      gate_backward_from_output, linear_k_splits)
 
 FACTOR_NONE = 0
 FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v) (a select for hardsigmoid)
@@ -94,12 +94,7 @@ def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, 
         # Masked k have a finite a and W = 0, so they add nothing.
         w = tl.load(w_ptr + j[:, None] * stride_wj + k[None, :] * stride_wk,
                     mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
-        if ACC_FP64:
-            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
-        else:
-            # float32 products (input_precision="ieee", not TF32) as a register-tiled dot instead
-            # of a [BLOCK_N, BLOCK_J, BLOCK_K] broadcast product reduced over k.
-            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        acc = add_product(acc, a, w, ACC_FP64)
 
     if OUT_BIAS:
         acc += tl.load(bias_ptr + j, mask=j_mask, other=0.0).to(acc_dtype)[None, :]

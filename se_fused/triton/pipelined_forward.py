@@ -38,8 +38,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _common
-from ._common import (activation, activation_backward, add_partials_in_order, cdiv, gate, gate_backward_from_output,
-                      next_power_of_2)
+from ._common import (activation, activation_backward, add_partials_in_order, add_product, cdiv, gate,
+                      gate_backward_from_output, next_power_of_2)
 
 
 @triton.jit
@@ -116,13 +116,9 @@ def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, aux_ptr, diviso
                 a = activation(a, ACTIVATION)  # act(0) = 0 where masked
             w = tl.load(w_ptr + jj[:, None] * stride_wj + kk[None, :] * stride_wk,
                         mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
-            if ACC_FP64:
-                acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
-            else:
-                # float32 products (input_precision="ieee", not TF32) as a tl.dot: its loads are
-                # pipelined (the kernel's num_stages), where the broadcast product's waited for their
-                # own round trip per block of K, 2 x 8 x 64 of them per group at conv5_x.
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            # A tl.dot in float32 (add_product): its loads are pipelined, where a broadcast product's
+            # waited for their own round trip per block of K, 2 x 8 x 64 of them per group at conv5_x.
+            acc = add_product(acc, a, w, ACC_FP64)
         out_mask = g_mask[:, None] & j_mask[None, :]
         if OUT == OUT_BIAS_GATE or OUT == OUT_BIAS:
             acc += tl.load(bias_ptr + jj, mask=j_mask, other=0.0).to(acc_dtype)[None, :]
