@@ -359,6 +359,29 @@ __device__ __forceinline__ void for_each_weight_block(const PipelineGeometry& ge
   }
 }
 
+// A staged layer's sums split over threads meet in `stash` (splits * G * width floats): thread
+// (split s, output o) stores its G sums where it has a split, and post(g, first + q, total) gets
+// each output q < width with its splits added in split order. Barriers before the adds and after
+// (the caller's next pass rewrites stash).
+template <typename Post>
+__device__ __forceinline__ void add_splits_in_order(const float (&acc)[kMaxGroup], bool has_split, int s, int o,
+                                                    int splits, int width, int first, int G, float* stash,
+                                                    const Post& post) {
+  if (has_split) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+      if (g < G) stash[(s * G + g) * width + o] = acc[g];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * width; i += blockDim.x) {
+    const int g = i / width, q = i % width;
+    float total = 0.f;
+    for (int k = 0; k < splits; ++k) total += stash[(k * G + g) * width + q];
+    post(g, first + q, total);
+  }
+  __syncthreads();
+}
+
 // out[g][r] = sum_c W[r][c] in[g][c] for r < R (the hidden form: W1 forward, W2^T backward);
 // in: [G][C] in shared memory; post(g, r, total). A pass covers up to blockDim rows: thread t
 // takes row t % rows and every splits-th column of each block from t / rows on; the splits
@@ -383,19 +406,7 @@ __device__ void staged_rows_layer(const PipelineGeometry& geo, int G, const floa
           if (g < G) acc[g] = fmaf(w, in[g * C + c0 + j], acc[g]);
       }
     });
-    if (s < splits) {
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g)
-        if (g < G) stash[(s * G + g) * rows + rr] = acc[g];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * rows; i += blockDim.x) {
-      const int g = i / rows, q = i % rows;
-      float total = 0.f;
-      for (int k = 0; k < splits; ++k) total += stash[(k * G + g) * rows + q];
-      post(g, r0 + q, total);
-    }
-    __syncthreads();  // the next pass rewrites stash
+    add_splits_in_order(acc, s < splits, s, rr, splits, rows, r0, G, stash, post);
   }
 }
 
@@ -410,28 +421,18 @@ __device__ void staged_columns_layer(const PipelineGeometry& geo, int G, const f
     for (int j0 = 0; j0 < n; j0 += blockDim.x) {
       const int cols = min(static_cast<int>(blockDim.x), n - j0);
       const int splits = blockDim.x / cols, jj = threadIdx.x % cols, s = threadIdx.x / cols;
-      if (s < splits) {
-        float acc[kMaxGroup];
+      float acc[kMaxGroup];
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+      for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+      if (s < splits) {
         for (int r = s; r < R; r += splits) {
           const float w = buf[r * stride + j0 + jj];
 #pragma unroll
           for (int g = 0; g < kMaxGroup; ++g)
             if (g < G) acc[g] = fmaf(w, in[g * R + r], acc[g]);
         }
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g)
-          if (g < G) stash[(s * G + g) * cols + jj] = acc[g];
       }
-      __syncthreads();
-      for (int i = threadIdx.x; i < G * cols; i += blockDim.x) {
-        const int g = i / cols, q = i % cols;
-        float total = 0.f;
-        for (int k = 0; k < splits; ++k) total += stash[(k * G + g) * cols + q];
-        post(g, c0 + j0 + q, total);
-      }
-      __syncthreads();  // the next pass rewrites stash
+      add_splits_in_order(acc, s < splits, s, jj, splits, cols, c0 + j0, G, stash, post);
     }
   });
 }
