@@ -532,10 +532,11 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
       channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
                                                                                         p.P, f, split);
     });
-  } else if (!p.channels_last && pointers_aligned && nchw_staged_sums_requested() &&
-             nchw_staged_rows(p.P, V, sizeof(acc_t)) > 0) {
+  } else if (const int rows_per_block = !p.channels_last && pointers_aligned && nchw_staged_sums_requested()
+                                            ? nchw_staged_rows(p.P, V, sizeof(acc_t))
+                                            : 0;
+             rows_per_block > 0) {
     const int64_t rows = p.N * p.C;
-    const int rows_per_block = nchw_staged_rows(p.P, V, sizeof(acc_t));
     const size_t smem = static_cast<size_t>(rows_per_block) * p.P * sizeof(acc_t);  // <= kStagedSumBytes
     channel_sums_nchw_staged_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kTwoPassThreads, smem, stream>>>(
