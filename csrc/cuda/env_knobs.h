@@ -6,6 +6,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <string>
 
 namespace se_fused {
 namespace cuda {
@@ -20,6 +23,22 @@ inline int64_t integer_from_env(const char* name, int64_t unset, int64_t lo, int
   TORCH_CHECK_VALUE(*end == '\0' && value >= lo && value <= hi, "se_fused: ", name, " must be ", requirement,
                     "; got '", env, "'");
   return value;
+}
+
+// The position in `choices` of the environment variable `name`'s value, or `unset` when it is
+// unset or empty; any other value is refused with "`name` must be a, b or c".
+inline int choice_from_env(const char* name, std::initializer_list<const char*> choices, int unset) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return unset;
+  std::string listed;
+  int index = 0;
+  for (const char* choice : choices) {
+    if (std::strcmp(env, choice) == 0) return index;
+    listed += std::string(index == 0 ? "" : index + 1 == static_cast<int>(choices.size()) ? " or " : ", ") + choice;
+    ++index;
+  }
+  TORCH_CHECK_VALUE(false, "se_fused: ", name, " must be ", listed, "; got '", env, "'");
+  return unset;
 }
 
 }  // namespace cuda

@@ -623,10 +623,7 @@ Input input_of(const at::Tensor& a, const at::Tensor* aux = nullptr) {
 
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
                               std::initializer_list<const at::Tensor*> params) {
-  const char* env = std::getenv("SE_FUSED_CUDA_MLP");
-  if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
-  TORCH_CHECK_VALUE(env == nullptr || *env == '\0' || std::strcmp(env, "kernels") == 0,
-                    "se_fused: SE_FUSED_CUDA_MLP must be kernels or aten; got '", env, "'");
+  if (choice_from_env("SE_FUSED_CUDA_MLP", {"kernels", "aten"}, 0) == 1) return false;
   if (pooled.scalar_type() != at::kFloat) return false;  // float64 inputs keep the ATen ops
   // Grid limit (65535): sample groups along gridDim.z.
   if (pooled.size(0) > int64_t(65535) * kSamples) return false;

@@ -498,11 +498,7 @@ void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t*
 // GPU has timed it: the NCHW conv5_x forward took 0.179 ms against 0.119 ms in channels_last,
 // H100 cca1da2 / dd6c3b3).
 bool nchw_staged_sums_requested() {
-  const char* env = std::getenv("SE_FUSED_CUDA_NCHW_SUMS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "warp") == 0) return false;
-  TORCH_CHECK_VALUE(std::strcmp(env, "staged") == 0, "se_fused: SE_FUSED_CUDA_NCHW_SUMS must be warp or staged; got '",
-                    env, "'");
-  return true;
+  return choice_from_env("SE_FUSED_CUDA_NCHW_SUMS", {"warp", "staged"}, 0) == 1;
 }
 
 // Rows per block of channel_sums_nchw_staged_kernel: as many whole rows as kStagedSumBytes of
@@ -629,14 +625,9 @@ enum class PathChoice { Auto, Cluster, TwoPass, Pipelined };
 // SE_FUSED_CUDA_PATH=auto|cluster|two_pass|pipelined forces a path (tests run each one);
 // SE_FUSED_CUDA_PLAN="M,G" forces the cluster geometry (for tuning).
 PathChoice requested_path() {
-  const char* env = std::getenv("SE_FUSED_CUDA_PATH");
-  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) return PathChoice::Auto;
-  if (std::string(env) == "cluster") return PathChoice::Cluster;
-  if (std::string(env) == "two_pass") return PathChoice::TwoPass;
-  if (std::string(env) == "pipelined") return PathChoice::Pipelined;
-  TORCH_CHECK_VALUE(false, "se_fused: SE_FUSED_CUDA_PATH must be auto, cluster, two_pass or pipelined; got '", env,
-                    "'");
-  return PathChoice::Auto;
+  constexpr PathChoice kChoices[] = {PathChoice::Auto, PathChoice::Cluster, PathChoice::TwoPass,
+                                     PathChoice::Pipelined};
+  return kChoices[choice_from_env("SE_FUSED_CUDA_PATH", {"auto", "cluster", "two_pass", "pipelined"}, 0)];
 }
 
 // The persistent clusters to launch: the plan's, or fewer with SE_FUSED_CUDA_CLUSTERS=n
@@ -847,14 +838,12 @@ PipelinePlan make_pipeline_plan(const SEProblem& p, at::ScalarType dtype, bool b
       integer_from_env("SE_FUSED_CUDA_PIPELINE_GROUP", 0, 1, kMaxGroup, "an integer in [1, 16]");
   // The group MLP: staged where the weights' rows take 16-byte copies and a buffer holds a
   // column block of at least 4 (SE_FUSED_CUDA_PIPELINE_MLP=direct|staged forces one).
-  const char* mlp_env = std::getenv("SE_FUSED_CUDA_PIPELINE_MLP");
-  const std::string mlp_choice = mlp_env ? mlp_env : "";
-  TORCH_CHECK_VALUE(mlp_choice.empty() || mlp_choice == "staged" || mlp_choice == "direct",
-                    "se_fused: SE_FUSED_CUDA_PIPELINE_MLP must be staged or direct; got '", mlp_choice, "'");
+  const int mlp_choice = choice_from_env("SE_FUSED_CUDA_PIPELINE_MLP", {"staged", "direct"}, -1);
+  constexpr int kStaged = 0, kDirect = 1;
   const int64_t staged_block = (kMlpStageFloats / p.R - 4) / 4 * 4;
   const bool can_stage = p.C % 4 == 0 && staged_block >= 4;
-  if (mlp_choice == "staged" && !can_stage) return refuse("the staged MLP needs C a multiple of 4 and R <= 1024");
-  const bool staged = can_stage && mlp_choice != "direct";
+  if (mlp_choice == kStaged && !can_stage) return refuse("the staged MLP needs C a multiple of 4 and R <= 1024");
+  const bool staged = can_stage && mlp_choice != kDirect;
   geo.mlp_block = staged ? static_cast<int>(std::min<int64_t>(staged_block, (p.C + 3) / 4 * 4)) : 0;
   geo.mlp_stage_floats = staged ? round4(p.R * (geo.mlp_block + 4)) : 0;
   const int64_t tile_bytes =
