@@ -3,7 +3,8 @@
 # ptxas says of each kernel: registers, shared memory, stack frame, spills.
 #   bash scripts/ptxas_report.sh csrc/cuda/excitation_cuda.cu [arch, default 90a] [extra nvcc flags...]
 # setup.py's include folders and the extension's flags, so the numbers are the build's.
-# ~1 min per file on a 2-core machine; the object is thrown away. The CUDA counterpart of
+# ~1 min per file on a 2-core machine; the object is thrown away unless OBJECT=path names
+# where to keep it (for `cuobjdump -sass`: Triton's wheel carries one). The CUDA counterpart of
 # `python -m se_fused.triton.compile_check`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +32,7 @@ EOF
 CUDA_HOME=${FOUND[0]}
 ABI=${FOUND[1]}
 INCLUDES=("${FOUND[@]:2}")
-"$CUDA_HOME/bin/nvcc" -c "$ROOT/$FILE" -o /dev/null -std=c++20 -O3 -lineinfo --expt-relaxed-constexpr \
+"$CUDA_HOME/bin/nvcc" -c "$ROOT/$FILE" -o "${OBJECT:-/dev/null}" -std=c++20 -O3 -lineinfo --expt-relaxed-constexpr \
   -gencode "arch=compute_${ARCH},code=sm_${ARCH}" -Xptxas -v -DSE_FUSED_WITH_CUDA \
   -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
   -I"$ROOT/csrc" "${INCLUDES[@]}" -Xcompiler -fPIC "$@" 2>&1 |
