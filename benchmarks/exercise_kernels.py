@@ -52,8 +52,10 @@ KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its
-# backward); the last 64 samples, which the weight gradients split in two halves of the batch.
-SHAPES = [(3, 64, 4, 12, 12), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 64, 8, 2, 2)]
+# backward); the last 64 samples, which the weight gradients split in two halves of the batch, and
+# C = 96, so that fc1's gradient takes tiles of two row groups (fc2's take eight, and four at R = 40;
+# one at C = 264).
+SHAPES = [(3, 64, 4, 12, 12), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 96, 8, 2, 2)]
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:

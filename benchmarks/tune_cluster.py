@@ -22,12 +22,16 @@ GB/s of the pass's minimum traffic (SPEC §4):
 * nchw-sums: the two-pass path with ``SE_FUSED_CUDA_NCHW_SUMS=staged`` (NCHW channel
   sums through shared memory where H*W is not a multiple of the vector: conv4_x and
   conv5_x in 16-bit dtypes; the NHWC rows repeat the two-pass path).
+* wgrad: the two-pass path with ``SE_FUSED_CUDA_WGRAD_TILES=wide`` (the weight
+  gradients in 256-column tiles, as before 2026-11-27, against the tiles fitted to
+  the gradient's columns in the ``2-pass`` column; the backward rows are the ones that
+  differ, the forward rows repeat the two-pass path).
 
 It tells whether a read-once path beats the two-pass one, and with which
 geometry, which is what ``auto`` needs to know before it takes one.
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
-[--paths pipelined,cluster,mlp-split,nchw-sums]``
+[--paths pipelined,cluster,mlp-split,nchw-sums,wgrad]``
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
-         "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS")
+         "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
+         "SE_FUSED_CUDA_WGRAD_TILES")
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -99,6 +104,8 @@ def candidates(paths) -> list:
                    str(t)) for k, t in MLP_PLANS]
     if "nchw-sums" in paths:
         found.append(("staged", "nchw-sums", "two_pass", "", "", "", "", "", "", "", "", "staged"))
+    if "wgrad" in paths:
+        found.append(("wide", "wgrad", "two_pass", *[""] * 9, "wide"))
     return found
 
 
@@ -107,8 +114,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
-    parser.add_argument("--paths", default="pipelined,cluster,mlp-split,nchw-sums",
-                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split, nchw-sums)")
+    parser.add_argument("--paths", default="pipelined,cluster,mlp-split,nchw-sums,wgrad",
+                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split, nchw-sums, wgrad)")
     args = parser.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     if not torch.cuda.is_available():

@@ -251,6 +251,28 @@ def test_mlp_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, messag
         backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
 
 
+# SE_FUSED_CUDA_WGRAD_TILES=wide: the weight gradients in tiles kThreads columns wide, as up to
+# 2026-11-27 (the default fits the tile to the gradient's columns: test_two_pass_path covers it,
+# with row groups of 1, 2, 4 and 8 across its shapes). Other splits of the batch, so other bits.
+WIDE_WGRAD_SHAPES = (SEShape(70, 600, 40, 5, 5), SEShape(5, 2048, 128, 7, 7), SEShape(40, 70, 300, 2, 2))
+
+
+@pytest.mark.parametrize("shape", WIDE_WGRAD_SHAPES, ids=[s.id for s in WIDE_WGRAD_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS[1:3], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[1:3]])
+def test_two_pass_wide_weight_gradient_tiles(cuda_path, monkeypatch, shape, dtype, residual, activation, gate):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_WGRAD_TILES", "wide")
+    check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
+
+
+def test_weight_gradient_tiles_choice_is_refused(cuda_path, monkeypatch):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_WGRAD_TILES", "narrow")
+    with pytest.raises(ValueError, match="SE_FUSED_CUDA_WGRAD_TILES must be fit or wide"):
+        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
+
+
 # SE_FUSED_CUDA_NCHW_SUMS=staged: NCHW channel sums where H*W is not a whole number of 16-byte
 # vectors stage spans of whole rows through shared memory (49 and 196 pixels: conv5_x and conv4_x;
 # C*H*W odd; one pixel per row; the residual form's masked sums in the backward).

@@ -57,6 +57,8 @@ constexpr int kSplitRowsPerWarp = 2, kSummingRowsPerWarp = 4;
 constexpr int kSplitColumnsPerLane = 1, kSummingColumnsPerLane = 2;
 constexpr int kWeightGradRows = 8;    // output rows per thread in the weight-gradient kernel
 constexpr int kWeightGradBatch = 32;  // samples staged at a time there
+constexpr int kWeightGradMaxGroups = kThreads / kWarp;  // row groups per block: a tile is at least a warp wide
+constexpr int kWeightGradATile = kWeightGradBatch * kWeightGradRows * kWeightGradMaxGroups;  // staged a (floats)
 
 // How a kernel reads element (n, k) of its float32 input matrix (N, K). A compile-time
 // parameter of the kernels: with a runtime switch around each element's load, the
@@ -410,68 +412,130 @@ struct WeightGradProblem {
   void* weight_grad;  // (I, J) in the weight's dtype
   void* bias_grad;    // (I)
   int I, J;
-  // Tiles of kWeightGradRows rows x kThreads columns (column J is the bias): tiles_x per row of tiles.
-  __host__ __device__ int tiles_x() const { return (J + 1 + kThreads - 1) / kThreads; }
-  __host__ __device__ int tiles() const { return tiles_x() * ((I + kWeightGradRows - 1) / kWeightGradRows); }
+  // Columns per tile, a power of two in [kWarp, kThreads] (weight_gradient_width): a block's
+  // kThreads / width row groups of kWeightGradRows rows share what it stages.
+  int width;
+  __host__ __device__ int groups() const { return kThreads / width; }
+  __host__ __device__ int tile_rows() const { return kWeightGradRows * groups(); }
+  __host__ __device__ int tiles_x() const { return (J + width - 1) / width; }
+  __host__ __device__ int tiles() const { return tiles_x() * ((I + tile_rows() - 1) / tile_rows()); }
   // Floats of one batch split's partial sums of this layer: I rows of J + 1 (the bias last).
   __host__ __device__ int64_t partial_size() const { return static_cast<int64_t>(I) * (J + 1); }
 };
 
-// One block of weight_gradients_cuda_kernel: tile (tile_x, tile_y) of one layer over the
-// samples [n_begin, n_end). A thread owns column j of kWeightGradRows rows; the samples are
-// staged kWeightGradBatch at a time (all of a batch's loads in flight together) and walked
-// in order. Column j == J is the bias (b = 1). With `partial` (a split of the batch), the
-// block writes its float32 sums there, (I, J + 1) row-major; else the gradients themselves.
-template <typename w_t, int AKind, int BKind>
+// One block of weight_gradients_cuda_kernel: tile (tile_x, tile_y) of one layer, kGroups row
+// groups of kWeightGradRows rows by kThreads / kGroups columns, over the samples
+// [n_begin, n_end). A thread owns column j of its group's rows. The samples are staged
+// kWeightGradBatch at a time (all of a batch's loads in flight together: each thread loads
+// kWeightGradBatch / kGroups of b and kGroups of a) and walked in order. The first tile column
+// also sums the bias gradients of its rows, a thread per row: bias_grad[i] is the same sum with
+// b = 1, which a column of its own would add as a tile of one column where J is a multiple of
+// the width (fc1's gradient at every SE-ResNet stage). With `partial` (a split of the batch),
+// the block writes its float32 sums there, (I, J + 1) row-major; else the gradients themselves.
+template <typename w_t, int AKind, int BKind, int kGroups>
 __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q, int tile_x, int tile_y,
                                                       int n_begin, int n_end, float* partial,
                                                       int activation, int gate,
                                                       float (&b_tile)[kWeightGradBatch][kThreads],
-                                                      float (&a_tile)[kWeightGradBatch][kWeightGradRows]) {
-  const int j = tile_x * kThreads + threadIdx.x;
-  const int i0 = tile_y * kWeightGradRows;
-  const int rows = min(kWeightGradRows, q.I - i0);
-  static_assert(kWeightGradBatch * kWeightGradRows <= kThreads, "one a-tile element per thread");
-  const int a_n = threadIdx.x / kWeightGradRows, a_t = threadIdx.x % kWeightGradRows;
+                                                      float (&a_tile)[kWeightGradATile]) {
+  constexpr int kWidth = kThreads / kGroups, kTileRows = kWeightGradRows * kGroups;
+  constexpr int kBLoads = kWeightGradBatch / kGroups, kALoads = kWeightGradBatch * kTileRows / kThreads;
+  static_assert(kWeightGradBatch % kGroups == 0 && kWeightGradBatch * kTileRows <= kWeightGradATile,
+                "a staged batch is a whole number of loads per thread and fits the a tile");
+  const int column = threadIdx.x % kWidth, group = threadIdx.x / kWidth;
+  const int j = tile_x * kWidth + column;
+  const int tile_i0 = tile_y * kTileRows, tile_rows = min(kTileRows, q.I - tile_i0);
+  const int i0 = tile_i0 + group * kWeightGradRows;
+  const bool sums_bias = tile_x == 0 && static_cast<int>(threadIdx.x) < tile_rows;  // row tile_i0 + threadIdx.x
   float acc[kWeightGradRows] = {};
+  float bias_acc = 0.f;
   for (int nb = n_begin; nb < n_end; nb += kWeightGradBatch) {
     const int nc = min(kWeightGradBatch, n_end - nb);
-    int b_idx[kWeightGradBatch];
+    // b: the thread's column at samples group, group + kGroups, ...; a: element
+    // threadIdx.x + e * kThreads of the (nc, tile_rows) block, row-major with kTileRows columns.
+    int b_idx[kBLoads], a_idx[kALoads];
 #pragma unroll
-    for (int nn = 0; nn < kWeightGradBatch; ++nn)
-      b_idx[nn] = nn < nc && j < q.J ? (nb + nn) * q.J + j : 0;
-    const bool has_a = a_n < nc && a_t < rows;
-    const int a_idx[1] = {has_a ? (nb + a_n) * q.I + i0 + a_t : 0};
-    float b_values[kWeightGradBatch], b_aux[kWeightGradBatch], a_value[1], a_aux[1];
+    for (int e = 0; e < kBLoads; ++e) {
+      const int s = group + e * kGroups;
+      b_idx[e] = s < nc && j < q.J ? (nb + s) * q.J + j : 0;
+    }
+#pragma unroll
+    for (int e = 0; e < kALoads; ++e) {
+      const int flat = threadIdx.x + e * kThreads, s = flat / kTileRows, r = flat % kTileRows;
+      a_idx[e] = s < nc && r < tile_rows ? (nb + s) * q.I + tile_i0 + r : 0;
+    }
+    float b_values[kBLoads], b_aux[kBLoads], a_values[kALoads], a_aux[kALoads];
     gather_raw<BKind>(q.b, b_idx, b_values, b_aux);
-    gather_raw<AKind>(q.a, a_idx, a_value, a_aux);
+    gather_raw<AKind>(q.a, a_idx, a_values, a_aux);
 #pragma unroll
-    for (int nn = 0; nn < kWeightGradBatch; ++nn)
-      b_tile[nn][threadIdx.x] = nn < nc && j < q.J
-                                    ? finish_input<BKind>(q.b, b_values[nn], b_aux[nn], 0, false, activation, gate)
-                                    : 1.f;
-    if (threadIdx.x < kWeightGradBatch * kWeightGradRows)
-      a_tile[a_n][a_t] = has_a ? finish_input<AKind>(q.a, a_value[0], a_aux[0], 0, false, activation, gate) : 0.f;
+    for (int e = 0; e < kBLoads; ++e) {
+      const int s = group + e * kGroups;
+      b_tile[s][column] =
+          s < nc && j < q.J ? finish_input<BKind>(q.b, b_values[e], b_aux[e], 0, false, activation, gate) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < kALoads; ++e) {
+      const int flat = threadIdx.x + e * kThreads, s = flat / kTileRows, r = flat % kTileRows;
+      a_tile[flat] =
+          s < nc && r < tile_rows ? finish_input<AKind>(q.a, a_values[e], a_aux[e], 0, false, activation, gate) : 0.f;
+    }
     __syncthreads();
+    const float* a_rows = a_tile + group * kWeightGradRows;
 #pragma unroll 8
     for (int nn = 0; nn < nc; ++nn) {
-      const float bv = b_tile[nn][threadIdx.x];
+      const float bv = b_tile[nn][column];
 #pragma unroll
-      for (int t = 0; t < kWeightGradRows; ++t) acc[t] += a_tile[nn][t] * bv;
+      for (int t = 0; t < kWeightGradRows; ++t) acc[t] += a_rows[nn * kTileRows + t] * bv;
+    }
+    if (sums_bias) {
+#pragma unroll 8
+      for (int nn = 0; nn < nc; ++nn) bias_acc += a_tile[nn * kTileRows + threadIdx.x];
     }
     __syncthreads();
   }
-  if (j > q.J) return;
+  if (j < q.J) {
 #pragma unroll
-  for (int t = 0; t < kWeightGradRows; ++t) {
-    if (t >= rows) continue;
-    if (partial != nullptr) {
-      partial[static_cast<int64_t>(i0 + t) * (q.J + 1) + j] = acc[t];
-    } else if (j < q.J) {
-      static_cast<w_t*>(q.weight_grad)[static_cast<int64_t>(i0 + t) * q.J + j] = static_cast<w_t>(acc[t]);
-    } else {
-      static_cast<w_t*>(q.bias_grad)[i0 + t] = static_cast<w_t>(acc[t]);
+    for (int t = 0; t < kWeightGradRows; ++t) {
+      const int i = i0 + t;
+      if (i >= q.I) break;
+      if (partial != nullptr) {
+        partial[static_cast<int64_t>(i) * (q.J + 1) + j] = acc[t];
+      } else {
+        static_cast<w_t*>(q.weight_grad)[static_cast<int64_t>(i) * q.J + j] = static_cast<w_t>(acc[t]);
+      }
     }
+  }
+  if (sums_bias) {
+    const int i = tile_i0 + threadIdx.x;
+    if (partial != nullptr) {
+      partial[static_cast<int64_t>(i) * (q.J + 1) + q.J] = bias_acc;
+    } else {
+      static_cast<w_t*>(q.bias_grad)[i] = static_cast<w_t>(bias_acc);
+    }
+  }
+}
+
+// Tile t of one layer, in the block shape its width asks for (a block-uniform branch).
+template <typename w_t, int AKind, int BKind>
+__device__ __forceinline__ void weight_gradient_tile(const WeightGradProblem& q, int t, int n_begin, int n_end,
+                                                     float* partial, int activation, int gate,
+                                                     float (&b_tile)[kWeightGradBatch][kThreads],
+                                                     float (&a_tile)[kWeightGradATile]) {
+  const int tile_x = t % q.tiles_x(), tile_y = t / q.tiles_x();
+  switch (q.groups()) {
+    case 1:
+      return weight_gradient_block<w_t, AKind, BKind, 1>(q, tile_x, tile_y, n_begin, n_end, partial, activation,
+                                                         gate, b_tile, a_tile);
+    case 2:
+      return weight_gradient_block<w_t, AKind, BKind, 2>(q, tile_x, tile_y, n_begin, n_end, partial, activation,
+                                                         gate, b_tile, a_tile);
+    case 4:
+      return weight_gradient_block<w_t, AKind, BKind, 4>(q, tile_x, tile_y, n_begin, n_end, partial, activation,
+                                                         gate, b_tile, a_tile);
+    default:
+      return weight_gradient_block<w_t, AKind, BKind, kWeightGradMaxGroups>(q, tile_x, tile_y, n_begin, n_end,
+                                                                            partial, activation, gate, b_tile,
+                                                                            a_tile);
   }
 }
 
@@ -486,7 +550,7 @@ __global__ void __launch_bounds__(kThreads, 3) weight_gradients_cuda_kernel(Weig
                                                                          int samples_per_split, float* partial,
                                                                          int activation, int gate) {
   __shared__ float b_tile[kWeightGradBatch][kThreads];
-  __shared__ float a_tile[kWeightGradBatch][kWeightGradRows];
+  __shared__ __align__(16) float a_tile[kWeightGradATile];  // 16-byte loads of a thread's rows
   // 32-bit sample indices: excitation_kernels_apply checks N * max(C, R) < 2^31.
   const int n_begin = blockIdx.y * samples_per_split, n_end = min(N, n_begin + samples_per_split);
   // A split's partial sums: fc1's (I0, J0 + 1), then fc2's (I1, J1 + 1).
@@ -495,13 +559,11 @@ __global__ void __launch_bounds__(kThreads, 3) weight_gradients_cuda_kernel(Weig
                              : nullptr;
   const int tiles0 = layer0.tiles();
   if (static_cast<int>(blockIdx.x) < tiles0) {
-    const int t = blockIdx.x;
-    weight_gradient_block<w_t, kPlain, kPlain>(layer0, t % layer0.tiles_x(), t / layer0.tiles_x(), n_begin, n_end,
-                                               split_partial, activation, gate, b_tile, a_tile);
+    weight_gradient_tile<w_t, kPlain, kPlain>(layer0, blockIdx.x, n_begin, n_end, split_partial, activation, gate,
+                                              b_tile, a_tile);
   } else {
-    const int t = blockIdx.x - tiles0;
-    weight_gradient_block<w_t, Layer2AKind, kActivated>(
-        layer1, t % layer1.tiles_x(), t / layer1.tiles_x(), n_begin, n_end,
+    weight_gradient_tile<w_t, Layer2AKind, kActivated>(
+        layer1, blockIdx.x - tiles0, n_begin, n_end,
         split_partial != nullptr ? split_partial + layer0.partial_size() : nullptr, activation, gate, b_tile, a_tile);
   }
 }
@@ -532,15 +594,31 @@ __global__ void __launch_bounds__(kThreads) weight_gradient_splits_kernel(Weight
 
 // Splits of the batch for the weight gradients: enough blocks for about two waves of an
 // H100 at three blocks per SM (kWeightGradTargetBlocks), at most kWeightGradMaxSplits, and
-// at least one staging batch per split. Batch 256: 8 / 8 / 5 / 2 splits at conv2_x-conv5_x
-// (36 / 76 / 168 / 400 tiles): v5 walked all 256 samples in every block (8 dependent
-// staging rounds), in one wave of 36-168 blocks, or a wave and 4 blocks at conv5_x. From
-// the shape only, so the sums' order (and the bits) do not depend on the GPU.
+// at least one staging batch per split. Batch 256: 8 / 8 / 8 / 4 splits at conv2_x-conv5_x
+// (6 / 16 / 64 / 256 tiles; with the tiles of v6, 36 / 76 / 168 / 400, they were 8 / 8 / 5 / 2).
+// v5 walked all 256 samples in every block (8 dependent staging rounds), in one wave of
+// 36-168 blocks, or a wave and 4 blocks at conv5_x. From the shape only, so the sums' order
+// (and the bits) do not depend on the GPU.
 constexpr int kWeightGradTargetBlocks = 792, kWeightGradMaxSplits = 8;
 int weight_gradient_splits(int tiles, int64_t N) {
   const int64_t by_blocks = (kWeightGradTargetBlocks + tiles - 1) / std::max(tiles, 1);
   const int64_t by_batch = std::max<int64_t>(1, N / kWeightGradBatch);
   return static_cast<int>(std::min<int64_t>({by_blocks, by_batch, kWeightGradMaxSplits}));
+}
+
+// Columns per weight-gradient tile for a gradient of J columns: the smallest power of two
+// that holds them, at least a warp and at most kThreads. Up to 2026-11-27 every tile was
+// kThreads wide and the bias a column of its own: fc2's gradient has R + 1 columns, so half to
+// seven eighths of the threads had none at conv2_x-conv5_x (R = 16 ... 128), and fc1's bias
+// took a ninth tile column of one column at conv5_x (400 tiles there, 256 now; weight
+// gradients 45 us of the conv5_x backward's ~170, H100 dd6c3b3). SE_FUSED_CUDA_WGRAD_TILES=wide
+// keeps kThreads-wide tiles for comparison. The tiling decides the splits of the batch
+// (weight_gradient_splits), so the knob changes the bits; the default depends on the shape only.
+bool weight_gradient_wide_tiles() { return choice_from_env("SE_FUSED_CUDA_WGRAD_TILES", {"fit", "wide"}, 0) == 1; }
+int weight_gradient_width(int J, bool wide) {
+  int width = kWarp;
+  while (width < J && width < kThreads) width *= 2;
+  return wide ? kThreads : width;
 }
 
 unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
@@ -686,9 +764,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients_kern
   at::Tensor dw2 = at::empty({p.C, p.R}, fc2_weight.options()), db2 = at::empty({p.C}, fc2_weight.options());
   const int R = static_cast<int>(p.R), C = static_cast<int>(p.C);
   const Input dv = gate_scale ? input_of(dv_or_ds, &*gate_scale) : input_of(dv_or_ds);
+  const bool wide = weight_gradient_wide_tiles();
   const WeightGradProblem layer1{input_of(du), input_of(pooled), dw1.mutable_data_ptr(), db1.mutable_data_ptr(), R,
-                                 C};
-  const WeightGradProblem layer2{dv, input_of(hidden), dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C, R};
+                                 C, weight_gradient_width(C, wide)};
+  const WeightGradProblem layer2{dv, input_of(hidden), dw2.mutable_data_ptr(), db2.mutable_data_ptr(), C, R,
+                                 weight_gradient_width(R, wide)};
   const int tiles = layer1.tiles() + layer2.tiles();
   const int splits = weight_gradient_splits(tiles, p.N);
   const int samples_per_split = static_cast<int>((p.N + splits - 1) / splits);
