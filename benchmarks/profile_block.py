@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stages", default="all", help="comma-separated stages (conv2_x..conv5_x) or all")
     parser.add_argument("--passes", default="forward,forward+backward")
     parser.add_argument("--calls", type=int, default=20, help="calls per host-time and profiler measurement")
-    parser.add_argument("--top", type=int, default=6, help="kernels listed per row")
+    parser.add_argument("--top", type=int, default=10,
+                        help="kernels listed per row (10: every kernel of the CUDA two-pass forward+backward)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (CPU runs)")
     parser.add_argument("--python-top", type=int, default=0,
                         help="list the N Python functions with the most own time per call (cProfile) for "
