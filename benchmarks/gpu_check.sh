@@ -84,14 +84,16 @@ if [[ $DRY_RUN -eq 1 ]]; then
   DEVICE_ARGS=(--device cpu)
   SANITIZE=()
   EXERCISE_ARGS=(--cpu-dry-run --quick)
-  TEST_SELECT=(tests/test_cuda.py tests/test_correctness.py -k "cuda or (cpu-cpu and 2048)")
+  TEST_FILES=(tests/test_cuda.py tests/test_correctness.py)
+  TEST_K="cuda or (cpu-cpu and 2048)"
 else
   DEVICE_ARGS=(--device cuda)
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
   SANITIZE=("$SANITIZER" --error-exitcode 1 --print-limit 20)
   EXERCISE_ARGS=(--quick)
-  TEST_SELECT=(tests/test_cuda.py tests/test_correctness.py tests/test_triton.py tests/test_compile.py
-               tests/test_opcheck.py -k "cuda or triton")
+  TEST_FILES=(tests/test_cuda.py tests/test_correctness.py tests/test_triton.py tests/test_compile.py
+              tests/test_opcheck.py)
+  TEST_K="cuda or triton"
 fi
 
 # --- 1. environment and build -------------------------------------------------
@@ -124,7 +126,12 @@ fi
 # --- 2. GPU tests -------------------------------------------------------------
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN -eq 0 ]]; then XDIST=(-n 12); fi
-step tests 200 "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_SELECT[@]}"
+# The pipelined paths' tests (CUDA and Triton; their kernels have not yet run on a GPU) in a
+# process of their own, after the rest: a trap ends a process's CUDA context, and every later
+# test in that process would fail with it.
+PYTEST=("$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_FILES[@]}")
+step tests 170 "${PYTEST[@]}" -k "($TEST_K) and not pipelined"
+step tests-pipelined 90 "${PYTEST[@]}" -k "($TEST_K) and pipelined"
 
 # --- 3. benchmarks and the record ---------------------------------------------
 step bench-block 130 "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" --out "$WORK" --json-name block.json --no-progress
