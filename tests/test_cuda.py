@@ -266,13 +266,6 @@ def test_two_pass_wide_weight_gradient_tiles(cuda_path, monkeypatch, shape, dtyp
     check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
 
 
-def test_weight_gradient_tiles_choice_is_refused(cuda_path, monkeypatch):
-    cuda_path("two_pass")
-    monkeypatch.setenv("SE_FUSED_CUDA_WGRAD_TILES", "narrow")
-    with pytest.raises(ValueError, match="SE_FUSED_CUDA_WGRAD_TILES must be fit or wide"):
-        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
-
-
 # SE_FUSED_CUDA_NCHW_SUMS=staged: NCHW channel sums where H*W is not a whole number of 16-byte
 # vectors stage spans of whole rows through shared memory (49 and 196 pixels: conv5_x and conv4_x;
 # C*H*W odd; one pixel per row; the residual form's masked sums in the backward).
@@ -289,18 +282,17 @@ def test_two_pass_nchw_staged_sums(cuda_path, monkeypatch, shape, dtype, residua
     check_against_reference(make_se_inputs(shape, dtype, "nchw", "cuda", residual, activation, gate))
 
 
-def test_nchw_sums_choice_is_refused(cuda_path, monkeypatch):
+# The two-pass path's knobs that name a choice (choice_from_env), each where it is read: 7x7 NCHW
+# float32 rows are not whole 16-byte vectors (the NCHW sums), the backward (the weight gradients).
+@pytest.mark.parametrize("name,value,message", [
+    ("SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"),
+    ("SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be kernels or aten"),
+    ("SE_FUSED_CUDA_WGRAD_TILES", "narrow", "SE_FUSED_CUDA_WGRAD_TILES must be fit or wide")])
+def test_two_pass_choice_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, message):
     cuda_path("two_pass")
-    monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", "tiled")
-    with pytest.raises(ValueError, match="SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
         backend_se(make_se_inputs(SEShape(2, 64, 4, 7, 7), torch.float32, "nchw", "cuda"), "cuda")
-
-
-def test_unknown_mlp_choice_is_refused(monkeypatch):
-    monkeypatch.setenv("SE_FUSED_CUDA_MLP", "cublas")
-    inputs = make_se_inputs(SEShape(2, 16, 4, 3, 3), torch.float32, "nchw", "cuda")
-    with pytest.raises(ValueError, match="SE_FUSED_CUDA_MLP must be kernels or aten"):
-        backend_se(inputs, "cuda")
 
 
 # Geometries that exercise each exchange: M > 1 (a sample split across CTAs,
