@@ -239,18 +239,6 @@ def test_two_pass_mlp_row_tiles_keep_bits(cuda_path, monkeypatch, shape, row_til
     check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_MLP_ROW_TILES", str(row_tiles))
 
 
-@pytest.mark.parametrize("name,value,message", [
-    ("SE_FUSED_CUDA_MLP_SPLIT", "128", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
-    ("SE_FUSED_CUDA_MLP_SPLIT", "300", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
-    ("SE_FUSED_CUDA_MLP_SPLIT", "many", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
-    ("SE_FUSED_CUDA_MLP_ROW_TILES", "0", r"SE_FUSED_CUDA_MLP_ROW_TILES must be an integer in \[1, 65536\]")])
-def test_mlp_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, message):
-    cuda_path("two_pass")
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=message):
-        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
-
-
 # SE_FUSED_CUDA_WGRAD_TILES=wide: the weight gradients in tiles kThreads columns wide, as up to
 # 2026-11-27 (the default fits the tile to the gradient's columns: test_two_pass_path covers it,
 # with row groups of 1, 2, 4 and 8 across its shapes). Other splits of the batch, so other bits.
@@ -280,19 +268,6 @@ def test_two_pass_nchw_staged_sums(cuda_path, monkeypatch, shape, dtype, residua
     cuda_path("two_pass")
     monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", "staged")
     check_against_reference(make_se_inputs(shape, dtype, "nchw", "cuda", residual, activation, gate))
-
-
-# The two-pass path's knobs that name a choice (choice_from_env), each where it is read: 7x7 NCHW
-# float32 rows are not whole 16-byte vectors (the NCHW sums), the backward (the weight gradients).
-@pytest.mark.parametrize("name,value,message", [
-    ("SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"),
-    ("SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be kernels or aten"),
-    ("SE_FUSED_CUDA_WGRAD_TILES", "narrow", "SE_FUSED_CUDA_WGRAD_TILES must be fit or wide")])
-def test_two_pass_choice_knobs_refuse_bad_values(cuda_path, monkeypatch, name, value, message):
-    cuda_path("two_pass")
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=message):
-        backend_se(make_se_inputs(SEShape(2, 64, 4, 7, 7), torch.float32, "nchw", "cuda"), "cuda")
 
 
 # Geometries that exercise each exchange: M > 1 (a sample split across CTAs,
@@ -360,14 +335,24 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("pipelined", "SE_FUSED_CUDA_TILE_BYTES", "512", "SE_FUSED_CUDA_TILE_BYTES must be a number of bytes >= 1024"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "PIPELINE_BLOCKS must be a positive integer"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_DELAY", "-1", r"PIPELINE_DELAY must be an integer in \[0, 2\^20\]"),
-    ("pipelined", "SE_FUSED_CUDA_PIPELINE_MLP", "cublas", "PIPELINE_MLP must be staged or direct")])
+    ("pipelined", "SE_FUSED_CUDA_PIPELINE_MLP", "cublas", "PIPELINE_MLP must be staged or direct"),
+    ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "128", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
+    ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "300", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
+    ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "many", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
+    ("two_pass", "SE_FUSED_CUDA_MLP_ROW_TILES", "0", r"SE_FUSED_CUDA_MLP_ROW_TILES must be an integer in \[1, 65536\]"),
+    ("two_pass", "SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"),
+    ("two_pass", "SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be kernels or aten"),
+    ("two_pass", "SE_FUSED_CUDA_WGRAD_TILES", "narrow", "SE_FUSED_CUDA_WGRAD_TILES must be fit or wide")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
     if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")
     cuda_path(path)
     monkeypatch.setenv(name, value)
+    # Each knob where it is read: the two-pass path at 7x7, whose float32 NCHW rows are not whole
+    # 16-byte vectors (the NCHW sums' choice); the weight-gradient knob in the backward.
+    shape = SEShape(2, 64, 4, 7, 7) if path == "two_pass" else SEShape(2, 64, 4, 6, 6)
     with pytest.raises(ValueError, match=message):
-        backend_se(make_se_inputs(SEShape(2, 64, 4, 6, 6), torch.float32, "nchw", "cuda"), "cuda")
+        backend_se(make_se_inputs(shape, torch.float32, "nchw", "cuda"), "cuda")
 
 
 # The two-pass path over the batch in chunks (SE_FUSED_CUDA_CHUNK_BYTES): one sample per
