@@ -38,6 +38,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "device_utils.cuh"
 #include "env_knobs.h"
@@ -522,20 +523,15 @@ __device__ __forceinline__ void weight_gradient_tile(const WeightGradProblem& q,
                                                      float (&b_tile)[kWeightGradBatch][kThreads],
                                                      float (&a_tile)[kWeightGradATile]) {
   const int tile_x = t % q.tiles_x(), tile_y = t / q.tiles_x();
+  const auto run = [&](auto groups) {
+    weight_gradient_block<w_t, AKind, BKind, decltype(groups)::value>(q, tile_x, tile_y, n_begin, n_end, partial,
+                                                                      activation, gate, b_tile, a_tile);
+  };
   switch (q.groups()) {
-    case 1:
-      return weight_gradient_block<w_t, AKind, BKind, 1>(q, tile_x, tile_y, n_begin, n_end, partial, activation,
-                                                         gate, b_tile, a_tile);
-    case 2:
-      return weight_gradient_block<w_t, AKind, BKind, 2>(q, tile_x, tile_y, n_begin, n_end, partial, activation,
-                                                         gate, b_tile, a_tile);
-    case 4:
-      return weight_gradient_block<w_t, AKind, BKind, 4>(q, tile_x, tile_y, n_begin, n_end, partial, activation,
-                                                         gate, b_tile, a_tile);
-    default:
-      return weight_gradient_block<w_t, AKind, BKind, kWeightGradMaxGroups>(q, tile_x, tile_y, n_begin, n_end,
-                                                                            partial, activation, gate, b_tile,
-                                                                            a_tile);
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    default: return run(std::integral_constant<int, kWeightGradMaxGroups>{});
   }
 }
 
@@ -616,9 +612,10 @@ int weight_gradient_splits(int tiles, int64_t N) {
 // (weight_gradient_splits), so the knob changes the bits; the default depends on the shape only.
 bool weight_gradient_wide_tiles() { return choice_from_env("SE_FUSED_CUDA_WGRAD_TILES", {"fit", "wide"}, 0) == 1; }
 int weight_gradient_width(int J, bool wide) {
+  if (wide) return kThreads;
   int width = kWarp;
   while (width < J && width < kThreads) width *= 2;
-  return wide ? kThreads : width;
+  return width;
 }
 
 unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
