@@ -10,8 +10,8 @@ several groups with one or two chunk buffers), and the two-pass path's kernels
 gradients, the scale), over the whole batch and one sample per chunk, and the
 pipelined path (its own CTAs, 2 CTAs walking 1024-byte tiles, so that each CTA
 waits on groups that other CTAs finish, and the direct group MLP beside the staged one),
-the two-pass MLP kernels with several row tiles per block and pieces per split, and
-the staged NCHW channel sums.
+the two-pass MLP kernels with several row tiles per block and pieces per split, the
+tiled MLP kernel, and the staged NCHW channel sums.
 The script also checks each result against the eager backend, so a run that
 the sanitizer passes but computes garbage still fails.
 
@@ -37,9 +37,11 @@ import se_fused
 # (0 = the whole batch, 1 = one sample per chunk); pipeline CTAs, tile bytes and MLP: the pipelined
 # path's (0 / "" = its own: the staged MLP where C is a multiple of 4); MLP split and row tiles: the
 # two-pass MLP kernels' (absent or 0 = theirs: 256, 1); NCHW sums: "staged" for the NCHW channel
-# sums through shared memory where H*W is not a multiple of the vector (absent = the warp kernel).
+# sums through shared memory where H*W is not a multiple of the vector (absent = the warp kernel);
+# MLP: "tiled" for the MLP's products in the tiled kernel (absent = the rows and columns kernels).
 CASES = [("two_pass", "", 0, 0, 0, 0, 0, ""), ("two_pass", "", 0, 0, 1, 0, 0, ""),
          ("two_pass", "", 0, 0, 0, 0, 0, "", 512, 3), ("two_pass", "", 0, 0, 0, 0, 0, "", 0, 0, "staged"),
+         ("two_pass", "", 0, 0, 0, 0, 0, "", 0, 0, "", "tiled"),
          ("cluster", "", 0, 0, 0, 0, 0, ""),
          ("cluster", "2,4", 0, 0, 0, 0, 0, ""), ("cluster", "4,1", 0, 0, 0, 0, 0, ""),
          ("cluster", "1,2", 0, 0, 0, 0, 0, ""), ("cluster", "2,1", 1, 0, 0, 0, 0, ""),
@@ -48,7 +50,7 @@ CASES = [("two_pass", "", 0, 0, 0, 0, 0, ""), ("two_pass", "", 0, 0, 1, 0, 0, ""
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
          "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
-         "SE_FUSED_CUDA_NCHW_SUMS")
+         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its

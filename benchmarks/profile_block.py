@@ -15,7 +15,8 @@ stage shape, pass and implementation:
   the N Python functions with the most own time per call (``cProfile``), which
   says where a host-bound call (the Triton backend's) spends it.
 
-On CUDA the fused backends run as shipped and on their pipelined paths
+On CUDA the fused backends run as shipped, the CUDA backend with its MLP in the tiled
+kernel (``SE_FUSED_CUDA_MLP=tiled``), and both on their pipelined paths
 (``SE_FUSED_CUDA_PATH=pipelined``, ``SE_FUSED_TRITON_PATH=pipelined`` with one and
 two programs per SM: read once, the re-read from L2), and with ``--all-variants``
 also with the CUDA MLP as ATen ops (``SE_FUSED_CUDA_MLP=aten``) and both two-pass
@@ -74,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def variants(device: torch.device, everything: bool = False) -> List[tuple]:
     """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`.
 
-    The paths not yet measured on a GPU (the pipelined ones) come last: main() profiles variant by
+    The paths not yet measured on a GPU (the tiled MLP, the pipelined paths) come last: main() profiles variant by
     variant, and a kernel that traps ends the CUDA context for every variant after it. ``everything``
     adds the variants whose question earlier records answered (the MLP as ATen ops: slower, host-bound;
     the two-pass path in L2-sized chunks: each chunk's MLP launches cost more than the L2 re-read
@@ -82,11 +83,12 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
     usable = common.usable_backends()
     if device.type != "cuda":
         return ([("cpu", "cpu", {})] if "cpu" in usable else []) + [("eager", "eager", {})]
-    shipped, settled, pipelined = [], [], []
+    shipped, settled, unmeasured, pipelined = [], [], [], []
     if "cuda" in usable:
         shipped.append(("cuda", "cuda", {"mlp": "kernels"}))
         settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
                     ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})]
+        unmeasured.append(("cuda/tiled-mlp", "cuda", {"mlp": "tiled"}))
         pipelined.append(("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
@@ -95,7 +97,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
         # One program per SM, and two.
         pipelined += [("triton/pipelined", "triton", {"triton_path": "pipelined"}),
                       ("triton/pipelined-2x", "triton", {"triton_path": "pipelined", "triton_per_sm": 2})]
-    return shipped + (settled if everything else []) + [("eager", "eager", {})] + pipelined
+    return shipped + (settled if everything else []) + [("eager", "eager", {})] + unmeasured + pipelined
 
 
 # The settings a variant may name, and the environment variable each sets.

@@ -19,6 +19,8 @@ GB/s of the pass's minimum traffic (SPEC §4):
   and t row tiles per block of the forward's rows kernels
   (``SE_FUSED_CUDA_MLP_ROW_TILES``; 1 by default), ``k1024`` or ``k256xr4``:
   fewer, longer blocks (the MLP kernels are 50 of the forward's 112 us at conv5_x);
+  ``tiled``: the MLP's products in the tiled kernel instead (``SE_FUSED_CUDA_MLP=tiled``;
+  tiles of samples by outputs, as a GEMM);
 * nchw-sums: the two-pass path with ``SE_FUSED_CUDA_NCHW_SUMS=staged`` (NCHW channel
   sums through shared memory where H*W is not a multiple of the vector: conv4_x and
   conv5_x in 16-bit dtypes; the NHWC rows repeat the two-pass path).
@@ -57,7 +59,7 @@ MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
          "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
-         "SE_FUSED_CUDA_WGRAD_TILES")
+         "SE_FUSED_CUDA_WGRAD_TILES", "SE_FUSED_CUDA_MLP")
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -105,6 +107,7 @@ def candidates(paths) -> list:
     if "mlp-split" in paths:
         found += [(f"k{k}" + (f"xr{t}" if t > 1 else ""), "mlp-split", "two_pass", "", "", "", "", "", "", str(k),
                    str(t)) for k, t in MLP_PLANS]
+        found.append(("tiled", "mlp-split", "two_pass", *[""] * 10, "tiled"))
     if "nchw-sums" in paths:
         found.append(("staged", "nchw-sums", "two_pass", "", "", "", "", "", "", "", "", "staged"))
     if "wgrad" in paths:

@@ -8,7 +8,7 @@ persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and their chunk buffe
 with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
 batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``), the pipelined path's schedule
 (``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``),
-each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten``), its splits of C and row
+each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten|tiled``), its splits of C and row
 tiles per block (``SE_FUSED_CUDA_MLP_SPLIT``, ``SE_FUSED_CUDA_MLP_ROW_TILES``), the NCHW
 channel sums through shared memory (``SE_FUSED_CUDA_NCHW_SUMS=staged``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
@@ -239,6 +239,25 @@ def test_two_pass_mlp_row_tiles_keep_bits(cuda_path, monkeypatch, shape, row_til
     check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_MLP_ROW_TILES", str(row_tiles))
 
 
+# SE_FUSED_CUDA_MLP=tiled: the MLP's four products in the tiled kernel (tiles of 32 or 64 samples
+# by 64 outputs, k staged 32 at a time). The shapes: conv5_x's (8 splits of C, 32 column tiles of
+# fc2), C = 600 (7 splits, the last partial; 70 samples: a partial last sample tile), R = 300
+# (five column tiles of fc1, the summing products walk ten pieces of k, the last partial), and
+# the odd ones (C = 7 and R = 1: one partial piece; C = 37: two splits; H*W = 1).
+TILED_MLP_SHAPES = (SEShape(5, 2048, 128, 7, 7), SEShape(70, 600, 40, 5, 5), SEShape(3, 1024, 300, 2, 2),
+                    SEShape(1, 7, 1, 3, 1), SEShape(2, 37, 2, 7, 7), SEShape(3, 37, 1, 1, 1),
+                    SEShape(2, 33, 33, 2, 2))
+
+
+@pytest.mark.parametrize("shape", TILED_MLP_SHAPES, ids=[s.id for s in TILED_MLP_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual,activation,gate", VARIANTS, ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS])
+def test_two_pass_tiled_mlp(cuda_path, monkeypatch, shape, dtype, residual, activation, gate):
+    cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP", "tiled")
+    check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
+
+
 # SE_FUSED_CUDA_WGRAD_TILES=wide: the weight gradients in tiles kThreads columns wide, as up to
 # 2026-11-27 (the default fits the tile to the gradient's columns: test_two_pass_path covers it,
 # with row groups of 1, 2, 4 and 8 across its shapes). Other splits of the batch, so other bits.
@@ -341,7 +360,7 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "many", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
     ("two_pass", "SE_FUSED_CUDA_MLP_ROW_TILES", "0", r"SE_FUSED_CUDA_MLP_ROW_TILES must be an integer in \[1, 65536\]"),
     ("two_pass", "SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"),
-    ("two_pass", "SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be kernels or aten"),
+    ("two_pass", "SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be kernels, aten or tiled"),
     ("two_pass", "SE_FUSED_CUDA_WGRAD_TILES", "narrow", "SE_FUSED_CUDA_WGRAD_TILES must be fit or wide")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
     if path == "cluster" and not _cluster_capable():
@@ -444,12 +463,14 @@ def test_more_than_2_pow_31_elements(cuda_path, path, memory_format):
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("path", ["cluster", "two_pass", "pipelined"])
+@pytest.mark.parametrize("path", ["cluster", "two_pass", "two_pass+tiled_mlp", "pipelined"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
-def test_bitwise_deterministic(cuda_path, path, memory_format):
+def test_bitwise_deterministic(cuda_path, monkeypatch, path, memory_format):
     if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")
-    cuda_path(path)
+    if path == "two_pass+tiled_mlp":
+        monkeypatch.setenv("SE_FUSED_CUDA_MLP", "tiled")
+    cuda_path(path.split("+")[0])
     inputs = make_se_inputs(SEShape(16, 512, 32, 28, 28), torch.bfloat16, memory_format, "cuda", residual=True)
     first = backend_se(inputs, "cuda")
     for _ in range(3):

@@ -146,40 +146,58 @@ __device__ __forceinline__ float finish_input(const Input& in, float v, float au
   }
 }
 
-// tile[s][kk] = input(n0 + s, k0 + kk) for s < ns, kk < kc (0 elsewhere). All loads
-// first, into registers, then all stores: the tile costs about one L2 round trip.
+// A (kRows, kWidth) piece of the input staged in shared memory: tile[s * stride + kk] =
+// input(n0 + s, k0 + kk) for s < ns, kk < kc (0 elsewhere), in two halves. load() issues every
+// load into registers (no arithmetic on a loaded value until all are issued, so the piece costs
+// about one L2 round trip); store() finishes the values and writes them. Between the two a kernel
+// may compute on the piece staged before (the tiled products), or nothing (stage_input). A warp
+// takes consecutive k of one sample: coalesced loads, conflict-free stores.
+template <int Kind, int kRows, int kWidth>
+struct InputStage {
+  static constexpr int kPerThread = kRows * kWidth / kThreads;
+  static_assert(kRows * kWidth % kThreads == 0, "a staged piece is a whole number of elements per thread");
+  int idx[kPerThread];
+  bool valid[kPerThread];
+  float v[kPerThread], aux[kPerThread];
+
+  __device__ __forceinline__ void load(const Input& in, int64_t n0, int ns, int k0, int kc, int K) {
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int flat = threadIdx.x + e * kThreads, s = flat / kWidth, kk = flat % kWidth;
+      valid[e] = s < ns && kk < kc;
+      idx[e] = valid[e] ? static_cast<int>(n0 + s) * K + k0 + kk : 0;
+    }
+    gather_raw<Kind>(in, idx, v, aux);
+  }
+  template <int kStride>
+  __device__ __forceinline__ void store(float* tile, const Input& in, bool write, int activation, int gate) const {
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int flat = threadIdx.x + e * kThreads;
+      tile[flat / kWidth * kStride + flat % kWidth] =
+          valid[e] ? finish_input<Kind>(in, v[e], aux[e], idx[e], write, activation, gate) : 0.f;
+    }
+  }
+};
+
+// tile[s][kk] = input(n0 + s, k0 + kk) for s < ns, kk < kc (0 elsewhere): both halves at once.
 template <int Kind, int kWidth>
 __device__ __forceinline__ void stage_input(float (&tile)[kSamples][kWidth], const Input& in, int64_t n0, int ns,
                                             int k0, int kc, int K, bool write, int activation, int gate) {
-  constexpr int kStagedPerThread = kSamples * kWidth / kThreads;
-  static_assert(kSamples * kWidth % kThreads == 0, "a staged tile is a whole number of elements per thread");
-  int idx[kStagedPerThread];
-  bool valid[kStagedPerThread];
-#pragma unroll
-  for (int e = 0; e < kStagedPerThread; ++e) {
-    const int flat = threadIdx.x + e * kThreads, s = flat / kWidth, kk = flat % kWidth;
-    valid[e] = s < ns && kk < kc;
-    idx[e] = valid[e] ? static_cast<int>(n0 + s) * K + k0 + kk : 0;
-  }
-  float v[kStagedPerThread], aux[kStagedPerThread];
-  gather_raw<Kind>(in, idx, v, aux);
-#pragma unroll
-  for (int e = 0; e < kStagedPerThread; ++e) {
-    const int flat = threadIdx.x + e * kThreads;
-    tile[flat / kWidth][flat % kWidth] =
-        valid[e] ? finish_input<Kind>(in, v[e], aux[e], idx[e], write, activation, gate) : 0.f;
-  }
+  InputStage<Kind, kSamples, kWidth> stage;
+  stage.load(in, n0, ns, k0, kc, K);
+  stage.template store<kWidth>(&tile[0][0], in, write, activation, gate);
 }
 
-// The samples and the k range of one block of the rows/columns kernels (grid: x output
-// tiles, y splits of K, z sample groups), and whether it writes the summed input back.
+// The samples and the k range of one block of the products (grid: x output tiles, y splits of
+// K, z groups of `samples` samples), and whether it writes the summed input back.
 struct BlockSpan {
   int64_t n0;
   int ns, split, k_begin, k_end;
   bool writer;
-  __device__ BlockSpan(const Input& in, int64_t N, int K, int k_split)
-      : n0(static_cast<int64_t>(blockIdx.z) * kSamples),
-        ns(static_cast<int>(min(static_cast<int64_t>(kSamples), N - n0))),
+  __device__ BlockSpan(const Input& in, int64_t N, int K, int k_split, int samples = kSamples)
+      : n0(static_cast<int64_t>(blockIdx.z) * samples),
+        ns(static_cast<int>(min(static_cast<int64_t>(samples), N - n0))),
         split(blockIdx.y),
         k_begin(split * k_split),
         k_end(min(K, k_begin + k_split)),
@@ -402,6 +420,127 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_columns_kernel(Input i
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += partial[w][s][jj];
     store_output(o, b.split, b.n0 + s, j, J, total, bias_of<w_t>(o, b.split, j), gate);
+  }
+}
+
+// The tiled products (SE_FUSED_CUDA_MLP=tiled; docs/cuda-notes.md, "The tiled MLP products").
+// The rows and columns kernels above give a block kSamples = 8 samples, so every weight is read
+// from L2 once per 8 samples, and their many short blocks run in waves of about one L2 round trip
+// each (fc1 and fc2 21 + 29 us at conv5_x, H100 dd6c3b3, ~3 us per wave). Here a block owns a
+// (samples x outputs) tile as a GEMM does: 16 x 16 threads, each kPerThreadN samples by
+// kPerThreadJ outputs, so a staged value feeds that many FMAs, and the next kTileK-wide piece of
+// k loads into registers while the block computes on this one.
+constexpr int kTileThreadsJ = 16, kTileThreadsN = kThreads / kTileThreadsJ;
+constexpr int kTileK = 32;           // k values staged at a time
+constexpr int kTileStride = kTileK + 4;  // floats per staged row: 16-byte rows, and row r starts at bank 4r
+constexpr int kTiledSplitN = 2, kTiledSummingN = 4, kTiledJ = 4;  // per-thread samples and outputs
+constexpr int kTiledTargetBlocks = 128, kTiledMaxSplits = 8;      // the products over C (tiled_k_split)
+
+// How the weights are stored: W[j * K + k] (fc1 and fc2 in the forward) or W[k * J + j] (the
+// backward's products, which read the forward's weights transposed).
+enum WeightLayout : int { kWeightRows = 0, kWeightColumns = 1 };
+
+// A (kTileRows, kTileK) piece of W(j, k) staged as tile[jj * kTileStride + kk] (0 outside J and
+// kc), in the two halves of InputStage. The loads run along W's contiguous dimension.
+template <typename w_t, int Layout, int kTileRows>
+struct WeightStage {
+  static constexpr int kPerThread = kTileRows * kTileK / kThreads;
+  static_assert(kTileRows * kTileK % kThreads == 0, "a staged piece is a whole number of weights per thread");
+  w_t w[kPerThread];
+  int j0, k0, kc, J;
+
+  // Element e of this thread: (jj, kk) within the piece.
+  __device__ __forceinline__ void position(int e, int& jj, int& kk) const {
+    const int flat = threadIdx.x + e * kThreads;
+    if constexpr (Layout == kWeightRows) {
+      jj = flat / kTileK, kk = flat % kTileK;
+    } else {
+      kk = flat / kTileRows, jj = flat % kTileRows;
+    }
+  }
+  __device__ __forceinline__ void load(const w_t* __restrict__ W, int j0_, int J_, int k0_, int kc_, int K) {
+    j0 = j0_, J = J_, k0 = k0_, kc = kc_;
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      int jj, kk;
+      position(e, jj, kk);
+      const bool valid = j0 + jj < J && kk < kc;
+      // 32-bit: excitation_kernels_apply checks that every weight has fewer than 2^30 elements.
+      w[e] = W[!valid ? 0 : Layout == kWeightRows ? (j0 + jj) * K + k0 + kk : (k0 + kk) * J + j0 + jj];
+    }
+  }
+  __device__ __forceinline__ void store(float* tile) const {
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      int jj, kk;
+      position(e, jj, kk);
+      tile[jj * kTileStride + kk] = j0 + jj < J && kk < kc ? static_cast<float>(w[e]) : 0.f;
+    }
+  }
+};
+
+// out[n, j] = sum_k in(n, k) * W(j, k) over the k range of split blockIdx.y, for the tile of
+// kTileThreadsN * kPerThreadN samples (blockIdx.z) by kTileThreadsJ * kPerThreadJ outputs
+// (blockIdx.x). Thread (tx, ty) owns samples ty + 16 i and outputs tx + 16 q: a warp's 16-byte
+// loads of the staged weights then start at banks 4 tx, and of the staged input at two
+// addresses (a broadcast). Each output's sum runs over k in order, so the bits depend on the
+// split only.
+template <typename w_t, int Kind, int Layout, int kPerThreadN, int kPerThreadJ>
+__global__ void __launch_bounds__(kThreads) excitation_tiled_kernel(Input in, const w_t* __restrict__ W, Output o,
+                                                                    int64_t N, int J, int K, int k_split,
+                                                                    int activation, int gate) {
+  constexpr int kTileN = kTileThreadsN * kPerThreadN, kTileJ = kTileThreadsJ * kPerThreadJ;
+  __shared__ alignas(16) float input_tile[kTileN * kTileStride];
+  __shared__ alignas(16) float weight_tile[kTileJ * kTileStride];
+  const int tx = threadIdx.x % kTileThreadsJ, ty = threadIdx.x / kTileThreadsJ;
+  const BlockSpan b(in, N, K, k_split, kTileN);
+  const int j0 = blockIdx.x * kTileJ;
+  InputStage<Kind, kTileN, kTileK> input;
+  WeightStage<w_t, Layout, kTileJ> weights;
+  const auto load = [&](int k0) {
+    const int kc = min(kTileK, b.k_end - k0);
+    weights.load(W, j0, J, k0, kc, K);
+    input.load(in, b.n0, b.ns, k0, kc, K);
+  };
+  float acc[kPerThreadN][kPerThreadJ] = {};
+  load(b.k_begin);
+  for (int k0 = b.k_begin; k0 < b.k_end; k0 += kTileK) {
+    input.template store<kTileStride>(input_tile, in, b.writer, activation, gate);
+    weights.store(weight_tile);
+    __syncthreads();
+    if (k0 + kTileK < b.k_end) load(k0 + kTileK);  // in flight during this piece's products
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 4) {
+      float4 a[kPerThreadN], w[kPerThreadJ];
+#pragma unroll
+      for (int i = 0; i < kPerThreadN; ++i)
+        a[i] = *reinterpret_cast<const float4*>(&input_tile[(ty + kTileThreadsN * i) * kTileStride + kk]);
+#pragma unroll
+      for (int q = 0; q < kPerThreadJ; ++q)
+        w[q] = *reinterpret_cast<const float4*>(&weight_tile[(tx + kTileThreadsJ * q) * kTileStride + kk]);
+#pragma unroll
+      for (int i = 0; i < kPerThreadN; ++i)
+#pragma unroll
+        for (int q = 0; q < kPerThreadJ; ++q) {
+          float& sum = acc[i][q];
+          sum = fmaf(a[i].x, w[q].x, sum);
+          sum = fmaf(a[i].y, w[q].y, sum);
+          sum = fmaf(a[i].z, w[q].z, sum);
+          sum = fmaf(a[i].w, w[q].w, sum);
+        }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < kPerThreadJ; ++q) {
+    const int j = j0 + tx + kTileThreadsJ * q;
+    if (j >= J) continue;
+    const float bias = bias_of<w_t>(o, b.split, j);
+#pragma unroll
+    for (int i = 0; i < kPerThreadN; ++i) {
+      const int s = ty + kTileThreadsN * i;
+      if (s < b.ns) store_output(o, b.split, b.n0 + s, j, J, acc[i][q], bias, gate);
+    }
   }
 }
 
@@ -645,13 +784,33 @@ int mlp_row_tiles() {
                                            "an integer in [1, 65536]"));
 }
 
+// Which MLP products run (SE_FUSED_CUDA_MLP): the rows and columns kernels (the default), the
+// tiled kernel, or the ATen ops (excitation_kernels_apply says no).
+enum class MlpKernels : int { kRowsColumns = 0, kAten = 1, kTiled = 2 };
+MlpKernels mlp_kernels() {
+  return static_cast<MlpKernels>(choice_from_env("SE_FUSED_CUDA_MLP", {"kernels", "aten", "tiled"}, 0));
+}
+
+// k values per split of C in the tiled products over C (fc1 forward, W2^T dv backward): enough
+// splits for about kTiledTargetBlocks blocks with the output tiles of R x N, at most
+// kTiledMaxSplits (the next product adds every split in each of its blocks), each split a whole
+// number of staged pieces. From the shape only, so the bits do not depend on the GPU. Batch 256:
+// 8 splits at every SE-ResNet-50 stage (8 to 16 tiles), C/8 = 32 ... 256 channels each.
+int tiled_k_split(int64_t N, int64_t R, int64_t C) {
+  const int64_t tiles = ceil_div(R, kTileThreadsJ * kTiledJ) * int64_t(ceil_div(N, kTileThreadsN * kTiledSplitN));
+  const int64_t pieces = ceil_div(C, kTileK);
+  const int64_t splits = std::min<int64_t>({ceil_div(kTiledTargetBlocks, tiles), kTiledMaxSplits, pieces});
+  return static_cast<int>(ceil_div(ceil_div(C, std::max<int64_t>(splits, 1)), kTileK) * kTileK);
+}
+
 // What the forward and the backward MLP launches share: the weights as (R, C) and (C, R)
 // matrices, the grid's sample groups and splits over C, and the buffer of the split sums.
 struct MlpLaunch {
   at::Tensor w1, w2, partial;
   int64_t N;
   int R, C, act, gate;
-  int k_split;    // k values per split of C (mlp_k_split)
+  bool tiled;     // the tiled kernel (SE_FUSED_CUDA_MLP=tiled), else the rows and columns kernels
+  int k_split;    // k values per split of C (tiled_k_split, or mlp_k_split)
   int row_tiles;  // row tiles per block of the rows kernels (mlp_row_tiles)
   unsigned groups, splits;
   MlpLaunch(const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, const SEProblem& p,
@@ -663,7 +822,8 @@ struct MlpLaunch {
         C(static_cast<int>(p.C)),
         act(static_cast<int>(p.activation)),
         gate(static_cast<int>(p.gate)),
-        k_split(mlp_k_split()),
+        tiled(mlp_kernels() == MlpKernels::kTiled),
+        k_split(tiled ? tiled_k_split(p.N, p.R, p.C) : mlp_k_split()),
         row_tiles(mlp_row_tiles()),
         groups(ceil_div(p.N, kSamples)),
         splits(ceil_div(p.C, k_split)) {
@@ -672,6 +832,11 @@ struct MlpLaunch {
   // Grid of a product with J outputs, outputs_per_block per block, split over C or not.
   dim3 grid(int J, int outputs_per_block, bool split_over_c) const {
     return dim3(ceil_div(J, outputs_per_block), split_over_c ? splits : 1, groups);
+  }
+  // The same for the tiled kernel with kPerThreadN samples per thread.
+  dim3 tiled_grid(int J, int per_thread_n, bool split_over_c) const {
+    return dim3(ceil_div(J, kTileThreadsJ * kTiledJ), split_over_c ? splits : 1,
+                ceil_div(N, kTileThreadsN * per_thread_n));
   }
   // The same for a rows kernel: row_tiles tiles of rows_per_tile rows per block.
   dim3 rows_grid(int J, int rows_per_tile, bool split_over_c) const {
@@ -698,7 +863,7 @@ Input input_of(const at::Tensor& a, const at::Tensor* aux = nullptr) {
 
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
                               std::initializer_list<const at::Tensor*> params) {
-  if (choice_from_env("SE_FUSED_CUDA_MLP", {"kernels", "aten"}, 0) == 1) return false;
+  if (mlp_kernels() == MlpKernels::kAten) return false;
   if (pooled.scalar_type() != at::kFloat) return false;  // float64 inputs keep the ATen ops
   // Grid limit (65535): sample groups along gridDim.z.
   if (pooled.size(0) > int64_t(65535) * kSamples) return false;
@@ -715,13 +880,26 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
   const at::Tensor b1 = fc1_bias.contiguous(), b2 = fc2_bias.contiguous();
   // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input.
   const MlpLaunch m(fc1_weight, fc2_weight, p, pooled.options());
+  const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_forward_kernels", [&] {
+    if (m.tiled) {
+      excitation_tiled_kernel<scalar_t, kPlain, kWeightRows, kTiledSplitN, kTiledJ>
+          <<<m.tiled_grid(m.R, kTiledSplitN, true), kThreads, 0, stream>>>(
+              input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
+              m.k_split, m.act, m.gate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      excitation_tiled_kernel<scalar_t, kSumActivate, kWeightRows, kTiledSummingN, kTiledJ>
+          <<<m.tiled_grid(m.C, kTiledSummingN, false), kThreads, 0, stream>>>(
+              m.summed_splits(nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R, m.R, m.act,
+              m.gate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     excitation_rows_kernel<scalar_t, kSplitRowsPerWarp, kPlain, kChunk>
         <<<m.rows_grid(m.R, kWarps * kSplitRowsPerWarp, true), kThreads, 0, stream>>>(
             input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
             m.k_split, m.row_tiles, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
     excitation_rows_kernel<scalar_t, kSummingRowsPerWarp, kSumActivate, kSummingWidth>
         <<<m.rows_grid(m.C, kWarps * kSummingRowsPerWarp, false), kThreads, 0, stream>>>(
             m.summed_splits(nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R,
@@ -734,15 +912,27 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
                                  const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, at::Tensor& du,
                                  at::Tensor& dz_over_p, const SEProblem& p, cudaStream_t stream) {
   const MlpLaunch m(fc1_weight, fc2_weight, p, ds.options());
+  // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
+  const Input dv = input_of(ds, &scale);  // read as kGateGrad
+  // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
+  const Output scaled{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_backward_kernels", [&] {
-    // W2^T dv with dv = ds * gate'(scale), split over C: W2 (C, R) read as (K = C, J = R).
-    const Input dv = input_of(ds, &scale);  // read as kGateGrad
+    if (m.tiled) {
+      excitation_tiled_kernel<scalar_t, kGateGrad, kWeightColumns, kTiledSplitN, kTiledJ>
+          <<<m.tiled_grid(m.R, kTiledSplitN, true), kThreads, 0, stream>>>(
+              dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, m.k_split, m.act, m.gate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      excitation_tiled_kernel<scalar_t, kSumActivationGrad, kWeightColumns, kTiledSummingN, kTiledJ>
+          <<<m.tiled_grid(m.C, kTiledSummingN, false), kThreads, 0, stream>>>(
+              m.summed_splits(hidden.const_data_ptr<float>(), du), m.w1.const_data_ptr<scalar_t>(), scaled, p.N,
+              m.C, m.R, m.R, m.act, m.gate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     excitation_columns_kernel<scalar_t, kSplitColumnsPerLane, kGateGrad, kChunk>
         <<<m.grid(m.R, kWarp * kSplitColumnsPerLane, true), kThreads, 0, stream>>>(
             dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, m.k_split, m.act, m.gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // du = act'(hidden) * (sum of the splits), written back; dz / P = (du W1) / P: W1 (R, C) read as (K = R, J = C).
-    const Output scaled{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0};
     excitation_columns_kernel<scalar_t, kSummingColumnsPerLane, kSumActivationGrad, kSummingWidth>
         <<<m.grid(m.C, kWarp * kSummingColumnsPerLane, false), kThreads, 0, stream>>>(
             m.summed_splits(hidden.const_data_ptr<float>(), du), m.w1.const_data_ptr<scalar_t>(),

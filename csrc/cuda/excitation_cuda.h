@@ -21,7 +21,8 @@ namespace cuda {
 // True when the kernels serve this call: float32 accumulation, the given
 // parameters all in one dtype, and sizes within the kernels' grid and 32-bit index
 // limits. SE_FUSED_CUDA_MLP=aten sends every call to the ATen ops instead (to
-// compare the two; the tests run both).
+// compare the two; the tests run both); SE_FUSED_CUDA_MLP=tiled keeps the kernels
+// but runs the MLP's products in the tiled kernel (excitation_cuda.cu).
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
                               std::initializer_list<const at::Tensor*> params);
 
