@@ -240,10 +240,11 @@ def test_two_pass_mlp_row_tiles_keep_bits(cuda_path, monkeypatch, shape, row_til
 
 
 # SE_FUSED_CUDA_MLP=tiled: the MLP's four products in the tiled kernel (tiles of 32 or 64 samples
-# by 64 outputs, k staged 32 at a time). The shapes: conv5_x's (8 splits of C, 32 column tiles of
-# fc2), C = 600 (7 splits, the last partial; 70 samples: a partial last sample tile), R = 300
-# (five column tiles of fc1, the summing products walk ten pieces of k, the last partial), and
-# the odd ones (C = 7 and R = 1: one partial piece; C = 37: two splits; H*W = 1).
+# by 64 outputs, k staged 32 at a time) and their split sums added once. The shapes: conv5_x's
+# (16 splits of C, 32 column tiles of fc2), C = 600 (10 splits, the last partial; 70 samples: a
+# partial last sample tile), R = 300 (five column tiles of fc1; the products over R walk ten
+# pieces of k, the last partial), and the odd ones (C = 7 and R = 1: one partial piece; C = 37:
+# two splits; H*W = 1).
 TILED_MLP_SHAPES = (SEShape(5, 2048, 128, 7, 7), SEShape(70, 600, 40, 5, 5), SEShape(3, 1024, 300, 2, 2),
                     SEShape(1, 7, 1, 3, 1), SEShape(2, 37, 2, 7, 7), SEShape(3, 37, 1, 1, 1),
                     SEShape(2, 33, 33, 2, 2))

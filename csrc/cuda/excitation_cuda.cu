@@ -429,12 +429,13 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_columns_kernel(Input i
 // each (fc1 and fc2 21 + 29 us at conv5_x, H100 dd6c3b3, ~3 us per wave). Here a block owns a
 // (samples x outputs) tile as a GEMM does: 16 x 16 threads, each kPerThreadN samples by
 // kPerThreadJ outputs, so a staged value feeds that many FMAs, and the next kTileK-wide piece of
-// k loads into registers while the block computes on this one.
+// k loads into registers while the block computes on this one. The products over C write split
+// sums that tiled_split_sums_kernel adds once; the products over R read its result.
 constexpr int kTileThreadsJ = 16, kTileThreadsN = kThreads / kTileThreadsJ;
 constexpr int kTileK = 32;           // k values staged at a time
 constexpr int kTileStride = kTileK + 4;  // floats per staged row: 16-byte rows, and row r starts at bank 4r
 constexpr int kTiledSplitN = 2, kTiledSummingN = 4, kTiledJ = 4;  // per-thread samples and outputs
-constexpr int kTiledTargetBlocks = 128, kTiledMaxSplits = 8;      // the products over C (tiled_k_split)
+constexpr int kTiledTargetBlocks = 256, kTiledMaxSplits = 16;     // the products over C (tiled_k_split)
 
 // How the weights are stored: W[j * K + k] (fc1 and fc2 in the forward) or W[k * J + j] (the
 // backward's products, which read the forward's weights transposed).
@@ -542,6 +543,26 @@ __global__ void __launch_bounds__(kThreads) excitation_tiled_kernel(Input in, co
       if (s < b.ns) store_output(o, b.split, b.n0 + s, j, J, acc[i][q], bias, gate);
     }
   }
+}
+
+// The split sums of a tiled product over C, added once: the products over R then read the
+// result, where the rows and columns kernels' staging adds the splits again in each of their
+// blocks (for the tiled tiles, C/64 times: 35 MB of L2 reads at conv5_x, batch 256). Element
+// i of (N, R): the splits in order (the same sum as that staging), finished as Kind
+// (kSumActivate: u; kSumActivationGrad: du = act'(hidden) * sum) and written to in.write_back.
+constexpr int kSplitSumsPerThread = 4;  // elements per thread, their loads in flight together
+template <int Kind>
+__global__ void __launch_bounds__(kThreads) tiled_split_sums_kernel(Input in, int count, int activation, int gate) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads * kSplitSumsPerThread + threadIdx.x;
+  int idx[kSplitSumsPerThread];
+  float v[kSplitSumsPerThread], aux[kSplitSumsPerThread];
+#pragma unroll
+  for (int e = 0; e < kSplitSumsPerThread; ++e)
+    idx[e] = static_cast<int>(min(first + e * kThreads, static_cast<int64_t>(count) - 1));  // clamped: a valid load
+  gather_raw<Kind>(in, idx, v, aux);
+#pragma unroll
+  for (int e = 0; e < kSplitSumsPerThread; ++e)
+    if (first + e * kThreads < count) finish_input<Kind>(in, v[e], aux[e], idx[e], true, activation, gate);
 }
 
 // One weight gradient: weight_grad[i, j] = sum_n a(n, i) * b(n, j) for a (N, I),
@@ -792,10 +813,11 @@ MlpKernels mlp_kernels() {
 }
 
 // k values per split of C in the tiled products over C (fc1 forward, W2^T dv backward): enough
-// splits for about kTiledTargetBlocks blocks with the output tiles of R x N, at most
-// kTiledMaxSplits (the next product adds every split in each of its blocks), each split a whole
-// number of staged pieces. From the shape only, so the bits do not depend on the GPU. Batch 256:
-// 8 splits at every SE-ResNet-50 stage (8 to 16 tiles), C/8 = 32 ... 256 channels each.
+// splits for about kTiledTargetBlocks blocks (two per SM of an H100 at their ~114 registers)
+// with the output tiles of R x N, at most kTiledMaxSplits (tiled_split_sums_kernel loads them all),
+// each split a whole number of staged pieces, so that a block walks few pieces one after another.
+// From the shape only, so the bits do not depend on the GPU. Batch 256: 8 / 16 / 16 / 16 splits
+// of 32 / 32 / 64 / 128 channels at conv2_x-conv5_x (8 to 16 tiles; 64-256 blocks).
 int tiled_k_split(int64_t N, int64_t R, int64_t C) {
   const int64_t tiles = ceil_div(R, kTileThreadsJ * kTiledJ) * int64_t(ceil_div(N, kTileThreadsN * kTiledSplitN));
   const int64_t pieces = ceil_div(C, kTileK);
@@ -859,6 +881,16 @@ Input input_of(const at::Tensor& a, const at::Tensor* aux = nullptr) {
   return Input{a.const_data_ptr<float>(), aux ? aux->const_data_ptr<float>() : nullptr, 0, 0, nullptr};
 }
 
+// The tiled path's split sums added into `out` (N, R): u (Kind kSumActivate) or du
+// (kSumActivationGrad, with aux the saved hidden).
+template <int Kind>
+void launch_tiled_split_sums(const MlpLaunch& m, const float* aux, at::Tensor& out, cudaStream_t stream) {
+  const int64_t count = m.N * m.R;
+  tiled_split_sums_kernel<Kind><<<ceil_div(count, int64_t(kThreads) * kSplitSumsPerThread), kThreads, 0, stream>>>(
+      m.summed_splits(aux, out), static_cast<int>(count), m.act, m.gate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
@@ -888,10 +920,10 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
               input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
               m.k_split, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      excitation_tiled_kernel<scalar_t, kSumActivate, kWeightRows, kTiledSummingN, kTiledJ>
+      launch_tiled_split_sums<kSumActivate>(m, nullptr, hidden, stream);
+      excitation_tiled_kernel<scalar_t, kActivated, kWeightRows, kTiledSummingN, kTiledJ>
           <<<m.tiled_grid(m.C, kTiledSummingN, false), kThreads, 0, stream>>>(
-              m.summed_splits(nullptr, hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R, m.R, m.act,
-              m.gate);
+              input_of(hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R, m.R, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -922,10 +954,10 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
           <<<m.tiled_grid(m.R, kTiledSplitN, true), kThreads, 0, stream>>>(
               dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, m.k_split, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      excitation_tiled_kernel<scalar_t, kSumActivationGrad, kWeightColumns, kTiledSummingN, kTiledJ>
+      launch_tiled_split_sums<kSumActivationGrad>(m, hidden.const_data_ptr<float>(), du, stream);
+      excitation_tiled_kernel<scalar_t, kPlain, kWeightColumns, kTiledSummingN, kTiledJ>
           <<<m.tiled_grid(m.C, kTiledSummingN, false), kThreads, 0, stream>>>(
-              m.summed_splits(hidden.const_data_ptr<float>(), du), m.w1.const_data_ptr<scalar_t>(), scaled, p.N,
-              m.C, m.R, m.R, m.act, m.gate);
+              input_of(du), m.w1.const_data_ptr<scalar_t>(), scaled, p.N, m.C, m.R, m.R, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
