@@ -434,7 +434,8 @@ __global__ void __launch_bounds__(kThreads, 2) excitation_columns_kernel(Input i
 constexpr int kTileThreadsJ = 16, kTileThreadsN = kThreads / kTileThreadsJ;
 constexpr int kTileK = 32;           // k values staged at a time
 constexpr int kTileStride = kTileK + 4;  // floats per staged row: 16-byte rows, and row r starts at bank 4r
-constexpr int kTiledSplitN = 2, kTiledSummingN = 4, kTiledJ = 4;  // per-thread samples and outputs
+// Samples per thread in the products over C (fc1, W2^T dv) and over R (fc2, du W1); outputs per thread.
+constexpr int kTiledSamplesOverC = 2, kTiledSamplesOverR = 4, kTiledOutputs = 4;
 constexpr int kTiledTargetBlocks = 256, kTiledMaxSplits = 16;     // the products over C (tiled_k_split)
 
 // How the weights are stored: W[j * K + k] (fc1 and fc2 in the forward) or W[k * J + j] (the
@@ -819,7 +820,8 @@ MlpKernels mlp_kernels() {
 // From the shape only, so the bits do not depend on the GPU. Batch 256: 8 / 16 / 16 / 16 splits
 // of 32 / 32 / 64 / 128 channels at conv2_x-conv5_x (8 to 16 tiles; 64-256 blocks).
 int tiled_k_split(int64_t N, int64_t R, int64_t C) {
-  const int64_t tiles = ceil_div(R, kTileThreadsJ * kTiledJ) * int64_t(ceil_div(N, kTileThreadsN * kTiledSplitN));
+  const int64_t tiles =
+      ceil_div(R, kTileThreadsJ * kTiledOutputs) * int64_t(ceil_div(N, kTileThreadsN * kTiledSamplesOverC));
   const int64_t pieces = ceil_div(C, kTileK);
   const int64_t splits = std::min<int64_t>({ceil_div(kTiledTargetBlocks, tiles), kTiledMaxSplits, pieces});
   return static_cast<int>(ceil_div(ceil_div(C, std::max<int64_t>(splits, 1)), kTileK) * kTileK);
@@ -857,7 +859,7 @@ struct MlpLaunch {
   }
   // The same for the tiled kernel with kPerThreadN samples per thread.
   dim3 tiled_grid(int J, int per_thread_n, bool split_over_c) const {
-    return dim3(ceil_div(J, kTileThreadsJ * kTiledJ), split_over_c ? splits : 1,
+    return dim3(ceil_div(J, kTileThreadsJ * kTiledOutputs), split_over_c ? splits : 1,
                 ceil_div(N, kTileThreadsN * per_thread_n));
   }
   // The same for a rows kernel: row_tiles tiles of rows_per_tile rows per block.
@@ -910,19 +912,20 @@ void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_
                                 const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, at::Tensor& hidden,
                                 at::Tensor& scale, const SEProblem& p, cudaStream_t stream) {
   const at::Tensor b1 = fc1_bias.contiguous(), b2 = fc2_bias.contiguous();
-  // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input.
+  // fc1 split over C (short dependency chains, many blocks); fc2 adds the splits as it stages its input
+  // (the tiled kernel: tiled_split_sums_kernel adds them once, between the two).
   const MlpLaunch m(fc1_weight, fc2_weight, p, pooled.options());
   const Output gated{scale.mutable_data_ptr<float>(), kAddBiasThenGate, b2.const_data_ptr(), 1.f, 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_forward_kernels", [&] {
     if (m.tiled) {
-      excitation_tiled_kernel<scalar_t, kPlain, kWeightRows, kTiledSplitN, kTiledJ>
-          <<<m.tiled_grid(m.R, kTiledSplitN, true), kThreads, 0, stream>>>(
+      excitation_tiled_kernel<scalar_t, kPlain, kWeightRows, kTiledSamplesOverC, kTiledOutputs>
+          <<<m.tiled_grid(m.R, kTiledSamplesOverC, true), kThreads, 0, stream>>>(
               input_of(pooled), m.w1.const_data_ptr<scalar_t>(), m.split_sums(b1.const_data_ptr()), p.N, m.R, m.C,
               m.k_split, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_tiled_split_sums<kSumActivate>(m, nullptr, hidden, stream);
-      excitation_tiled_kernel<scalar_t, kActivated, kWeightRows, kTiledSummingN, kTiledJ>
-          <<<m.tiled_grid(m.C, kTiledSummingN, false), kThreads, 0, stream>>>(
+      excitation_tiled_kernel<scalar_t, kActivated, kWeightRows, kTiledSamplesOverR, kTiledOutputs>
+          <<<m.tiled_grid(m.C, kTiledSamplesOverR, false), kThreads, 0, stream>>>(
               input_of(hidden), m.w2.const_data_ptr<scalar_t>(), gated, p.N, m.C, m.R, m.R, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -950,13 +953,13 @@ void excitation_backward_kernels(const at::Tensor& ds, const at::Tensor& scale, 
   const Output scaled{dz_over_p.mutable_data_ptr<float>(), kScaled, nullptr, 1.f / static_cast<float>(p.P), 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.w1.scalar_type(), "excitation_backward_kernels", [&] {
     if (m.tiled) {
-      excitation_tiled_kernel<scalar_t, kGateGrad, kWeightColumns, kTiledSplitN, kTiledJ>
-          <<<m.tiled_grid(m.R, kTiledSplitN, true), kThreads, 0, stream>>>(
+      excitation_tiled_kernel<scalar_t, kGateGrad, kWeightColumns, kTiledSamplesOverC, kTiledOutputs>
+          <<<m.tiled_grid(m.R, kTiledSamplesOverC, true), kThreads, 0, stream>>>(
               dv, m.w2.const_data_ptr<scalar_t>(), m.split_sums(nullptr), p.N, m.R, m.C, m.k_split, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_tiled_split_sums<kSumActivationGrad>(m, hidden.const_data_ptr<float>(), du, stream);
-      excitation_tiled_kernel<scalar_t, kPlain, kWeightColumns, kTiledSummingN, kTiledJ>
-          <<<m.tiled_grid(m.C, kTiledSummingN, false), kThreads, 0, stream>>>(
+      excitation_tiled_kernel<scalar_t, kPlain, kWeightColumns, kTiledSamplesOverR, kTiledOutputs>
+          <<<m.tiled_grid(m.C, kTiledSamplesOverR, false), kThreads, 0, stream>>>(
               input_of(du), m.w1.const_data_ptr<scalar_t>(), scaled, p.N, m.C, m.R, m.R, m.act, m.gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
