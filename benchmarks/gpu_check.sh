@@ -178,13 +178,15 @@ if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
 fi
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------
-# A tool starts only with the time it needs (on an H100 at cca1da2: memcheck ~11 s, racecheck
-# ~81 s for 64 quick cases; now 88 with the pipelined path's 24, so ~15 s and ~112 s; a slower
-# host takes up to 1.5x): one cut short by the budget would fail.
-declare -A SANITIZER_NEEDS=([memcheck]=45 [racecheck]=160)
+# A tool starts only with the time it needs: one cut short by its limit would fail. On an H100 at
+# cca1da2 memcheck took ~11 s and racecheck ~81 s for 60 quick cases (1.35 s a case). The quick
+# run has 112 cases now (the CPU rehearsal's count; a few cluster geometries do not fit on the GPU),
+# so ~25 s and ~150 s, and a slower host takes up to 1.5x. Up to 2026-11-27 racecheck's limit was
+# 130 s, which the 104 cases of then (~100 on a GPU, ~135 s) had likely outgrown.
+declare -A SANITIZER_NEEDS=([memcheck]=60 [racecheck]=230)
 for tool in memcheck racecheck; do
   if [[ ${#SANITIZE[@]} -gt 0 ]]; then
-    step_if "${SANITIZER_NEEDS[$tool]}" "$tool" $(( $(left) < 150 ? $(left) - 20 : 130 )) \
+    step_if "${SANITIZER_NEEDS[$tool]}" "$tool" $(( $(left) < 230 ? $(left) - 20 : 210 )) \
       "${SANITIZE[@]}" --tool "$tool" "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
   else
     step_if "${SANITIZER_NEEDS[$tool]}" "$tool" 120 "$PY" benchmarks/exercise_kernels.py "${EXERCISE_ARGS[@]}"
