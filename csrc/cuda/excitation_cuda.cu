@@ -36,8 +36,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -150,8 +148,9 @@ __device__ __forceinline__ float finish_input(const Input& in, float v, float au
 // input(n0 + s, k0 + kk) for s < ns, kk < kc (0 elsewhere), in two halves. load() issues every
 // load into registers (no arithmetic on a loaded value until all are issued, so the piece costs
 // about one L2 round trip); store() finishes the values and writes them. Between the two a kernel
-// may compute on the piece staged before (the tiled products), or nothing (stage_input). A warp
-// takes consecutive k of one sample: coalesced loads, conflict-free stores.
+// may compute on the piece staged before (the tiled products), issue other loads (the weight
+// gradients' b), or nothing (stage_input). A warp takes consecutive k of one sample: coalesced
+// loads, conflict-free stores.
 template <int Kind, int kRows, int kWidth>
 struct InputStage {
   static constexpr int kPerThread = kRows * kWidth / kThreads;
@@ -491,6 +490,7 @@ template <typename w_t, int Kind, int Layout, int kPerThreadN, int kPerThreadJ>
 __global__ void __launch_bounds__(kThreads) excitation_tiled_kernel(Input in, const w_t* __restrict__ W, Output o,
                                                                     int64_t N, int J, int K, int k_split,
                                                                     int activation, int gate) {
+  static_assert(!KindTraits<Kind>::kSum, "the tiled products read summed inputs (tiled_split_sums_kernel)");
   constexpr int kTileN = kTileThreadsN * kPerThreadN, kTileJ = kTileThreadsJ * kPerThreadJ;
   __shared__ alignas(16) float input_tile[kTileN * kTileStride];
   __shared__ alignas(16) float weight_tile[kTileJ * kTileStride];
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(kThreads) excitation_tiled_kernel(Input in, co
   float acc[kPerThreadN][kPerThreadJ] = {};
   load(b.k_begin);
   for (int k0 = b.k_begin; k0 < b.k_end; k0 += kTileK) {
-    input.template store<kTileStride>(input_tile, in, b.writer, activation, gate);
+    input.template store<kTileStride>(input_tile, in, false, activation, gate);
     weights.store(weight_tile);
     __syncthreads();
     if (k0 + kTileK < b.k_end) load(k0 + kTileK);  // in flight during this piece's products
@@ -601,7 +601,7 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
                                                       float (&b_tile)[kWeightGradBatch][kThreads],
                                                       float (&a_tile)[kWeightGradATile]) {
   constexpr int kWidth = kThreads / kGroups, kTileRows = kWeightGradRows * kGroups;
-  constexpr int kBLoads = kWeightGradBatch / kGroups, kALoads = kWeightGradBatch * kTileRows / kThreads;
+  constexpr int kBLoads = kWeightGradBatch / kGroups;
   static_assert(kWeightGradBatch % kGroups == 0 && kWeightGradBatch * kTileRows <= kWeightGradATile,
                 "a staged batch is a whole number of loads per thread and fits the a tile");
   const int column = threadIdx.x % kWidth, group = threadIdx.x / kWidth;
@@ -613,34 +613,26 @@ __device__ __forceinline__ void weight_gradient_block(const WeightGradProblem& q
   float bias_acc = 0.f;
   for (int nb = n_begin; nb < n_end; nb += kWeightGradBatch) {
     const int nc = min(kWeightGradBatch, n_end - nb);
-    // b: the thread's column at samples group, group + kGroups, ...; a: element
-    // threadIdx.x + e * kThreads of the (nc, tile_rows) block, row-major with kTileRows columns.
-    int b_idx[kBLoads], a_idx[kALoads];
+    // b: the thread's column at samples group, group + kGroups, ...; a: the (nc, tile_rows) block
+    // of rows tile_i0 ..., staged row-major with kTileRows columns. Both batches' loads are issued
+    // before either is finished and stored.
+    int b_idx[kBLoads];
 #pragma unroll
     for (int e = 0; e < kBLoads; ++e) {
       const int s = group + e * kGroups;
       b_idx[e] = s < nc && j < q.J ? (nb + s) * q.J + j : 0;
     }
-#pragma unroll
-    for (int e = 0; e < kALoads; ++e) {
-      const int flat = threadIdx.x + e * kThreads, s = flat / kTileRows, r = flat % kTileRows;
-      a_idx[e] = s < nc && r < tile_rows ? (nb + s) * q.I + tile_i0 + r : 0;
-    }
-    float b_values[kBLoads], b_aux[kBLoads], a_values[kALoads], a_aux[kALoads];
+    float b_values[kBLoads], b_aux[kBLoads];
     gather_raw<BKind>(q.b, b_idx, b_values, b_aux);
-    gather_raw<AKind>(q.a, a_idx, a_values, a_aux);
+    InputStage<AKind, kWeightGradBatch, kTileRows> a_stage;
+    a_stage.load(q.a, nb, nc, tile_i0, tile_rows, q.I);
 #pragma unroll
     for (int e = 0; e < kBLoads; ++e) {
       const int s = group + e * kGroups;
       b_tile[s][column] =
           s < nc && j < q.J ? finish_input<BKind>(q.b, b_values[e], b_aux[e], 0, false, activation, gate) : 0.f;
     }
-#pragma unroll
-    for (int e = 0; e < kALoads; ++e) {
-      const int flat = threadIdx.x + e * kThreads, s = flat / kTileRows, r = flat % kTileRows;
-      a_tile[flat] =
-          s < nc && r < tile_rows ? finish_input<AKind>(q.a, a_values[e], a_aux[e], 0, false, activation, gate) : 0.f;
-    }
+    a_stage.template store<kTileRows>(a_tile, q.a, false, activation, gate);
     __syncthreads();
     const float* a_rows = a_tile + group * kWeightGradRows;
 #pragma unroll 8
