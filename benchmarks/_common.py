@@ -121,6 +121,18 @@ def bytes_min(pass_name: str, residual: bool, shape: Sequence[int], dtype: torch
 
 # ----------------------------------------------------------------------------- environment
 
+def set_knobs(names, **values) -> None:
+    """Set the CUDA backend's knobs: each environment variable of ``names`` (``SE_FUSED_CUDA_*``) from
+    ``values``, keyed by its name without the prefix in lower case (``path="two_pass"`` sets
+    ``SE_FUSED_CUDA_PATH``), and every one not given unset (:func:`set_env`)."""
+    settings = {f"SE_FUSED_CUDA_{key.upper()}": value for key, value in values.items()}
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ValueError(f"unknown knobs {unknown}; known: {list(names)}")
+    for name in names:
+        set_env(name, settings.get(name))
+
+
 def set_env(name: str, value) -> None:
     """Set the environment variable ``name`` to ``str(value)``, or unset it for a falsy ``value`` (None, "",
     0): how the scripts switch the backends' per-call settings (SE_FUSED_CUDA_PATH, ..._PLAN, ...)."""

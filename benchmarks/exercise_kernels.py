@@ -30,23 +30,19 @@ import torch
 import _common as common
 import se_fused
 
-# (path, plan, clusters, buffers, chunk bytes, pipeline CTAs, tile bytes, pipeline MLP[, MLP split,
-# MLP row tiles]): plan "M,G" = CTAs per sample, samples per cluster ("" = automatic); clusters: at
-# most this many persistent clusters (0 = the plan's), so that one cluster walks several groups;
-# buffers: the chunk buffers (0 = two where they fit); chunk bytes: the two-pass path's batch chunks
-# (0 = the whole batch, 1 = one sample per chunk); pipeline CTAs, tile bytes and MLP: the pipelined
-# path's (0 / "" = its own: the staged MLP where C is a multiple of 4); MLP split and row tiles: the
-# two-pass MLP kernels' (absent or 0 = theirs: 256, 1); NCHW sums: "staged" for the NCHW channel
-# sums through shared memory where H*W is not a multiple of the vector (absent = the warp kernel);
-# MLP: "tiled" for the MLP's products in the tiled kernel (absent = the rows and columns kernels).
-CASES = [("two_pass", "", 0, 0, 0, 0, 0, ""), ("two_pass", "", 0, 0, 1, 0, 0, ""),
-         ("two_pass", "", 0, 0, 0, 0, 0, "", 512, 3), ("two_pass", "", 0, 0, 0, 0, 0, "", 0, 0, "staged"),
-         ("two_pass", "", 0, 0, 0, 0, 0, "", 0, 0, "", "tiled"),
-         ("cluster", "", 0, 0, 0, 0, 0, ""),
-         ("cluster", "2,4", 0, 0, 0, 0, 0, ""), ("cluster", "4,1", 0, 0, 0, 0, 0, ""),
-         ("cluster", "1,2", 0, 0, 0, 0, 0, ""), ("cluster", "2,1", 1, 0, 0, 0, 0, ""),
-         ("cluster", "1,2", 1, 1, 0, 0, 0, ""), ("pipelined", "", 0, 0, 0, 0, 0, ""),
-         ("pipelined", "", 0, 0, 0, 2, 1024, ""), ("pipelined", "", 0, 0, 0, 0, 0, "direct")]
+# (path, knobs) as _common.set_knobs takes them; knobs not named are unset (the path's own choice).
+# plan "M,G" = CTAs per sample, samples per cluster; clusters: at most this many persistent clusters,
+# so that one cluster walks several groups; cluster_buffers: one chunk buffer instead of two;
+# chunk_bytes 1: the two-pass path one sample per chunk; pipeline_blocks, tile_bytes, pipeline_mlp:
+# the pipelined path's CTAs, tiles and group MLP; mlp_split, mlp_row_tiles: the two-pass MLP kernels'
+# splits of C and row tiles per block; nchw_sums "staged": the NCHW channel sums through shared
+# memory where H*W is not a multiple of the vector; mlp "tiled": the MLP's products in the tiled kernel.
+CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(mlp_split=512, mlp_row_tiles=3)),
+         ("two_pass", dict(nchw_sums="staged")), ("two_pass", dict(mlp="tiled")),
+         ("cluster", {}), ("cluster", dict(plan="2,4")), ("cluster", dict(plan="4,1")), ("cluster", dict(plan="1,2")),
+         ("cluster", dict(plan="2,1", clusters=1)), ("cluster", dict(plan="1,2", clusters=1, cluster_buffers=1)),
+         ("pipelined", {}), ("pipelined", dict(pipeline_blocks=2, tile_bytes=1024)),
+         ("pipelined", dict(pipeline_mlp="direct"))]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
          "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
@@ -95,10 +91,8 @@ def main() -> int:
     forms = [(False, False), (True, True)] if args.quick else list(itertools.product((False, True), (False, True)))
     failures = 0
     count = 0
-    for case, shape, dtype, (cl, residual) in itertools.product(CASES, SHAPES, dtypes, forms):
-        path = case[0]
-        for name, value in itertools.zip_longest(KNOBS, case, fillvalue=""):
-            common.set_env(name, value)
+    for (path, knobs), shape, dtype, (cl, residual) in itertools.product(CASES, SHAPES, dtypes, forms):
+        common.set_knobs(KNOBS, path=path, **knobs)
         try:
             diff = run_case(device, backend, shape, dtype, cl, residual)
         except RuntimeError as exc:
@@ -109,8 +103,8 @@ def main() -> int:
         count += 1
         if not diff <= tol:
             failures += 1
-            knobs = " ".join(f"{name}={value}" for name, value in zip(KNOBS[1:], case[1:]) if value)
-            print(f"MISMATCH path={path} {knobs} shape={shape} {dtype} "
+            named = " ".join(f"{key}={value}" for key, value in knobs.items())
+            print(f"MISMATCH path={path} {named} shape={shape} {dtype} "
                   f"{'NHWC' if cl else 'NCHW'} residual={residual}: max diff {diff:.3e} > {tol}")
     if device == "cuda":
         torch.cuda.synchronize()

@@ -87,31 +87,31 @@ def context_alive() -> bool:
         return False
 
 
-def set_path(path: str, *values) -> None:
-    """The path and its knobs, in KNOBS order after the path (unset where not given)."""
-    settings = (path,) + values + ("",) * (len(KNOBS) - 1 - len(values))
-    for name, value in zip(KNOBS, settings):
-        common.set_env(name, value)
+def set_path(path: str, **knobs: str) -> None:
+    """SE_FUSED_CUDA_PATH and the knobs named (:func:`_common.set_knobs`); the rest of KNOBS unset."""
+    common.set_knobs(KNOBS, path=path, **knobs)
 
 
 def candidates(paths) -> list:
-    """(label, family, path, knob values...) for the automatic choice, the two-pass path and each geometry."""
-    found = [("auto", "", "auto"), ("2-pass", "", "two_pass")]
+    """(label, family, path, knobs) for the automatic choice, the two-pass path and each geometry;
+    knobs as :func:`set_path` takes them."""
+    found = [("auto", "", "auto", {}), ("2-pass", "", "two_pass", {})]
     if "pipelined" in paths:
-        found.append(("default", "pipelined", "pipelined"))
-        found += [(f"{g},{kib}K,+{d}" + (f"/{mlp}" if mlp else ""), "pipelined", "pipelined", "", "", str(g),
-                   str(kib * 1024), str(d), mlp) for g, kib, d, mlp in PIPELINE_PLANS]
+        found.append(("default", "pipelined", "pipelined", {}))
+        found += [(f"{g},{kib}K,+{d}" + (f"/{mlp}" if mlp else ""), "pipelined", "pipelined",
+                   dict(pipeline_group=str(g), tile_bytes=str(kib * 1024), pipeline_delay=str(d), pipeline_mlp=mlp))
+                  for g, kib, d, mlp in PIPELINE_PLANS]
     if "cluster" in paths:
-        found += [(p, "cluster", "cluster", p) for p in PLANS]
-        found += [(f"{p}/1", "cluster", "cluster", p, "1") for p in PLANS]
+        found += [(p, "cluster", "cluster", dict(plan=p)) for p in PLANS]
+        found += [(f"{p}/1", "cluster", "cluster", dict(plan=p, cluster_buffers="1")) for p in PLANS]
     if "mlp-split" in paths:
-        found += [(f"k{k}" + (f"xr{t}" if t > 1 else ""), "mlp-split", "two_pass", "", "", "", "", "", "", str(k),
-                   str(t)) for k, t in MLP_PLANS]
-        found.append(("tiled", "mlp-split", "two_pass", *[""] * 10, "tiled"))
+        found += [(f"k{k}" + (f"xr{t}" if t > 1 else ""), "mlp-split", "two_pass",
+                   dict(mlp_split=str(k), mlp_row_tiles=str(t))) for k, t in MLP_PLANS]
+        found.append(("tiled", "mlp-split", "two_pass", dict(mlp="tiled")))
     if "nchw-sums" in paths:
-        found.append(("staged", "nchw-sums", "two_pass", "", "", "", "", "", "", "", "", "staged"))
+        found.append(("staged", "nchw-sums", "two_pass", dict(nchw_sums="staged")))
     if "wgrad" in paths:
-        found.append(("wide", "wgrad", "two_pass", *[""] * 9, "wide"))
+        found.append(("wide", "wgrad", "two_pass", dict(wgrad_tiles="wide")))
     return found
 
 
@@ -142,8 +142,8 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
             }
             for name, (nbytes, fn) in passes.items():
                 results = {}  # family -> {label: GB/s}
-                for label, family, path, *values in candidates(paths):
-                    set_path(path, *values)
+                for label, family, path, knobs in candidates(paths):
+                    set_path(path, **knobs)
                     try:
                         results.setdefault(family, {})[label] = nbytes / time_ms(fn) / 1e6
                     except RuntimeError as exc:
