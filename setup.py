@@ -20,6 +20,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "9.0"
+# The CUDA sources' nvcc flags (scripts/ptxas_report.sh compiles one source with them too).
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
 
 
 def find_cuda_home():
@@ -128,10 +130,9 @@ def extensions():
         return [CppExtension("se_fused._C", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=link_flags)]
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
     return [CUDAExtension("se_fused._C", sources, include_dirs=wheel_cuda_includes(),
                           extra_compile_args={"cxx": cxx_flags + ["-DSE_FUSED_WITH_CUDA"],
-                                              "nvcc": nvcc_flags + ["-DSE_FUSED_WITH_CUDA"]},
+                                              "nvcc": NVCC_FLAGS + ["-DSE_FUSED_WITH_CUDA"]},
                           extra_link_args=link_flags)]
 
 
