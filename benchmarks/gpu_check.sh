@@ -9,7 +9,7 @@
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
 # record, profile host vs device time per call (profile_block.py, the pipelined
 # path beside the shipped one), sweep the read-once paths' geometries of the stage
-# shapes (pipelined, cluster, the MLP's splits), time the pipelined paths with the
+# shapes (pipelined, cluster, the MLP's splits; then the Triton MLP's tiles), time the pipelined paths with the
 # block benchmark (into the log), run Nsight Compute on the pipelined forward,
 # run compute-sanitizer (memcheck, racecheck) over every kernel path, time
 # the block in NCHW and against torch.compile, and, with the time
@@ -154,6 +154,9 @@ keep profile.json block.png network.png
 # which group, tile and delay? then the cluster plans, and the two-pass MLP's splits of C),
 # before the steps that only repeat what earlier records measured.
 [[ $DRY_RUN -eq 0 ]] && step_if 60 tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
+# The Triton MLP's program tiles (one tile per program since 2026-11-27, not yet run on a GPU),
+# the Triton ops against CUDA's auto and two-pass columns of the same run.
+[[ $DRY_RUN -eq 0 ]] && step_if 45 tune-triton 35 "$PY" benchmarks/tune_cluster.py --paths triton-mlp --max-seconds 25
 
 # --- 3c. the pipelined paths (CUDA and Triton, both passes) through the block benchmark: the
 # issues' own measure (bytes_min / time against the copy bandwidth of the same run), beside the

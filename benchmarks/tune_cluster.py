@@ -28,6 +28,11 @@ GB/s of the pass's minimum traffic (SPEC §4):
   gradients in 256-column tiles, as before 2026-11-27, against the tiles fitted to
   the gradient's columns in the ``2-pass`` column; the backward rows are the ones that
   differ, the forward rows repeat the two-pass path).
+* triton-mlp: the Triton backend's two-pass ops (not the CUDA ones) with its MLP
+  programs' tile ``n,j,k,split`` (samples, outputs, piece of the reduction per
+  iteration, reduction elements per program; ``SE_FUSED_TRITON_MLP_TILE``), ``default``
+  first (se_fused/triton/_common.py's GPU_BLOCKS); not in the default ``--paths``
+  (gpu_check runs it as a step of its own).
 
 It tells whether a read-once path beats the two-pass one, and with which
 geometry, which is what ``auto`` needs to know before it takes one.
@@ -36,7 +41,7 @@ trap in its kernels ends the CUDA context (and the sweep) after the other famili
 covered every stage.
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
-[--paths pipelined,cluster,mlp-split,nchw-sums,wgrad]``
+[--paths pipelined,cluster,mlp-split,nchw-sums,wgrad,triton-mlp]``
 """
 from __future__ import annotations
 
@@ -50,12 +55,18 @@ import torch
 import _common as common
 import se_fused  # noqa: F401  (loads the ops)
 
+triton_ops = None  # se_fused.triton.ops, imported by main() when the triton-mlp family is swept
+
 STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x": (1024, 64, 14, 14),
           "conv5_x": (2048, 128, 7, 7)}
 PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
 PIPELINE_PLANS = [(g, kib, d, "") for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
 PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
+# The Triton MLP's program tiles (samples, outputs, reduction piece, split of C) around the default
+# 16,32,128,256; 16,32,16,256 is the default until 2026-11-27.
+TRITON_MLP_TILES = ["16,32,16,256", "16,32,64,256", "16,64,64,256", "32,32,128,256", "16,32,128,128",
+                    "16,32,128,512"]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
          "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
@@ -88,8 +99,11 @@ def context_alive() -> bool:
 
 
 def set_path(path: str, **knobs: str) -> None:
-    """SE_FUSED_CUDA_PATH and the knobs named (:func:`_common.set_knobs`); the rest of KNOBS unset."""
-    common.set_knobs(KNOBS, path=path, **knobs)
+    """SE_FUSED_CUDA_PATH and the knobs named (:func:`_common.set_knobs`); the rest of KNOBS unset.
+    ``path="triton"``: the Triton ops time instead, with ``mlp_tile`` (SE_FUSED_TRITON_MLP_TILE)."""
+    knobs = dict(knobs)
+    common.set_env("SE_FUSED_TRITON_MLP_TILE", knobs.pop("mlp_tile", None))
+    common.set_knobs(KNOBS, path=None if path == "triton" else path, **knobs)
 
 
 def candidates(paths) -> list:
@@ -112,6 +126,9 @@ def candidates(paths) -> list:
         found.append(("staged", "nchw-sums", "two_pass", dict(nchw_sums="staged")))
     if "wgrad" in paths:
         found.append(("wide", "wgrad", "two_pass", dict(wgrad_tiles="wide")))
+    if "triton-mlp" in paths:
+        found.append(("default", "triton-mlp", "triton", {}))
+        found += [(tile, "triton-mlp", "triton", dict(mlp_tile=tile)) for tile in TRITON_MLP_TILES]
     return found
 
 
@@ -134,16 +151,21 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
             t_bytes = x.numel() * x.element_size()
             set_path("auto")
             _, pooled, hidden, scale = ops.squeeze_excitation_forward(x, w1, b1, w2, b2, None, "relu", "sigmoid")
-            passes = {
-                "forward": (2 * t_bytes, lambda: ops.squeeze_excitation_forward(x, w1, b1, w2, b2, None, "relu",
-                                                                                "sigmoid")),
-                "backward": (3 * t_bytes, lambda: ops.squeeze_excitation_backward(g, x, None, w1, w2, pooled, hidden,
-                                                                                  scale, "relu", "sigmoid")),
+            passes = {  # pass -> (bytes, {"cuda": call, "triton": call})
+                "forward": (2 * t_bytes, {
+                    "cuda": lambda: ops.squeeze_excitation_forward(x, w1, b1, w2, b2, None, "relu", "sigmoid"),
+                    "triton": lambda: triton_ops.run_forward(x, w1, b1, w2, b2, None, "relu", "sigmoid")}),
+                "backward": (3 * t_bytes, {
+                    "cuda": lambda: ops.squeeze_excitation_backward(g, x, None, w1, w2, pooled, hidden, scale, "relu",
+                                                                    "sigmoid"),
+                    "triton": lambda: triton_ops.run_backward(g, x, None, w1, w2, pooled, hidden, scale, "relu",
+                                                              "sigmoid")}),
             }
-            for name, (nbytes, fn) in passes.items():
+            for name, (nbytes, calls) in passes.items():
                 results = {}  # family -> {label: GB/s}
                 for label, family, path, knobs in candidates(paths):
                     set_path(path, **knobs)
+                    fn = calls["triton" if path == "triton" else "cuda"]
                     try:
                         results.setdefault(family, {})[label] = nbytes / time_ms(fn) / 1e6
                     except RuntimeError as exc:
@@ -177,12 +199,16 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--paths", default="pipelined,cluster,mlp-split,nchw-sums,wgrad",
-                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split, nchw-sums, wgrad)")
+                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split, nchw-sums, wgrad, "
+                             "triton-mlp)")
     args = parser.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     if not torch.cuda.is_available():
         print("tune_cluster: needs a GPU", file=sys.stderr)
         return 2
+    if "triton-mlp" in paths:
+        global triton_ops
+        from se_fused.triton import ops as triton_ops  # Triton loads only when its family is swept
     deadline = time.time() + args.max_seconds
     print(f"device {torch.cuda.get_device_name()}, batch {args.batch}, {args.dtype}; GB/s of minimum traffic")
     # The pipelined kernels have not yet run on a GPU; a trap in them ends the CUDA context, so

@@ -19,6 +19,7 @@ conftest.make_se_inputs (kinks of relu/hardsigmoid kept away from the data).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import subprocess
@@ -263,8 +264,8 @@ def test_float32_weights_with_bfloat16_x(residual):
 # several programs (partial sums), the MLP's C-reduction over several programs
 # (K splits), and every chunk holds one sample, all on shapes the interpreter runs quickly.
 TINY_BLOCKS = dict(reduce_tile=256, reduce_block_inner=32, reduce_elements_per_program=128, linear_block_n=2,
-                   linear_block_j=8, linear_block_k=16, linear_k_per_split=16, weight_grad_block_n=2,
-                   weight_grad_block_i=8, weight_grad_block_j=8)
+                   linear_block_j=8, linear_block_k=16, linear_k_per_split=16, linear_fp64_block=16,
+                   weight_grad_block_n=2, weight_grad_block_i=8, weight_grad_block_j=8)
 
 
 
@@ -299,7 +300,7 @@ def test_split_reductions_and_chunks(split_case, memory_format, residual, monkey
     from se_fused.triton import _common
     blocks_name, shape = split_case
     inputs = make_se_inputs(shape, torch.float32, memory_format, DEVICE, residual, "silu", "sigmoid")
-    assert _common.linear_k_splits(shape.c) > 1, "the MLP's split reduction is not exercised"
+    assert _common.linear_tile(shape.c, shape.r, False).k_splits > 1, "the MLP's split reduction is not exercised"
     if blocks_name == "tiny":
         cfg = _common.reduce_config(shape.c, shape.h * shape.w, memory_format == "channels_last")
         assert cfg.splits > 1, "the H·W split of the channel sums is not exercised"
@@ -309,6 +310,55 @@ def test_split_reductions_and_chunks(split_case, memory_format, residual, monkey
     chunked = backend_se(inputs, "triton")
     for name, t in whole_batch.items():
         assert torch.equal(chunked[name], t), f"{name} changed when the batch was processed in chunks"
+
+
+# SE_FUSED_TRITON_MLP_TILE (the tune step's triton-mlp rows): each tile sums over C in pieces of its own
+# length, so the bits may change; the reference's results may not. "2,8,16,16": three splits of the 40
+# channels, and fc2 (the whole sum over R = 20) in two pieces of 16.
+@pytest.mark.parametrize("tile", ["2,8,16,16", "64,256,256,256"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_mlp_tile_knob(tile, memory_format, monkeypatch):
+    from se_fused.triton import _common
+    monkeypatch.setenv("SE_FUSED_TRITON_MLP_TILE", tile)
+    n, j, k, split = (int(v) for v in tile.split(","))
+    # Capped by the problem: 40 channels reduce in 64-long pieces at most, R = 20 outputs fit 32.
+    assert _common.linear_tile(40, 20, False) == ((2, 8, 16, 16, 3) if k == 16 else (64, 32, 64, 64, 1))
+    assert _common.linear_tile(20, 40, False, split=False) == ((2, 8, 16, 32, 1) if k == 16 else (64, 64, 32, 32, 1))
+    assert _common.linear_tile(40, 20, True) == _common._linear_tile(40, 20, True, True, None, _common.BLOCKS), \
+        "float64 took the float32 tile"
+    check_against_reference(make_se_inputs(SEShape(5, 40, 20, 3, 3), torch.float32, memory_format, DEVICE, True,
+                                           "silu", "sigmoid"))
+
+
+@pytest.mark.parametrize("value", ["16,64,128", "16,48,128,256", "16,64,8,256", "16,64,128,192", "a,b,c,d"])
+def test_mlp_tile_knob_refuses_bad_values(value, monkeypatch):
+    monkeypatch.setenv("SE_FUSED_TRITON_MLP_TILE", value)
+    with pytest.raises(ValueError, match="SE_FUSED_TRITON_MLP_TILE must be n,j,k,split"):
+        backend_se(make_se_inputs(ODD_SHAPES[0], torch.float32, "nchw", DEVICE), "triton")
+
+
+def test_float64_with_the_gpu_blocks(monkeypatch):
+    """float64 with the GPU's block sizes, as a GPU orders it: the MLP in pieces of 16 (its own cap),
+    the sums over C split every 256 channels."""
+    from se_fused.triton import _common
+    monkeypatch.setattr(_common, "BLOCKS", _common.GPU_BLOCKS)
+    shape = SPLIT_CASES["gpu"]
+    assert _common.linear_tile(shape.c, shape.r, True) == (16, 16, 16, 144, 2)  # 260 channels: 144 + 116
+    check_against_reference(make_se_inputs(shape, torch.float64, "channels_last", DEVICE, True, "silu", "hardsigmoid"))
+
+
+def test_mlp_tiles_at_the_stages():
+    """The GPU's MLP tiles at SE-ResNet's stages (C, R): the reductions over C in pieces of 128, split
+    every 256 channels; the whole sums over R (16 at conv2_x, 128 at conv5_x) in pieces of at most 128;
+    float64 in pieces of 16 (its product is a broadcast in registers)."""
+    from se_fused.triton import _common
+    tile = functools.partial(_common._linear_tile, override=None, blocks=_common.GPU_BLOCKS)
+    assert [tile(c, r, False, True) for c, r in ((256, 16), (2048, 128))] == [(16, 16, 128, 256, 1),
+                                                                                (16, 32, 128, 256, 8)]
+    assert [tile(r, c, False, False) for c, r in ((256, 16), (2048, 128))] == [(16, 32, 16, 16, 1),
+                                                                                 (16, 32, 128, 128, 1)]
+    assert tile(2048, 128, True, True) == (16, 16, 16, 256, 8)
+    assert tile(256, 2048, False, False) == (16, 32, 128, 256, 1)  # R = 256: two pieces, one program
 
 
 def test_chunk_budget(monkeypatch):

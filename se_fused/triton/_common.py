@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
@@ -64,10 +64,11 @@ class BlockSizes:
     tile, at most ``reduce_block_inner`` of them along the contiguous axis;
     ``reduce_elements_per_program``: a sample's ``H·W`` is split over
     programs until each sums about this many elements; ``linear_*``: the MLP
-    kernel's samples × outputs × reduction tile; ``linear_k_per_split``: the MLP's
-    long reduction (over C) is split over programs in pieces this long (a
-    multiple of ``linear_block_k``); ``weight_grad_*``: batch × rows × columns
-    tile of the weight-gradient kernel.
+    kernel's samples × outputs × reduction tile (outputs and reduction capped at
+    ``linear_fp64_block`` in float64, whose product is a broadcast in registers, not a
+    ``tl.dot``); ``linear_k_per_split``: the MLP's long reduction (over C) is split over
+    programs in pieces this long (a multiple of ``linear_block_k``);
+    ``weight_grad_*``: batch × rows × columns tile of the weight-gradient kernel.
     """
     reduce_tile: int
     reduce_block_inner: int
@@ -76,6 +77,7 @@ class BlockSizes:
     linear_block_j: int
     linear_block_k: int
     linear_k_per_split: int
+    linear_fp64_block: int
     weight_grad_block_n: int
     weight_grad_block_i: int
     weight_grad_block_j: int
@@ -83,20 +85,28 @@ class BlockSizes:
     def __post_init__(self):
         # tl.dot on NVIDIA GPUs needs a reduction of at least 16; the interpreter does
         # not check it, so without this a CPU run accepts blocks a GPU refuses to compile.
-        if self.linear_block_k < TL_DOT_MIN_K:
-            raise ValueError(f"linear_block_k must be at least {TL_DOT_MIN_K} (tl.dot's smallest "
-                             f"reduction on a GPU), got {self.linear_block_k}")
+        for name in ("linear_block_k", "linear_fp64_block"):
+            if getattr(self, name) < TL_DOT_MIN_K:
+                raise ValueError(f"{name} must be at least {TL_DOT_MIN_K} (tl.dot's smallest "
+                                 f"reduction on a GPU), got {getattr(self, name)}")
+        if self.linear_k_per_split % self.linear_block_k or self.linear_k_per_split % self.linear_fp64_block:
+            raise ValueError(f"linear_k_per_split ({self.linear_k_per_split}) must be a multiple of "
+                             f"linear_block_k and linear_fp64_block")
 
 
 # GPU: ~16 elements per thread per tile at 4 warps; enough programs per chunk to fill 132 SMs.
 # 128 along the contiguous axis wastes little on SE-ResNet's H·W (3136 = 24.5·128, 784 = 6.1·128).
+# The MLP: pieces of 128 of the reduction (16 until 2026-11-27: see batched_linear.py); sm_90,
+# bf16 weights: at most 88 registers and no spills with Triton 3.6 and 3.8 (64 outputs spill
+# 16 bytes in one variant under 3.6 at pieces of 64).
 GPU_BLOCKS = BlockSizes(reduce_tile=2048, reduce_block_inner=128, reduce_elements_per_program=16384,
-                        linear_block_n=16, linear_block_j=32, linear_block_k=16, linear_k_per_split=256,
-                        weight_grad_block_n=8, weight_grad_block_i=32, weight_grad_block_j=32)
+                        linear_block_n=16, linear_block_j=32, linear_block_k=128, linear_k_per_split=256,
+                        linear_fp64_block=16, weight_grad_block_n=8, weight_grad_block_i=32, weight_grad_block_j=32)
 # Interpreter: its cost is per program and per operation, hardly per element, so the
 # tiles are large and the programs few (the kernels' code is the same).
 INTERPRETER_BLOCKS = BlockSizes(reduce_tile=8192, reduce_block_inner=256, reduce_elements_per_program=1 << 20,
                                 linear_block_n=32, linear_block_j=64, linear_block_k=64, linear_k_per_split=256,
+                                linear_fp64_block=64,
                                 weight_grad_block_n=64, weight_grad_block_i=64, weight_grad_block_j=64)
 # Read at every launch (tests swap it to run the GPU shapes in the interpreter).
 BLOCKS: BlockSizes = INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS
@@ -262,9 +272,57 @@ def _reduce_config(c: int, p: int, channels_last: bool, blocks: BlockSizes) -> R
     return ReduceConfig(block_c, block_p, splits, tiles_per_split * block_p)
 
 
-def linear_k_splits(k: int) -> int:
-    """How many programs share one MLP reduction of length ``k``."""
-    return cdiv(k, BLOCKS.linear_k_per_split)
+class LinearTile(NamedTuple):
+    """One MLP step's program shape: ``block_n`` samples × ``block_j`` outputs, the reduction in
+    pieces of ``block_k``, split over ``k_splits`` programs of ``k_per_split`` elements each."""
+    block_n: int
+    block_j: int
+    block_k: int
+    k_per_split: int
+    k_splits: int
+
+
+def linear_tile(k: int, j: int, fp64: bool, split: bool = True) -> LinearTile:
+    """The program shape of an MLP step reducing ``k`` elements into ``j`` outputs (per sample),
+    the reduction split over programs unless ``split`` is False (a step that applies the output's
+    bias and gate needs the whole sum).
+
+    From the shape and the block sizes only (the bits depend on ``block_k`` and ``k_per_split``);
+    ``SE_FUSED_TRITON_MLP_TILE=n,j,k,split`` replaces the float32 block sizes, for tuning (read per
+    call).
+    """
+    override = os.environ.get("SE_FUSED_TRITON_MLP_TILE", "").strip() or None
+    return _linear_tile(int(k), int(j), bool(fp64), bool(split), override, BLOCKS)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_tile(k: int, j: int, fp64: bool, split: bool, override: Optional[str], blocks: BlockSizes
+                 ) -> LinearTile:
+    block_n, block_j, block_k = blocks.linear_block_n, blocks.linear_block_j, blocks.linear_block_k
+    k_per_split = blocks.linear_k_per_split
+    if override is not None and not fp64:
+        block_n, block_j, block_k, k_per_split = _parse_mlp_tile(override)
+    if fp64:
+        block_j, block_k = min(block_j, blocks.linear_fp64_block), min(block_k, blocks.linear_fp64_block)
+    # No larger than the problem (a power of two, at least tl.dot's 16): a piece past the end is masked work.
+    block_j = min(block_j, max(TL_DOT_MIN_K, next_power_of_2(j)))
+    block_k = min(block_k, max(TL_DOT_MIN_K, next_power_of_2(k)))
+    k_splits = cdiv(k, k_per_split) if split else 1
+    k_per_split = cdiv(cdiv(k, k_splits), block_k) * block_k
+    return LinearTile(block_n, block_j, block_k, k_per_split, k_splits)
+
+
+def _parse_mlp_tile(text: str) -> Tuple[int, int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    # tl.dot's operands on a GPU: at least 16 along the reduction, powers of two; whole pieces per split.
+    if (len(sizes) != 4 or any(v < 1 or v & (v - 1) for v in sizes[:3]) or sizes[2] < TL_DOT_MIN_K
+            or sizes[3] % sizes[2]):
+        raise ValueError(f"se_fused: SE_FUSED_TRITON_MLP_TILE must be n,j,k,split (n, j, k powers of two, k at "
+                         f"least {TL_DOT_MIN_K}, split a multiple of k); got {text!r}")
+    return sizes
 
 
 @functools.lru_cache(maxsize=None)

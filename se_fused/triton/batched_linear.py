@@ -28,9 +28,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import _common
 from ._common import (activation, activation_backward, add_partials_in_order, add_product, cdiv, gate,
-                      gate_backward_from_output, linear_k_splits)
+                      gate_backward_from_output, linear_tile)
 
 FACTOR_NONE = 0
 FACTOR_GATE_GRAD = 1  # a · gate'(v) from the saved scale s = gate(v) (a select for hardsigmoid)
@@ -72,6 +71,11 @@ def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, 
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_end
+        # The weights first: their loads do not wait for the partial sums' adds (issued after
+        # them, they waited a round trip of their own per piece). Masked k have a finite a and
+        # W = 0, so they add nothing.
+        w = tl.load(w_ptr + j[:, None] * stride_wj + k[None, :] * stride_wk,
+                    mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
         nk_mask = row_mask[:, None] & k_mask[None, :]
         nk = n[:, None] * K + k[None, :]
         # Prologue: the input vector, summed from its partials in a fixed order.
@@ -91,9 +95,6 @@ def batched_linear_kernel(a_part_ptr, a_splits, a_divisor, a_bias_ptr, aux_ptr, 
             tl.store(a_store_ptr + nk, a, mask=nk_mask & (pid_j == 0))
         if A_ACTIVATE:
             a = activation(a, ACTIVATION)
-        # Masked k have a finite a and W = 0, so they add nothing.
-        w = tl.load(w_ptr + j[:, None] * stride_wj + k[None, :] * stride_wk,
-                    mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
         acc = add_product(acc, a, w, ACC_FP64)
 
     if OUT_BIAS:
@@ -115,29 +116,28 @@ def launch_batched_linear(a_part: torch.Tensor, a_divisor: int, weight: torch.Te
     ``a_part (a_splits, N, K)``; ``weight (J, K)`` contiguous, or ``(K, J)`` with
     ``weight_transposed``; ``out`` is either ``(N, J)`` (the whole sum, with the
     optional ``bias`` and gate) or ``(k_splits, N, J)`` with ``k_splits =``
-    :func:`linear_k_splits` ``(K)`` (partial sums over pieces of ``K``).
+    :func:`linear_tile` ``(K, J, float64 out).k_splits`` (partial sums over pieces of ``K``).
     ``aux``/``a_store (N, K)``; ``a_bias (K)``; ``bias (J)``.
     """
     a_splits, n, k = a_part.shape
     j = weight.shape[0] if not weight_transposed else weight.shape[1]
+    fp64 = out.dtype == torch.float64
+    tile = linear_tile(k, j, fp64, split=out.dim() == 3)
     k_splits = out.shape[0] if out.dim() == 3 else 1
-    if out.dim() == 3 and k_splits != linear_k_splits(k):
-        raise ValueError(f"out has {k_splits} k-splits; expected {linear_k_splits(k)} for K={k}")
+    if k_splits != tile.k_splits:
+        raise ValueError(f"out has {k_splits} k-splits; expected {tile.k_splits} for K={k}")
     if out.dim() == 3 and (bias is not None or out_gate):
         raise ValueError("a split reduction cannot apply the output bias or gate")
-    blocks = _common.BLOCKS
-    block_n, block_j, block_k = blocks.linear_block_n, blocks.linear_block_j, blocks.linear_block_k
-    k_per_split = cdiv(cdiv(k, k_splits), block_k) * block_k
     stride_wj, stride_wk = (1, j) if weight_transposed else (k, 1)
-    grid = (cdiv(count, block_n), cdiv(j, block_j), k_splits)
+    grid = (cdiv(count, tile.block_n), cdiv(j, tile.block_j), k_splits)
     # Unused pointer arguments get a read-only input (never dereferenced: the constexpr flags remove them).
     wrap_triton(batched_linear_kernel)[grid](
         a_part, a_splits, a_divisor, a_part if a_bias is None else a_bias, a_part if aux is None else aux,
         a_part if a_store is None else a_store, weight, stride_wj, stride_wk, weight if bias is None else bias, out,
-        n0, count, n, j, k, k_per_split,
+        n0, count, n, j, k, tile.k_per_split,
         A_BIAS=a_bias is not None, A_FACTOR=a_factor, A_STORE=a_store is not None, A_ACTIVATE=a_activate,
         OUT_BIAS=bias is not None, OUT_GATE=out_gate,
         # Options a step does not use are passed as 0, so that they do not multiply the compiled variants.
         ACTIVATION=activation_code if (a_activate or a_factor == FACTOR_ACTIVATION_GRAD) else 0,
         GATE=gate_code if (out_gate or a_factor == FACTOR_GATE_GRAD) else 0,
-        ACC_FP64=out.dtype == torch.float64, BLOCK_N=block_n, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)
+        ACC_FP64=fp64, BLOCK_N=tile.block_n, BLOCK_J=tile.block_j, BLOCK_K=tile.block_k, num_warps=4)

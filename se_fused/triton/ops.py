@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from .._ops import acc_dtype, backward_formula, setup_context
 from .._validation import canonical_layout, is_channels_last, same_layout_as, validate_options
 from . import _common
-from ._common import ACTIVATION_CODES, GATE_CODES, linear_k_splits, reduce_config
+from ._common import ACTIVATION_CODES, GATE_CODES, linear_tile, reduce_config
 from .batched_linear import FACTOR_ACTIVATION_GRAD, FACTOR_GATE_GRAD, launch_batched_linear
 from .channel_reduce import launch_channel_reduce
 from .excite_backward import launch_excite_backward
@@ -97,7 +97,7 @@ def run_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Ten
         return out, pooled, hidden, scale
     cfg = reduce_config(c, p, channels_last)
     channel_sums = x.new_empty((cfg.splits, n, c), dtype=acc)
-    hidden_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
+    hidden_partial = x.new_empty((linear_tile(c, r, acc == torch.float64).k_splits, n, r), dtype=acc)
     chunk = _common.samples_per_chunk(n, c * p * x.element_size(), x.device)
     for n0 in range(0, n, chunk):
         count = min(chunk, n - n0)
@@ -123,7 +123,7 @@ def _two_pass_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], w1: T
     acc = dv.dtype
     cfg = reduce_config(c, p, channels_last)
     ds_partial = x.new_empty((cfg.splits, n, c), dtype=acc)
-    dh_partial = x.new_empty((linear_k_splits(c), n, r), dtype=acc)
+    dh_partial = x.new_empty((linear_tile(c, r, acc == torch.float64).k_splits, n, r), dtype=acc)
     dz = x.new_empty((n, c), dtype=acc)
     reread = 2 if out is not None else 1  # pass 2 reads grad_out (and out) again, not x
     chunk = _common.samples_per_chunk(n, reread * c * p * x.element_size(), x.device)
