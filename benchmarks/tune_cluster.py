@@ -65,7 +65,7 @@ PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 # The Triton MLP's program tiles (samples, outputs, reduction piece, split of C) around the default
 # 16,32,128,256; 16,32,16,256 is the default until 2026-11-27.
-TRITON_MLP_TILES = ["16,32,16,256", "16,32,64,256", "16,64,64,256", "32,32,128,256", "16,32,128,128",
+TRITON_MLP_TILES = ["16,32,16,256", "16,32,64,256", "16,64,128,256", "32,32,128,256", "16,32,128,128",
                     "16,32,128,512"]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
