@@ -58,6 +58,9 @@ def variants(everything: bool) -> Iterator[Variant]:
         # The tiles linear_tile picks at SE-ResNet's stages (C, R): the largest (conv5_x) for
         # every step, and with --all each stage's (the products over R are 16-128 long).
         over_c = step in (steps[0], steps[2])
+        # A launch specialises an int argument equal to 1 as a constant: the weights' stride along k
+        # in the forward (W[j, k]), along j in the backward (Wᵀ), which makes their loads 16 bytes wide.
+        unit_stride = {"stride_wk": 1} if a_factor == 0 else {"stride_wj": 1}
         for c, r in ((256, 16), (512, 32), (1024, 64), (2048, 128)) if everything else ((2048, 128),):
             tile = _common._linear_tile(c if over_c else r, r if over_c else c, acc == "float64", over_c, None, blocks)
             yield (batched_linear.batched_linear_kernel,
@@ -65,7 +68,7 @@ def variants(everything: bool) -> Iterator[Variant]:
                         w_ptr=PTR[weight], bias_ptr=PTR[weight], out_ptr=_acc(acc)),
                    dict(A_BIAS=a_bias, A_FACTOR=a_factor, A_STORE=True, A_ACTIVATE=a_activate, OUT_BIAS=out_bias,
                         OUT_GATE=out_gate, ACTIVATION=act, GATE=gate, ACC_FP64=acc == "float64",
-                        BLOCK_N=tile.block_n, BLOCK_J=tile.block_j, BLOCK_K=tile.block_k), 4)
+                        BLOCK_N=tile.block_n, BLOCK_J=tile.block_j, BLOCK_K=tile.block_k, **unit_stride), 4)
     # The smallest MLP tile BlockSizes accepts (the reduction TL_DOT_MIN_K long, as the tests' tiny
     # blocks use). Triton 3.6 on an H100 refused the 8-long reduction the interpreter had run
     # (e88638e; Triton 3.8 compiles it), so the smallest tile BlockSizes allows is compiled too.
