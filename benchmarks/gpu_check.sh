@@ -8,10 +8,11 @@
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
 # record, profile host vs device time per call (profile_block.py, the pipelined
-# path beside the shipped one), sweep the read-once paths' geometries of the stage
-# shapes (pipelined, cluster, the MLP's splits; then the Triton MLP's tiles), time the pipelined paths with the
-# block benchmark (into the log), run Nsight Compute on the pipelined forward,
-# run compute-sanitizer (memcheck, racecheck) over every kernel path, time
+# path beside the shipped one) and check the profile against the predictions
+# written before the run (check_predictions.py), sweep the read-once paths'
+# geometries of the stage shapes (pipelined, cluster, the MLP's splits; then the
+# Triton MLP's tiles), time the pipelined paths with the block benchmark (into
+# the log), run Nsight Compute on the pipelined forward, run compute-sanitizer (memcheck, racecheck) over every kernel path, time
 # the block in NCHW and against torch.compile, and, with the time
 # left, train a few steps and run Nsight Compute on the MLP kernels. Files come
 # back in $OUT
@@ -148,6 +149,10 @@ if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv
 else PROFILE_ARGS=(--device cuda --python-top 12); fi
 step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
 keep profile.json block.png network.png
+# The predictions written before this GPU run (benchmarks/predictions.json) against the profile: into the log.
+if [[ -f "$WORK/profile.json" ]]; then
+  step predictions 20 "$PY" benchmarks/check_predictions.py "$WORK/profile.json"
+fi
 
 # --- 3b. the read-once paths' geometry sweep against the two-pass path (the question the
 # kernels pose now: does the pipelined path, first run here, beat the two-pass one, and with

@@ -238,3 +238,58 @@ def test_gpu_check_script_parses():
     script = REPO / "benchmarks" / "gpu_check.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_predictions_file_names_rows_the_profile_writes():
+    """benchmarks/predictions.json is well formed, and each prediction names a row profile_block.py can
+    write (a variant label of its source, a stage shape, a pass), so none stays 'no data' by a typo."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import check_predictions
+    finally:
+        sys.path.remove(str(BENCH))
+    predictions = check_predictions.load_predictions(BENCH / "predictions.json")
+    source = (BENCH / "profile_block.py").read_text()
+    labels = set(re.findall(r'\("([a-z0-9/-]+)", "(?:cuda|triton|cpu|eager)", \{', source))
+    assert {"cuda", "cuda/tiled-mlp", "triton", "triton/pipelined"} <= labels, labels
+    for p in predictions:
+        assert p["impl"] in labels and p.get("relative_to", "cuda") in labels, p["id"]
+        assert p["stage"] in STAGE_SHAPES and p["pass"] in ("forward", "backward", "forward+backward"), p["id"]
+
+
+def test_check_predictions_verdicts(tmp_path):
+    """check_predictions.py: hit and MISS against an absolute bound and a ratio, and 'no data' for a row
+    that is absent, failed, or does not list the kernels; a malformed predictions file exits 2."""
+    row = dict(stage="conv5_x", **{"pass": "forward"})
+    record = {"batch": 256, "dtype": "bfloat16", "memory_format": "channels_last", "env": {"device": "test"}, "rows": [
+        {**row, "impl": "a", "device_ms": 0.1, "host_ms": 0.2,
+         "top": [{"name": "void k1<float>", "per_call": 1, "us_per_call": 5.0},
+                 {"name": "k2", "per_call": 2, "us_per_call": 7.0}]},
+        {**row, "impl": "b", "device_ms": 0.3, "host_ms": 0.2, "top": []},
+        {**row, "impl": "failed", "device_ms": None, "host_ms": None, "top": [], "error": "trap"}]}
+    cases = {  # id -> (prediction fields, verdict)
+        "kernels-hit": ({"metric": "kernel_us", "kernels": ["k1", "k2"], "max": 12}, "hit"),
+        "kernels-miss": ({"metric": "kernel_us", "kernels": ["k1", "k2"], "max": 11.9}, "MISS"),
+        "device-hit": ({"metric": "device_ms", "max": 0.1}, "hit"),
+        "host-miss": ({"metric": "host_ms", "max": 0.15}, "MISS"),
+        "ratio-hit": ({"metric": "device_ms", "relative_to": "b", "max_ratio": 0.34}, "hit"),
+        "ratio-miss": ({"metric": "device_ms", "relative_to": "b", "max_ratio": 0.33}, "MISS"),
+        "unlisted-kernel": ({"metric": "kernel_us", "kernels": ["k3"], "max": 1}, "no data"),
+        "failed-row": ({"impl": "failed", "metric": "device_ms", "max": 1}, "no data"),
+        "absent-row": ({"stage": "conv4_x", "metric": "device_ms", "max": 1}, "no data"),
+    }
+    predictions = {"predictions": [{"id": name, "source": "test", "impl": "a", **row, **fields}
+                                   for name, (fields, _) in cases.items()]}
+    (tmp_path / "profile.json").write_text(json.dumps(record))
+    (tmp_path / "predictions.json").write_text(json.dumps(predictions))
+    proc = run_script("check_predictions.py", str(tmp_path / "profile.json"), "--predictions",
+                      str(tmp_path / "predictions.json"), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    verdicts = {line.split()[0]: line.split()[1] + (" data" if line.split()[1] == "no" else "")
+                for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert verdicts == {name: verdict for name, (_, verdict) in cases.items()}, proc.stdout
+    predictions["predictions"][0]["max_ratio"] = 1.0  # both bounds: refused
+    (tmp_path / "predictions.json").write_text(json.dumps(predictions))
+    proc = run_script("check_predictions.py", str(tmp_path / "profile.json"), "--predictions",
+                      str(tmp_path / "predictions.json"), timeout=60)
+    assert proc.returncode == 2 and "either max, or max_ratio" in proc.stderr
