@@ -12,10 +12,10 @@
 # written before the run (check_predictions.py), sweep the read-once paths'
 # geometries of the stage shapes (pipelined, cluster, the MLP's splits; then the
 # Triton MLP's tiles), time the pipelined paths with the block benchmark (into
-# the log), run Nsight Compute on the pipelined forward, run compute-sanitizer (memcheck, racecheck) over every kernel path, time
-# the block in NCHW and against torch.compile, and, with the time
-# left, train a few steps and run Nsight Compute on the MLP kernels. Files come
-# back in $OUT
+# the log), run Nsight Compute on the pipelined forward, run compute-sanitizer
+# (memcheck, racecheck) over every kernel path, time the block in NCHW and
+# against torch.compile, and, with the time left, train a few steps and run
+# Nsight Compute on the MLP kernels. Files come back in $OUT
 # (the device tool's folder; benchmarks/results/ when unset): the record
 # <date>-<gpu>-<commit>.json, gpu_check.log, profile.json, block.png, network.png,
 # block-nchw.json/.png and block-compile.json: 8 files, as many as the device tool
