@@ -121,11 +121,12 @@ def bytes_min(pass_name: str, residual: bool, shape: Sequence[int], dtype: torch
 
 # ----------------------------------------------------------------------------- environment
 
-def set_knobs(names, **values) -> None:
-    """Set the CUDA backend's knobs: each environment variable of ``names`` (``SE_FUSED_CUDA_*``) from
-    ``values``, keyed by its name without the prefix in lower case (``path="two_pass"`` sets
-    ``SE_FUSED_CUDA_PATH``), and every one not given unset (:func:`set_env`)."""
-    settings = {f"SE_FUSED_CUDA_{key.upper()}": value for key, value in values.items()}
+def set_knobs(names, prefix: str = "SE_FUSED_CUDA_", **values) -> None:
+    """Set a backend's knobs: each environment variable of ``names`` (``prefix`` + name: the CUDA
+    backend's by default, ``SE_FUSED_TRITON_`` for Triton's) from ``values``, keyed by its name
+    without the prefix in lower case (``path="two_pass"`` sets ``SE_FUSED_CUDA_PATH``), and every
+    one not given unset (:func:`set_env`)."""
+    settings = {f"{prefix}{key.upper()}": value for key, value in values.items()}
     unknown = sorted(set(settings) - set(names))
     if unknown:
         raise ValueError(f"unknown knobs {unknown}; known: {list(names)}")

@@ -71,6 +71,7 @@ KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFF
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
          "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
          "SE_FUSED_CUDA_WGRAD_TILES", "SE_FUSED_CUDA_MLP")
+TRITON_KNOBS = ("SE_FUSED_TRITON_MLP_TILE",)
 
 
 def time_ms(fn, reps: int = 10) -> float:
@@ -99,11 +100,11 @@ def context_alive() -> bool:
 
 
 def set_path(path: str, **knobs: str) -> None:
-    """SE_FUSED_CUDA_PATH and the knobs named (:func:`_common.set_knobs`); the rest of KNOBS unset.
-    ``path="triton"``: the Triton ops time instead, with ``mlp_tile`` (SE_FUSED_TRITON_MLP_TILE)."""
-    knobs = dict(knobs)
-    common.set_env("SE_FUSED_TRITON_MLP_TILE", knobs.pop("mlp_tile", None))
-    common.set_knobs(KNOBS, path=None if path == "triton" else path, **knobs)
+    """SE_FUSED_CUDA_PATH and the knobs named (:func:`_common.set_knobs`); the rest of KNOBS and
+    TRITON_KNOBS unset. ``path="triton"``: the Triton ops time instead, the knobs are TRITON_KNOBS'."""
+    triton = path == "triton"
+    common.set_knobs(TRITON_KNOBS, prefix="SE_FUSED_TRITON_", **(knobs if triton else {}))
+    common.set_knobs(KNOBS, path=None if triton else path, **({} if triton else knobs))
 
 
 def candidates(paths) -> list:

@@ -240,14 +240,11 @@ def test_gpu_check_script_parses():
     assert result.returncode == 0, result.stderr
 
 
-def test_predictions_file_names_rows_the_profile_writes():
+def test_predictions_file_names_rows_the_profile_writes(monkeypatch):
     """benchmarks/predictions.json is well formed, and each prediction names a row profile_block.py can
     write (a variant label of its source, a stage shape, a pass), so none stays 'no data' by a typo."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import check_predictions
-    finally:
-        sys.path.remove(str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import check_predictions
     predictions = check_predictions.load_predictions(BENCH / "predictions.json")
     source = (BENCH / "profile_block.py").read_text()
     labels = set(re.findall(r'\("([a-z0-9/-]+)", "(?:cuda|triton|cpu|eager)", \{', source))
