@@ -298,6 +298,20 @@ def _make_se_inputs(shape: SEShape, dtype: torch.dtype, memory_format: str, devi
                     activation, gate, key)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def uninitialized_memory_is_nan():
+    """In the test session ``torch.empty`` and its kin fill new memory with NaN (torch's deterministic
+    mode does so while ``fill_uninitialized_memory`` is on; ``warn_only``: the ops it would refuse
+    stay allowed, with a warning). A kernel that leaves an output element unwritten then fails its
+    test, instead of passing on a recycled buffer that still held the right answer from an earlier
+    test with the same inputs: a mutation of the pipelined Triton forward that scaled only a tile's
+    first channel block passed so (2026-11-27)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture
 def se_inputs() -> Callable[..., SEInputs]:
     """Factory: ``se_inputs(shape, dtype, memory_format, device, residual, activation, gate, seed)``."""
