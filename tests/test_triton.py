@@ -140,11 +140,15 @@ def test_pipelined_path(shape, dtype, memory_format, residual, monkeypatch):
 
 # Each knob keeps the reference's results and the default's bits (a sample's sums and MLP run in the
 # same order whatever the group, the delay or the programs), except the tile size, which changes the
-# row blocks whose partial sums are added (1-byte tiles: one pixel per tile).
+# row blocks whose partial sums are added (1-byte tiles: one pixel per tile), and the load block,
+# which changes how a tile's pixels are grouped (16 elements: 3 channel blocks of 16 of C = 40, each
+# over 25 blocks of one pixel; 256: one of 64 channels over 7 blocks of 4 pixels, the last of 1).
 PIPELINE_KNOBS = [("SE_FUSED_TRITON_PIPELINE_GROUP", "1"), ("SE_FUSED_TRITON_PIPELINE_GROUP", "3"),
                   ("SE_FUSED_TRITON_PIPELINE_GROUP", "16"), ("SE_FUSED_TRITON_PIPELINE_DELAY", "4"),
                   ("SE_FUSED_TRITON_PIPELINE_PROGRAMS", "2"), ("SE_FUSED_TRITON_PIPELINE_PER_SM", "2"),
-                  ("SE_FUSED_TRITON_TILE_BYTES", "1")]
+                  ("SE_FUSED_TRITON_TILE_BYTES", "1"), ("SE_FUSED_TRITON_PIPELINE_BLOCK", "16"),
+                  ("SE_FUSED_TRITON_PIPELINE_BLOCK", "256")]
+BITS_CHANGING_KNOBS = ("SE_FUSED_TRITON_TILE_BYTES", "SE_FUSED_TRITON_PIPELINE_BLOCK")
 
 
 @pytest.mark.parametrize("name,value", PIPELINE_KNOBS, ids=[f"{n[16:].lower()}={v}" for n, v in PIPELINE_KNOBS])
@@ -155,16 +159,33 @@ def test_pipelined_path_knobs(name, value, memory_format, monkeypatch):
     default = backend_se(inputs, "triton")
     monkeypatch.setenv(name, value)
     got = check_against_reference(inputs)
-    if name != "SE_FUSED_TRITON_TILE_BYTES":
+    if name not in BITS_CHANGING_KNOBS:
         for key, t in default.items():
             assert torch.equal(got[key], t), f"{key} differs with {name}={value}"
+
+
+@pytest.mark.parametrize("c,p,element_size", [(256, 3136, 2), (512, 784, 2), (1024, 196, 2), (2048, 49, 2),
+                                               (2048, 49, 4), (64, 3136, 2), (7, 3, 2)])
+def test_pipelined_load_blocks(c, p, element_size):
+    """A tile's load block (what one program per SM has in flight) is the whole 8192 elements at every
+    SE-ResNet stage (conv5_x's 7-pixel tiles: 8 x 1024, not the 8 x 128 of a fixed 128 channels) unless
+    the tile is smaller, keeps at least 128 channels (256-byte rows of bf16 in channels_last) where C
+    has them, and is a power of two on each side (Triton's block shapes)."""
+    from se_fused.triton import pipelined_forward as pf
+    np2 = se_triton._common.next_power_of_2
+    _, tile_rows = pf.tile_rows_of(c, p, element_size, 32768)
+    block_p, block_c = pf.tile_blocks(c, tile_rows, 8192)
+    assert block_p & (block_p - 1) == 0 and block_c & (block_c - 1) == 0
+    assert block_p * block_c == min(8192, np2(c) * np2(tile_rows)), (block_p, block_c)
+    assert block_p <= np2(tile_rows) and min(np2(c), pf.MIN_BLOCK_C) <= block_c <= np2(c), (block_p, block_c)
 
 
 @pytest.mark.parametrize("name,value,message", [
     ("SE_FUSED_TRITON_PATH", "cluster", "SE_FUSED_TRITON_PATH must be two_pass or pipelined"),
     ("SE_FUSED_TRITON_PIPELINE_GROUP", "0", "SE_FUSED_TRITON_PIPELINE_GROUP must be an integer >= 1"),
     ("SE_FUSED_TRITON_PIPELINE_PER_SM", "0", "SE_FUSED_TRITON_PIPELINE_PER_SM must be an integer >= 1"),
-    ("SE_FUSED_TRITON_TILE_BYTES", "many", "SE_FUSED_TRITON_TILE_BYTES must be an integer >= 1")])
+    ("SE_FUSED_TRITON_TILE_BYTES", "many", "SE_FUSED_TRITON_TILE_BYTES must be an integer >= 1"),
+    ("SE_FUSED_TRITON_PIPELINE_BLOCK", "3000", "SE_FUSED_TRITON_PIPELINE_BLOCK must be a power of two")])
 def test_pipelined_path_refuses_bad_knobs(name, value, message, monkeypatch):
     monkeypatch.setenv("SE_FUSED_TRITON_PATH", "pipelined")
     monkeypatch.setenv(name, value)

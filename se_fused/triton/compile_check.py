@@ -34,6 +34,8 @@ def _acc(dtype: str) -> str:
 
 def variants(everything: bool) -> Iterator[Variant]:
     """The kernel instances to compile: a representative set, or with ``everything`` the full product."""
+    import torch
+
     from . import (_common, batched_linear, channel_reduce, excite_backward, excite_forward, pipelined_backward,
                    pipelined_forward, weight_grad)
 
@@ -92,25 +94,32 @@ def variants(everything: bool) -> Iterator[Variant]:
                     grad_x_ptr=PTR[dtype], grad_residual_ptr=PTR[dtype]),
                dict(HAS_OUT=flag, CHANNELS_LAST=channels_last, ACC_FP64=dtype == "float64",
                     BLOCK_INNER=inner, TILE=tile), warps)
-    # The pipelined forward and backward (their launcher's GPU blocks from C = 128 on: 128 channels
-    # x 64 pixels, group blocks of 16 rows, tl.dot's least, and 32 with --all: groups past 16 samples
-    # set by SE_FUSED_TRITON_PIPELINE_GROUP): the atomics, the spin-wait loop, the group MLP.
-    pipeline_blocks = dict(BLOCK_C=128, BLOCK_P=64, BLOCK_J=16, BLOCK_K=32)
-    for dtype, residual, channels_last, group_block in itertools.product(
-            dtypes, (False, True), (False, True), (16, 32) if everything else (16,)):
+    # The pipelined forward and backward at the launcher's GPU blocks for SE-ResNet's stages (conv2_x's
+    # 64 x 128 and conv5_x's 8 x 1024 in bf16; each stage's with --all), group blocks of 16 rows, tl.dot's
+    # least, and 32 with --all (groups past 16 samples set by SE_FUSED_TRITON_PIPELINE_GROUP): the
+    # atomics, the spin-wait loop, the group MLP.
+    stages = ((256, 3136), (512, 784), (1024, 196), (2048, 49)) if everything else ((256, 3136), (2048, 49))
+    for dtype, residual, channels_last, group_block, (c, p) in itertools.product(
+            dtypes, (False, True), (False, True), (16, 32) if everything else (16,), stages):
+        element_size = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
+        _, tile_rows = pipelined_forward.tile_rows_of(c, p, element_size, 32768)
+        block_p, block_c = pipelined_forward.tile_blocks(c, tile_rows, pipelined_forward.default_block_elements(
+            torch.float64 if dtype == "float64" else torch.float32))
+        pipeline_blocks = dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(c, pipelined_forward.GROUP_SUMS_BLOCK),
+                               BLOCK_G=group_block, BLOCK_J=16, BLOCK_K=32)
         yield (pipelined_backward.pipelined_backward_kernel,
                dict(grad_out_ptr=PTR[dtype], x_ptr=PTR[dtype], out_ptr=PTR[dtype], grad_x_ptr=PTR[dtype],
                     grad_residual_ptr=PTR[dtype], w1_ptr=PTR[dtype], w2_ptr=PTR[dtype], hidden_ptr=_acc(dtype),
                     scale_ptr=_acc(dtype), dv_ptr=_acc(dtype), du_ptr=_acc(dtype), dz_ptr=_acc(dtype),
                     partial_ptr=_acc(dtype), sync_ptr="*i32"),
                dict(HAS_OUT=residual, CHANNELS_LAST=channels_last, ACTIVATION=1, GATE=1,
-                    ACC_FP64=dtype == "float64", BLOCK_G=group_block, **pipeline_blocks), 8)
+                    ACC_FP64=dtype == "float64", **pipeline_blocks), 8)
         yield (pipelined_forward.pipelined_forward_kernel,
                dict(x_ptr=PTR[dtype], residual_ptr=PTR[dtype], out_ptr=PTR[dtype], w1_ptr=PTR[dtype],
                     b1_ptr=PTR[dtype], w2_ptr=PTR[dtype], b2_ptr=PTR[dtype], pooled_ptr=_acc(dtype),
                     hidden_ptr=_acc(dtype), scale_ptr=_acc(dtype), partial_ptr=_acc(dtype), sync_ptr="*i32"),
                dict(HAS_RESIDUAL=residual, CHANNELS_LAST=channels_last, ACTIVATION=1, GATE=0,
-                    ACC_FP64=dtype == "float64", BLOCK_G=group_block, **pipeline_blocks), 8)
+                    ACC_FP64=dtype == "float64", **pipeline_blocks), 8)
     for (acc, weight), activate in itertools.product(
             (("float32", "bfloat16"), ("float64", "float64")) if not everything else
             (("float32", "float32"), ("float32", "bfloat16"), ("float32", "float16"), ("float64", "float64")),

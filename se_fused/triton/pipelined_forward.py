@@ -30,7 +30,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -134,7 +134,7 @@ def _group_linear(in_ptr, w_ptr, stride_wj, stride_wk, bias_ptr, aux_ptr, diviso
 
 @triton.jit
 def _store_group_sums(partial_ptr, aux_ptr, out_ptr, n0, count, C, P, row_blocks, GATE_GRAD: tl.constexpr,
-                      GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+                      GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """For the group's ``count`` samples from ``n0``: the channel sums, their tiles' partial sums added
     in row-block order, stored as means (``out = Σ / P``: pooled) or, with GATE_GRAD, as the gradient
     at the gate's input (``out = Σ · gate'`` from the saved scale ``aux``: dv); ``(N, C)`` arrays."""
@@ -142,10 +142,10 @@ def _store_group_sums(partial_ptr, aux_ptr, out_ptr, n0, count, C, P, row_blocks
     gg = tl.arange(0, BLOCK_G)
     g_mask = gg < count
     nn = (n0 + gg).to(tl.int64)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_S):
+        cc = c0 + tl.arange(0, BLOCK_S)
         mask = g_mask[:, None] & (cc < C)[None, :]
-        total = add_partials_in_order(tl.zeros([BLOCK_G, BLOCK_C], dtype=acc_dtype), partial_ptr,
+        total = add_partials_in_order(tl.zeros([BLOCK_G, BLOCK_S], dtype=acc_dtype), partial_ptr,
                                       nn[:, None] * row_blocks * C + cc[None, :], C, row_blocks, mask, ".cg",
                                       2)
         if GATE_GRAD:
@@ -159,13 +159,13 @@ def _store_group_sums(partial_ptr, aux_ptr, out_ptr, n0, count, C, P, row_blocks
 @triton.jit
 def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
                   N, C, R, P, row_blocks, G, ACTIVATION: tl.constexpr, GATE: tl.constexpr, ACC_FP64: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """The group's pooled means (partial sums added in row-block order), hidden (pre-activation)
     and scale, batched over its samples (each weight read once per group)."""
     n0 = grp * G
     count = tl.minimum(G, N - n0)
     _store_group_sums(partial_ptr, partial_ptr, pooled_ptr, n0, count, C, P, row_blocks, False, GATE, ACC_FP64,
-                      BLOCK_G, BLOCK_C)
+                      BLOCK_G, BLOCK_S)
     tl.debug_barrier()  # pooled, written by every thread, is read back by every thread
     _group_linear(pooled_ptr, w1_ptr, C, 1, b1_ptr, pooled_ptr, 1, hidden_ptr, n0, count, R, C, False, OUT_BIAS,
                   ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
@@ -232,8 +232,8 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
                              N, C, R, P, row_blocks, tile_rows, G, groups, delay, poll_limit,
                              HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACTIVATION: tl.constexpr,
                              GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+                             BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program ``b``: the step loop (module docstring). ``x``/``residual``/``out (N, C, H, W)`` in one
     layout; ``w1 (R, C)``, ``w2 (C, R)``, biases, any float dtype; ``pooled``/``scale (N, C)``,
     ``hidden (N, R)``, ``partial (N, row_blocks, C)`` in the accumulation dtype; ``sync``: int32
@@ -252,7 +252,7 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
                          CHANNELS_LAST, ACC_FP64, BLOCK_C, BLOCK_P)
             if _arrive(sync_ptr, n // G, N, G, row_blocks):
                 _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                              n // G, N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_C, BLOCK_G,
+                              n // G, N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_S, BLOCK_G,
                               BLOCK_J, BLOCK_K)
                 _release(sync_ptr, groups, n // G)
         if step >= delay:
@@ -288,6 +288,46 @@ def _env_int(name: str, default: int, lo: int) -> int:
     if value < lo:
         raise ValueError(f"se_fused: {name} must be an integer >= {lo}; got {raw!r}")
     return value
+
+
+def _env_power_of_2(name: str, default: int) -> int:
+    """The power of two in environment variable ``name`` (read per call), or ``default``."""
+    value = _env_int(name, default, 1)
+    if value & (value - 1):
+        raise ValueError(f"se_fused: {name} must be a power of two; got {value}")
+    return value
+
+
+# A tile's channels are loaded at least this many at a time where the tile has the pixels for it:
+# 256-byte rows of bf16 in channels_last. The group sums' [BLOCK_G, BLOCK_S] blocks keep this width.
+MIN_BLOCK_C = 128
+GROUP_SUMS_BLOCK = 128
+
+
+def tile_rows_of(c: int, p: int, element_size: int, tile_bytes: int) -> Tuple[int, int]:
+    """``(row_blocks, tile_rows)``: a sample's ``p`` pixels cut into row blocks of about
+    ``tile_bytes`` of one array (every channel), as evenly as whole pixels allow."""
+    row_blocks = cdiv(p, max(1, tile_bytes // (c * element_size)))
+    return row_blocks, cdiv(p, row_blocks)
+
+
+def default_block_elements(acc: torch.dtype) -> int:
+    """Elements of one array per load: 8192 (16 KiB of bf16, 32 registers a thread in float32 at
+    8 warps); 2048 with float64 accumulation, whose values take two registers each."""
+    return 2048 if acc == torch.float64 else 8192
+
+
+def tile_blocks(c: int, tile_rows: int, elements: int) -> Tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)``: a tile's load block of up to ``elements`` elements (a power of two).
+
+    With one program of 8 warps per SM, the block is what a program has in flight per load, so
+    it should be ``elements`` at every stage: pixels first, up to the tile's rows, leaving at
+    least ``MIN_BLOCK_C`` channels, then channels for the rest. With channels capped at 128
+    instead (until 2026-11-27) the blocks of conv3_x-conv5_x's short tiles (32, 16 and 7 pixel rows
+    at 32 KiB) were 8, 4 and 2 KiB of bf16: a quarter to an eighth of conv2_x's 16 KiB.
+    """
+    block_p = min(next_power_of_2(tile_rows), max(1, elements // min(next_power_of_2(c), MIN_BLOCK_C)))
+    return block_p, min(next_power_of_2(c), max(1, elements // block_p))
 
 
 def requested() -> bool:
@@ -328,13 +368,12 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     loads in flight per program, one per SM bounds the reads near 16 KiB per round trip per SM,
     ~2 TB/s on an H100; a second needs the registers of both, which the cooperative launch
     checks: it refuses a grid that cannot be resident), ``SE_FUSED_TRITON_PIPELINE_PROGRAMS``
-    (at most this many programs)."""
+    (at most this many programs), ``SE_FUSED_TRITON_PIPELINE_BLOCK`` (elements of one array per
+    load, a power of two; default :func:`default_block_elements`; see :func:`tile_blocks`)."""
     n, c, h, w = x.shape
     p = h * w
     elem = x.element_size()
-    rows = max(1, _env_int("SE_FUSED_TRITON_TILE_BYTES", 32768, 1) // (c * elem))
-    row_blocks = cdiv(p, rows)
-    tile_rows = cdiv(p, row_blocks)
+    row_blocks, tile_rows = tile_rows_of(c, p, elem, _env_int("SE_FUSED_TRITON_TILE_BYTES", 32768, 1))
     # Enough samples per group that the weights read per group are at most an eighth of its slice bytes.
     default_group = min(16, max(1, math.ceil(8 * 2 * c * r * 4 / (c * p * elem * arrays))))
     group = min(n, _env_int("SE_FUSED_TRITON_PIPELINE_GROUP", default_group, 1))
@@ -346,11 +385,11 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     else:
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm  # co-resident
     programs = min(programs, total, _env_int("SE_FUSED_TRITON_PIPELINE_PROGRAMS", total, 1))
-    # [block_p, block_c] blocks of up to 8192 elements (16 KiB of bf16 per load on a GPU: with one
-    # program of 8 warps per SM, the loads in flight are what bounds the bandwidth).
-    block_c = min(next_power_of_2(c), 256 if _common.INTERPRETED else 128)
-    # BLOCK_G: at least tl.dot's 16 rows (the group MLP; rows past the group are masked).
-    blocks = dict(BLOCK_C=block_c, BLOCK_P=min(next_power_of_2(tile_rows), max(1, 8192 // block_c)),
+    block_p, block_c = tile_blocks(c, tile_rows, _env_power_of_2("SE_FUSED_TRITON_PIPELINE_BLOCK",
+                                                                  default_block_elements(acc)))
+    # BLOCK_G: at least tl.dot's 16 rows (the group MLP; rows past the group are masked). BLOCK_S: the
+    # group sums' channels, [BLOCK_G, BLOCK_S] partial sums per load (two loads in flight).
+    blocks = dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(next_power_of_2(c), GROUP_SUMS_BLOCK),
                   BLOCK_G=max(16, next_power_of_2(group)), BLOCK_J=16, BLOCK_K=32, num_warps=8,
                   **({} if _common.INTERPRETED else _cooperative_launch_option()))
     return Schedule(
