@@ -12,17 +12,21 @@ pipelined path (its own CTAs, 2 CTAs walking 1024-byte tiles, so that each CTA
 waits on groups that other CTAs finish, and the direct group MLP beside the staged one),
 the two-pass MLP kernels with several row tiles per block and pieces per split, the
 tiled MLP kernel, and the staged NCHW channel sums.
-The script also checks each result against the eager backend, so a run that
-the sanitizer passes but computes garbage still fails.
+The script also checks each result against the eager backend (on the CPU, in
+float64, so that the sanitizers spend their time on this project's kernels), so a
+run that the sanitizer passes but computes garbage still fails.
 
-Usage: ``python benchmarks/exercise_kernels.py [--quick] [--cpu-dry-run]``;
-``--cpu-dry-run`` runs the same loop on the CPU backend (rehearsal without a GPU).
+Usage: ``python benchmarks/exercise_kernels.py [--quick] [--cpu-dry-run] [--max-seconds S]``;
+``--cpu-dry-run`` runs the same loop on the CPU backend (rehearsal without a GPU);
+``--max-seconds`` starts no case after S seconds and then exits 3 (every path runs on a
+shape before the next shape, so a short run still sees each path).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import sys
+import time
 import zlib
 
 import torch
@@ -57,41 +61,59 @@ SHAPES = [(3, 64, 4, 12, 12), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 96, 8, 
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:
-    """Forward + backward through ``backend``; returns the max abs difference to the eager backend."""
+    """Forward + backward through ``backend``; returns the max abs difference to the eager backend
+    run on the CPU in float64 from the same (rounded) inputs. The reference stays off the GPU so
+    that the sanitizers check (and spend their time on) the project's kernels only, not the
+    reference's cuBLAS and ATen kernels."""
     n, c, r, h, w = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype), channels_last, residual)).encode()))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(memory_format=fmt)
     params = [torch.randn(r, c, 1, 1, generator=gen) * 0.3, torch.randn(r, generator=gen) * 0.3,
               torch.randn(c, r, 1, 1, generator=gen) * 0.3, torch.randn(c, generator=gen) * 0.3]
-    params = [p.to(device, dtype) for p in params]
-    res = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=fmt) if residual else None
-    grad = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    params = [p.to(dtype) for p in params]
+    res = torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(memory_format=fmt) if residual else None
+    grad = torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(memory_format=fmt)
     results = []
-    for be in (backend, "eager"):
-        leaves = [t.detach().requires_grad_() for t in [x] + params + ([res] if residual else [])]
+    for be, dev, dt in ((backend, device, dtype), ("eager", "cpu", torch.float64)):
+        leaves = [t.detach().to(dev, dt).requires_grad_() for t in [x] + params + ([res] if residual else [])]
         out = se_fused.squeeze_excitation(*leaves[:5], residual=leaves[5] if residual else None, backend=be)
-        out.backward(grad)
-        results.append([out.detach()] + [t.grad for t in leaves])
-    return max((a.float() - b.float()).abs().max().item() for a, b in zip(*results))
+        out.backward(grad.to(dev, dt))
+        results.append([t.detach().to("cpu", torch.float64) for t in [out] + [t.grad for t in leaves]])
+    return max((a - b).abs().max().item() for a, b in zip(*results))
+
+
+def case_order(quick: bool):
+    """The ``((path, knobs), shape, dtype, (channels_last, residual))`` runs in order: every path once
+    per (shape, dtype, form) before the next one, so that a run cut short by --max-seconds has seen
+    every path on the first shapes. Quick: bf16 only, and two of the four (layout, form) pairs, each
+    layout and each form once."""
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
+    forms = [(False, False), (True, True)] if quick else list(itertools.product((False, True), (False, True)))
+    return [(case, shape, dtype, form) for shape, dtype, form in itertools.product(SHAPES, dtypes, forms)
+            for case in CASES]
 
 
 def main() -> int:
+    started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one dtype, two of the four layout/form pairs")
     parser.add_argument("--cpu-dry-run", action="store_true", help="rehearse on the CPU backend")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no case after this many seconds of the script's run; exit 3 when a case "
+                             "was left out (the sanitizer has checked the cases before it)")
     args = parser.parse_args()
     device, backend = ("cpu", "cpu") if args.cpu_dry_run else ("cuda", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         print("exercise_kernels: no GPU; use --cpu-dry-run to rehearse", file=sys.stderr)
         return 2
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
-    # (channels_last, residual): quick takes two of the four, each layout and form once, so that
-    # racecheck (about a second per case on an H100) stays inside gpu_check's 130 s.
-    forms = [(False, False), (True, True)] if args.quick else list(itertools.product((False, True), (False, True)))
-    failures = 0
-    count = 0
-    for (path, knobs), shape, dtype, (cl, residual) in itertools.product(CASES, SHAPES, dtypes, forms):
+    runs = case_order(args.quick)
+    failures = count = 0
+    for index, ((path, knobs), shape, dtype, (cl, residual)) in enumerate(runs):
+        if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
+            print(f"exercise_kernels: stopped at --max-seconds {args.max_seconds:g} before case {index + 1} "
+                  f"of {len(runs)} (shape {shape}); {count} cases ran")
+            break
         common.set_knobs(KNOBS, path=path, **knobs)
         try:
             diff = run_case(device, backend, shape, dtype, cl, residual)
@@ -106,10 +128,13 @@ def main() -> int:
             named = " ".join(f"{key}={value}" for key, value in knobs.items())
             print(f"MISMATCH path={path} {named} shape={shape} {dtype} "
                   f"{'NHWC' if cl else 'NCHW'} residual={residual}: max diff {diff:.3e} > {tol}")
+    else:
+        index = len(runs)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"exercise_kernels: {count} cases on {device}, {failures} mismatches")
-    return 1 if failures else 0
+    print(f"exercise_kernels: {count} cases on {device}, {failures} mismatches, "
+          f"{time.monotonic() - started:.0f} s")
+    return 1 if failures else (3 if index < len(runs) else 0)
 
 
 if __name__ == "__main__":

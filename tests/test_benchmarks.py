@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -238,6 +239,43 @@ def test_gpu_check_script_parses():
     script = REPO / "benchmarks" / "gpu_check.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_gpu_check_only_selects_steps():
+    """GPU_CHECK_ONLY (gpu_check.sh's ``selected``) lets the named steps and the setup steps run, and no
+    other; unset, every step."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    selected = re.search(r"^selected\(\) \{\n.*?^\}\n", script, re.S | re.M).group(0)
+    checks = {"racecheck": 0, "build": 0, "usable": 0, "tests": 1, "race": 1, "bench-nchw": 0}
+    for step, expected in checks.items():
+        result = subprocess.run(["bash", "-c", selected + f'selected {step}'], capture_output=True, text=True,
+                                env={**os.environ, "GPU_CHECK_ONLY": "memcheck racecheck bench-nchw"})
+        assert result.returncode == expected, (step, result.stderr)
+    unset = {k: v for k, v in os.environ.items() if k not in ("GPU_CHECK_ONLY", "GPU_CHECK_SKIP")}
+    assert subprocess.run(["bash", "-c", selected + "selected tests"], env=unset).returncode == 0
+    # chosen_out: a step the caller left out (the record is then skipped without failing the run).
+    chosen_out = re.search(r"^chosen_out\(\) \{.*?\}\n", script, re.S | re.M).group(0)
+    for env, step, expected in ((dict(GPU_CHECK_SKIP="bench-net record"), "bench-net", 0),
+                                (dict(GPU_CHECK_SKIP="bench-net record"), "bench-block", 1),
+                                (dict(GPU_CHECK_ONLY="racecheck"), "record", 0), ({}, "record", 1)):
+        result = subprocess.run(["bash", "-c", selected + chosen_out + f"chosen_out {step}"], env={**unset, **env})
+        assert result.returncode == expected, (env, step)
+
+
+def test_exercise_kernels_stops_at_max_seconds(monkeypatch):
+    """exercise_kernels.py (what compute-sanitizer runs): every path on a shape before the next shape, and
+    --max-seconds stops it before a case with exit status 3 (gpu_check's PARTIAL); the CPU rehearsal of the
+    whole quick run passes."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import exercise_kernels
+    runs = exercise_kernels.case_order(quick=True)
+    first = runs[:len(exercise_kernels.CASES)]
+    assert [case for case, *_ in first] == exercise_kernels.CASES and len({shape for _, shape, *_ in first}) == 1
+    command = [sys.executable, str(BENCH / "exercise_kernels.py"), "--cpu-dry-run", "--quick"]
+    stopped = subprocess.run(command + ["--max-seconds", "0"], capture_output=True, text=True)
+    assert stopped.returncode == 3 and "stopped at --max-seconds 0 before case 1 of" in stopped.stdout, stopped
+    whole = subprocess.run(command, capture_output=True, text=True)
+    assert whole.returncode == 0 and f"{len(runs)} cases on cpu, 0 mismatches" in whole.stdout, whole
 
 
 def test_predictions_file_names_rows_the_profile_writes(monkeypatch):
