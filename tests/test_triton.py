@@ -140,15 +140,18 @@ def test_pipelined_path(shape, dtype, memory_format, residual, monkeypatch):
 
 # Each knob keeps the reference's results and the default's bits (a sample's sums and MLP run in the
 # same order whatever the group, the delay or the programs), except the tile size, which changes the
-# row blocks whose partial sums are added (1-byte tiles: one pixel per tile), and the load block,
+# row blocks whose partial sums are added (1-byte tiles: one pixel per tile), the load block,
 # which changes how a tile's pixels are grouped (16 elements: 3 channel blocks of 16 of C = 40, each
-# over 25 blocks of one pixel; 256: one of 64 channels over 7 blocks of 4 pixels, the last of 1).
+# over 25 blocks of one pixel; 256: one of 64 channels over 7 blocks of 4 pixels, the last of 1), and
+# two programs per SM, which take the group MLP's smaller blocks (group_mlp_blocks: the registers
+# of two programs), so its sums over C run in blocks of 32 instead of 64.
 PIPELINE_KNOBS = [("SE_FUSED_TRITON_PIPELINE_GROUP", "1"), ("SE_FUSED_TRITON_PIPELINE_GROUP", "3"),
                   ("SE_FUSED_TRITON_PIPELINE_GROUP", "16"), ("SE_FUSED_TRITON_PIPELINE_DELAY", "4"),
                   ("SE_FUSED_TRITON_PIPELINE_PROGRAMS", "2"), ("SE_FUSED_TRITON_PIPELINE_PER_SM", "2"),
                   ("SE_FUSED_TRITON_TILE_BYTES", "1"), ("SE_FUSED_TRITON_PIPELINE_BLOCK", "16"),
                   ("SE_FUSED_TRITON_PIPELINE_BLOCK", "256")]
-BITS_CHANGING_KNOBS = ("SE_FUSED_TRITON_TILE_BYTES", "SE_FUSED_TRITON_PIPELINE_BLOCK")
+BITS_CHANGING_KNOBS = ("SE_FUSED_TRITON_TILE_BYTES", "SE_FUSED_TRITON_PIPELINE_BLOCK",
+                       "SE_FUSED_TRITON_PIPELINE_PER_SM")
 
 
 @pytest.mark.parametrize("name,value", PIPELINE_KNOBS, ids=[f"{n[16:].lower()}={v}" for n, v in PIPELINE_KNOBS])

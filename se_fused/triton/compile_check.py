@@ -96,17 +96,19 @@ def variants(everything: bool) -> Iterator[Variant]:
                     BLOCK_INNER=inner, TILE=tile), warps)
     # The pipelined forward and backward at the launcher's GPU blocks for SE-ResNet's stages (conv2_x's
     # 64 x 128 and conv5_x's 8 x 1024 in bf16; each stage's with --all), group blocks of 16 rows, tl.dot's
-    # least, and 32 with --all (groups past 16 samples set by SE_FUSED_TRITON_PIPELINE_GROUP): the
-    # atomics, the spin-wait loop, the group MLP.
+    # least, and 32 with --all (groups past 16 samples set by SE_FUSED_TRITON_PIPELINE_GROUP), the group
+    # MLP's blocks of one program per SM, and with --all of two: the atomics, the spin-wait loop, the
+    # group MLP.
     stages = ((256, 3136), (512, 784), (1024, 196), (2048, 49)) if everything else ((256, 3136), (2048, 49))
-    for dtype, residual, channels_last, group_block, (c, p) in itertools.product(
-            dtypes, (False, True), (False, True), (16, 32) if everything else (16,), stages):
+    for dtype, residual, channels_last, group_block, (c, p), per_sm in itertools.product(
+            dtypes, (False, True), (False, True), (16, 32) if everything else (16,), stages,
+            (1, 2) if everything else (1,)):
         element_size = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
         _, tile_rows = pipelined_forward.tile_rows_of(c, p, element_size, 32768)
         block_p, block_c = pipelined_forward.tile_blocks(c, tile_rows, pipelined_forward.default_block_elements(
             torch.float64 if dtype == "float64" else torch.float32))
         pipeline_blocks = dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(c, pipelined_forward.GROUP_SUMS_BLOCK),
-                               BLOCK_G=group_block, BLOCK_J=16, BLOCK_K=32)
+                               BLOCK_G=group_block, **pipelined_forward.group_mlp_blocks(c // 16, dtype == "float64", per_sm))
         yield (pipelined_backward.pipelined_backward_kernel,
                dict(grad_out_ptr=PTR[dtype], x_ptr=PTR[dtype], out_ptr=PTR[dtype], grad_x_ptr=PTR[dtype],
                     grad_residual_ptr=PTR[dtype], w1_ptr=PTR[dtype], w2_ptr=PTR[dtype], hidden_ptr=_acc(dtype),

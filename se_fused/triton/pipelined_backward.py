@@ -28,7 +28,7 @@ from .pipelined_forward import (OUT_ACT_GRAD, OUT_DIVIDED, _arrive, _group_linea
 def _finish_group_backward(partial_ptr, scale_ptr, hidden_ptr, dv_ptr, du_ptr, dz_ptr, w1_ptr, w2_ptr, grp,
                            N, C, R, P, row_blocks, G, ACTIVATION: tl.constexpr, GATE: tl.constexpr,
                            ACC_FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-                           BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_MLP_R: tl.constexpr, BLOCK_MLP_C: tl.constexpr):
     """The group's ``dv`` (from its partial sums, added in row-block order), ``du`` and ``dz / P``."""
     n0 = grp * G
     count = tl.minimum(G, N - n0)
@@ -37,11 +37,11 @@ def _finish_group_backward(partial_ptr, scale_ptr, hidden_ptr, dv_ptr, du_ptr, d
     tl.debug_barrier()  # dv, written by every thread, is read back by every thread
     # du[n, r] = act'(hidden[n, r]) · Σ_c dv[n, c] · W2[c, r]   (W2 is (C, R): W[j=r, k=c] at c·R + r)
     _group_linear(dv_ptr, w2_ptr, 1, R, w2_ptr, hidden_ptr, 1, du_ptr, n0, count, R, C, False, OUT_ACT_GRAD,
-                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_MLP_R, BLOCK_MLP_C)
     tl.debug_barrier()
     # dz[n, c] / P = Σ_r du[n, r] · W1[r, c] / P   (W1 is (R, C): W[j=c, k=r] at r·C + c)
     _group_linear(du_ptr, w1_ptr, 1, C, w1_ptr, du_ptr, P, dz_ptr, n0, count, C, R, False, OUT_DIVIDED,
-                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_MLP_C, BLOCK_MLP_R)
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def pipelined_backward_kernel(grad_out_ptr, x_ptr, out_ptr, grad_x_ptr, grad_res
                               HAS_OUT: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACTIVATION: tl.constexpr,
                               GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-                              BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_MLP_R: tl.constexpr, BLOCK_MLP_C: tl.constexpr):
     """Program ``b``: pipelined_forward_kernel's step loop for the backward. ``grad_out``/``x``/``out``/
     ``grad_x``/``grad_residual (N, C, H, W)`` in one layout; ``w1 (R, C)``, ``w2 (C, R)``; ``hidden
     (N, R)``, ``scale (N, C)`` saved by the forward; ``dv``, ``dz (N, C)``, ``du (N, R)`` written, in
@@ -93,7 +93,7 @@ def pipelined_backward_kernel(grad_out_ptr, x_ptr, out_ptr, grad_x_ptr, grad_res
             if _arrive(sync_ptr, n // G, N, G, row_blocks):
                 _finish_group_backward(partial_ptr, scale_ptr, hidden_ptr, dv_ptr, du_ptr, dz_ptr, w1_ptr, w2_ptr,
                                        n // G, N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_S,
-                                       BLOCK_G, BLOCK_J, BLOCK_K)
+                                       BLOCK_G, BLOCK_MLP_R, BLOCK_MLP_C)
                 _release(sync_ptr, groups, n // G)
         if step >= delay:
             j = (step - delay) * programs + pid

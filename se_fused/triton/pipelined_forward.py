@@ -19,7 +19,9 @@ step). On a GPU the launch is cooperative (``launch_cooperative_grid``: the
 driver refuses a grid that cannot be resident at once); the interpreter runs
 programs one after another, so there it runs one program, which reduces a whole
 group before it scales any of it. Results do not depend on the number of
-programs, the delay or the group size (every sum runs in a fixed order).
+programs, the delay or the group size (every sum runs in a fixed order); the
+tile size, the load block and the programs per SM (the group MLP's blocks)
+change how the sums are grouped.
 
 Not yet run on a GPU: the default stays the two-pass path until a measurement
 says where this one wins.
@@ -159,7 +161,7 @@ def _store_group_sums(partial_ptr, aux_ptr, out_ptr, n0, count, C, P, row_blocks
 @triton.jit
 def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, grp,
                   N, C, R, P, row_blocks, G, ACTIVATION: tl.constexpr, GATE: tl.constexpr, ACC_FP64: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_MLP_R: tl.constexpr, BLOCK_MLP_C: tl.constexpr):
     """The group's pooled means (partial sums added in row-block order), hidden (pre-activation)
     and scale, batched over its samples (each weight read once per group)."""
     n0 = grp * G
@@ -168,10 +170,10 @@ def _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr
                       BLOCK_G, BLOCK_S)
     tl.debug_barrier()  # pooled, written by every thread, is read back by every thread
     _group_linear(pooled_ptr, w1_ptr, C, 1, b1_ptr, pooled_ptr, 1, hidden_ptr, n0, count, R, C, False, OUT_BIAS,
-                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_MLP_R, BLOCK_MLP_C)
     tl.debug_barrier()
     _group_linear(hidden_ptr, w2_ptr, R, 1, b2_ptr, hidden_ptr, 1, scale_ptr, n0, count, C, R, True, OUT_BIAS_GATE,
-                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_J, BLOCK_K)
+                  ACTIVATION, GATE, ACC_FP64, BLOCK_G, BLOCK_MLP_C, BLOCK_MLP_R)
 
 
 @triton.jit
@@ -233,7 +235,7 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
                              HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACTIVATION: tl.constexpr,
                              GATE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_MLP_R: tl.constexpr, BLOCK_MLP_C: tl.constexpr):
     """Program ``b``: the step loop (module docstring). ``x``/``residual``/``out (N, C, H, W)`` in one
     layout; ``w1 (R, C)``, ``w2 (C, R)``, biases, any float dtype; ``pooled``/``scale (N, C)``,
     ``hidden (N, R)``, ``partial (N, row_blocks, C)`` in the accumulation dtype; ``sync``: int32
@@ -253,7 +255,7 @@ def pipelined_forward_kernel(x_ptr, residual_ptr, out_ptr, w1_ptr, b1_ptr, w2_pt
             if _arrive(sync_ptr, n // G, N, G, row_blocks):
                 _finish_group(partial_ptr, pooled_ptr, hidden_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                               n // G, N, C, R, P, row_blocks, G, ACTIVATION, GATE, ACC_FP64, BLOCK_S, BLOCK_G,
-                              BLOCK_J, BLOCK_K)
+                              BLOCK_MLP_R, BLOCK_MLP_C)
                 _release(sync_ptr, groups, n // G)
         if step >= delay:
             j = (step - delay) * programs + pid
@@ -330,6 +332,25 @@ def tile_blocks(c: int, tile_rows: int, elements: int) -> Tuple[int, int]:
     return block_p, min(next_power_of_2(c), max(1, elements // block_p))
 
 
+def group_mlp_blocks(r: int, fp64: bool, per_sm: int = 1) -> dict:
+    """The group MLP's blocks: ``BLOCK_MLP_R`` along R and ``BLOCK_MLP_C`` along C, in both layers (the
+    first's outputs and the second's reduction run along R; the first's reduction and the second's
+    outputs along C). The finishing program walks (R / BLOCK_MLP_R) · (C / BLOCK_MLP_C) steps of a
+    ``tl.dot`` per layer, each a pipelined load of weights from L2, on the path to the group's ready
+    flag: at conv5_x (R = 128, C = 2048) 128 per layer with the default 32 × 64, 512 with the 16 × 32
+    of before 2026-11-27. float32 FMAs (``input_precision="ieee"``) hold their operands' rows in
+    registers: 32 × 64 takes ~245 registers (sm_90, no spills), which one program of 8 warps per SM
+    has; two per SM (``SE_FUSED_TRITON_PIPELINE_PER_SM=2``) need ≤ 128, so they keep 16 × 32 (~105),
+    and their results' bits differ from one program's (the sums over C run in other blocks).
+    float64: 16 × 32, a broadcast product in registers. The interpreter takes 16 × 16, tl.dot's least,
+    so that the tests' shapes (C ≤ 64, R ≤ 33) walk several blocks in both layers."""
+    if _common.INTERPRETED and not fp64:
+        return dict(BLOCK_MLP_R=_common.TL_DOT_MIN_K, BLOCK_MLP_C=_common.TL_DOT_MIN_K)
+    if fp64 or per_sm > 1:
+        return dict(BLOCK_MLP_R=16, BLOCK_MLP_C=32)
+    return dict(BLOCK_MLP_R=min(32, max(_common.TL_DOT_MIN_K, next_power_of_2(r))), BLOCK_MLP_C=64)
+
+
 def requested() -> bool:
     """Whether ``SE_FUSED_TRITON_PATH`` asks for this path (``pipelined``; default ``two_pass``)."""
     path = os.environ.get("SE_FUSED_TRITON_PATH", "two_pass").strip() or "two_pass"
@@ -390,8 +411,8 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     # BLOCK_G: at least tl.dot's 16 rows (the group MLP; rows past the group are masked). BLOCK_S: the
     # group sums' channels, [BLOCK_G, BLOCK_S] partial sums per load (two loads in flight).
     blocks = dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(next_power_of_2(c), GROUP_SUMS_BLOCK),
-                  BLOCK_G=max(16, next_power_of_2(group)), BLOCK_J=16, BLOCK_K=32, num_warps=8,
-                  **({} if _common.INTERPRETED else _cooperative_launch_option()))
+                  BLOCK_G=max(16, next_power_of_2(group)), **group_mlp_blocks(r, acc == torch.float64, per_sm),
+                  num_warps=8, **({} if _common.INTERPRETED else _cooperative_launch_option()))
     return Schedule(
         row_blocks=row_blocks, tile_rows=tile_rows, group=group, groups=groups, programs=programs,
         delay=cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", 1, 0),
