@@ -161,7 +161,11 @@ fi
 # --python-top: where the host time of a host-bound call goes (the Triton backend's at conv3_x-conv5_x).
 if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv5_x --calls 5 --python-top 8)
 else PROFILE_ARGS=(--device cuda --python-top 12); fi
-step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --out "$WORK" --json-name profile.json
+# --max-seconds: no variant starts after 60 s (the pipelined ones, last, first compile their Triton
+# kernels here unless the tests did); the JSON is rewritten after each variant, so even a TIMEOUT keeps
+# the variants finished before it.
+step profile 90 "$PY" benchmarks/profile_block.py "${PROFILE_ARGS[@]}" --max-seconds 60 --out "$WORK" \
+  --json-name profile.json
 keep profile.json block.png network.png
 # The predictions written before this GPU run (benchmarks/predictions.json) against the profile: into the log.
 if [[ -f "$WORK/profile.json" ]]; then

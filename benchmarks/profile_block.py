@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--all-variants", action="store_true",
                         help="also the variants earlier records settled (GPU: cuda/aten-mlp, cuda/l2-chunks, "
                              "triton/l2-chunks)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no variant after this many seconds; the variants left out get rows that say "
+                             "so (the JSON is rewritten after each variant, so a run stopped from outside keeps "
+                             "the variants it finished)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     parser.add_argument("--json-name", default="profile.json")
     return parser.parse_args(argv)
@@ -206,6 +210,13 @@ def profile_variant(label: str, impl: str, channels: int, dtype, device: torch.d
     return {"wall_ms": wall, "host_ms": host, **prof}
 
 
+def failed_row(row: dict, message: str) -> dict:
+    """``row`` of a variant that did not run or raised: no numbers (NaN in the table, null in the JSON)
+    and the ``error``."""
+    return {**row, "wall_ms": float("nan"), "host_ms": float("nan"), "device_ms": float("nan"),
+            "launches": float("nan"), "top": [], "error": message}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, gpu = common.run_device(args)
@@ -221,6 +232,9 @@ def main(argv=None) -> int:
     print(f"SE block profile on {env['device_detail']} | batch {args.batch} | dtype {args.dtype} | "
           f"memory format {args.memory_format} | commit {env['commit'][:12]}")
     rows = []
+    started = time.monotonic()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     saved = {key: os.environ.get(name) for key, name in SETTINGS}
     # Variant by variant (the stages inside), so that a variant that fails (a kernel not yet run on
     # a GPU: the pipelined ones come last) costs its own rows only. A kernel that traps ends the
@@ -228,8 +242,24 @@ def main(argv=None) -> int:
     inputs = {}
     profiled = variants(device, args.all_variants)
     bar = common.progress(len(stages) * len(passes) * len(profiled), "profile", enabled=sys.stderr.isatty())
+    order = {label: i for i, (label, _, _) in enumerate(profiled)}
+
+    def row_of(label, stage, pass_name):
+        channels, hw = common.STAGES[stage]
+        return {"stage": stage, "shape": [args.batch, channels, hw, hw], "pass": pass_name, "impl": label}
+
+    def write_rows():
+        rows.sort(key=lambda r: (stages.index(r["stage"]), passes.index(r["pass"]), order[r["impl"]]))
+        return common.write_json({"kind": "profile", "env": env, "batch": args.batch, "dtype": args.dtype,
+                                  "memory_format": args.memory_format, "rows": rows}, out_dir / args.json_name)
+
     try:
         for label, impl, settings in profiled:
+            if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
+                print(f"profile: {label} not run (--max-seconds {args.max_seconds:g})", file=sys.stderr)
+                why = f"not run: --max-seconds {args.max_seconds:g}"
+                rows.extend(failed_row(row_of(label, stage, pass_name), why) for stage in stages for pass_name in passes)
+                continue
             apply_settings(settings)
             for stage in stages:
                 channels, hw = common.STAGES[stage]
@@ -240,21 +270,20 @@ def main(argv=None) -> int:
                     bar.update()
                     torch.manual_seed(0)
                     reference = se_fused.SEBlock(channels, common.SE_REDUCTION)
-                    row = {"stage": stage, "shape": list(shape), "pass": pass_name, "impl": label}
+                    row = row_of(label, stage, pass_name)
                     try:
                         row.update(profile_variant(label, impl, channels, dtype, device, reference, pass_name,
                                                    inputs[stage], args))
                     except RuntimeError as exc:
                         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
                         print(f"profile: {label} {stage} {pass_name} failed: {message}", file=sys.stderr)
-                        row.update({"wall_ms": float("nan"), "host_ms": float("nan"), "device_ms": float("nan"),
-                                    "launches": float("nan"), "top": [], "error": message})
+                        row = failed_row(row, message)
                     rows.append(row)
+            write_rows()
     finally:
         bar.close()
         apply_settings(saved)
-    order = {label: i for i, (label, _, _) in enumerate(profiled)}
-    rows.sort(key=lambda r: (stages.index(r["stage"]), passes.index(r["pass"]), order[r["impl"]]))
+    path = write_rows()
 
     what = "device ms" if gpu else "op self-CPU ms"
     columns = [("stage", "stage", None), ("pass", "pass", None), ("impl", "impl", None),
@@ -273,10 +302,6 @@ def main(argv=None) -> int:
             tops = "; ".join(f"{f['function']} {f['us_per_call']:.1f} ({f['calls_per_call']:.0f})"
                              for f in r["python_top"])
             print(f"  {r['stage']} {r['pass']} {r['impl']} (host {r['host_ms']:.3f} ms): {tops}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = common.write_json({"kind": "profile", "env": env, "batch": args.batch, "dtype": args.dtype,
-                              "memory_format": args.memory_format, "rows": rows}, out_dir / args.json_name)
     print(f"wrote json: {path}")
     return 0
 

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,35 @@ def test_profile_rows(tmp_path):
         assert row["top"] and all(k["us_per_call"] >= 0 for k in row["top"])
     # The fused forward is one op, named as registered.
     assert any("se_fused::squeeze_excitation_forward" in k["name"] for k in rows[("forward", "cpu")]["top"])
+
+
+@needs_cpu_kernel
+def test_profile_max_seconds_and_rows_written_per_variant(tmp_path, monkeypatch):
+    """--max-seconds: a variant that would start after it gets rows that say so, with no times; the JSON
+    is rewritten after each variant (so a run stopped from outside keeps the finished variants)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_block
+
+    measured = profile_block.profile_variant
+    writes = []
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return measured(*args, **kwargs)
+
+    def counted(data, path):
+        writes.append([r["impl"] for r in data["rows"]])
+        return written_json(data, path)
+
+    written_json = profile_block.common.write_json
+    monkeypatch.setattr(profile_block, "profile_variant", slow)
+    monkeypatch.setattr(profile_block.common, "write_json", counted)
+    assert profile_block.main(["--device", "cpu", "--batch", "2", "--stages", "conv5_x", "--calls", "2",
+                               "--passes", "forward", "--max-seconds", "0.1", "--out", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "profile.json").read_text())["rows"]}
+    assert rows["cpu"]["device_ms"] > 0 and "error" not in rows["cpu"]
+    assert rows["eager"]["error"] == "not run: --max-seconds 0.1" and rows["eager"]["device_ms"] is None
+    assert writes[0] == ["cpu"] and writes[-1] == ["cpu", "eager"], writes
 
 
 @needs_cpu_kernel
