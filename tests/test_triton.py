@@ -183,6 +183,26 @@ def test_pipelined_load_blocks(c, p, element_size):
     assert block_p <= np2(tile_rows) and min(np2(c), pf.MIN_BLOCK_C) <= block_c <= np2(c), (block_p, block_c)
 
 
+@pytest.mark.parametrize("c,r,p,group,arrays,expected", [
+    (256, 16, 3136, 1, 1, 1), (512, 32, 784, 2, 1, 2), (1024, 64, 196, 11, 1, 4), (2048, 128, 49, 16, 1, 5),
+    (1024, 64, 196, 6, 2, 2), (2048, 128, 49, 16, 2, 2)])
+def test_pipelined_default_delay(c, r, p, group, arrays, expected):
+    """The default delay beyond the minimum at SE-ResNet's stages on an H100 (132 programs, 50 MiB of L2,
+    batch 256, bf16, the default groups): the group MLP's weight bytes over a tile's, capped so that the
+    whole delay's tiles fill at most half the L2; and its bounds: at least 1, at most the launch's steps."""
+    from se_fused.triton import pipelined_forward as pf
+    cdiv = se_triton._common.cdiv
+    row_blocks, tile_rows = pf.tile_rows_of(c, p, 2, 32768)
+    tile = tile_rows * c * 2
+    steps, minimum = cdiv(256 * row_blocks, 132), cdiv(group * row_blocks, 132)
+    extra = pf.default_delay_extra(2 * c * r * 2, tile, 132 * tile * arrays, steps, 50 << 20, minimum)
+    assert extra == expected
+    assert extra == 1 or (minimum + extra) * 132 * tile * arrays <= 25 << 20
+    assert pf.default_delay_extra(1, tile, tile, steps, 50 << 20, 1) == 1
+    assert pf.default_delay_extra(1 << 30, tile, 1, 7, 50 << 20, 1) == 7
+    assert pf.default_delay_extra(1 << 30, tile, 1 << 30, 7, 50 << 20, 1) == 1
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("SE_FUSED_TRITON_PATH", "cluster", "SE_FUSED_TRITON_PATH must be two_pass or pipelined"),
     ("SE_FUSED_TRITON_PIPELINE_GROUP", "0", "SE_FUSED_TRITON_PIPELINE_GROUP must be an integer >= 1"),

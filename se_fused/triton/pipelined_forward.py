@@ -351,6 +351,27 @@ def group_mlp_blocks(r: int, fp64: bool, per_sm: int = 1) -> dict:
     return dict(BLOCK_MLP_R=min(32, max(_common.TL_DOT_MIN_K, next_power_of_2(r))), BLOCK_MLP_C=64)
 
 
+def default_delay_extra(weight_bytes: int, tile_bytes: int, step_bytes: int, steps: int, l2_bytes: int,
+                        minimum: int) -> int:
+    """Steps of delay beyond the deadlock-free minimum, by default: enough that a group's MLP is done
+    before the scaling steps reach its tiles, as far as the L2 allows.
+
+    A scaling step waits for its group's ready flag, and the finishing program runs the group's MLP
+    (reading ``weight_bytes`` of weights) while the other programs stream a tile of ``tile_bytes``
+    per step. With one step beyond the minimum (the default until 2026-11-27) every scaling step
+    that reaches an unfinished group waits for the rest of its MLP, so the MLPs of successive groups
+    add up along the launch where they outlast a step: at conv5_x (1 MiB of bf16 weights, 28 KiB
+    tiles) each MLP is ~37 tiles' worth of loads, at conv4_x ~8. This asks for that many steps,
+    at least 1, at most ``steps`` (the launch's), and at most what keeps the tiles between their two
+    reads (``step_bytes`` each step: every program's tiles of every array read) within half the L2,
+    where the second read must find them, with the ``minimum`` delay: 1 / 2 / 4 / 5 steps at
+    conv2_x-conv5_x on an H100 (batch 256, bf16, forward; 1 / 2 / 2 / 2 in the backward, whose tiles
+    read two arrays). The waits this cannot hide remain; a faster group MLP is the cure
+    (docs/cuda-notes.md, "The Triton pipelined path's load blocks")."""
+    want = cdiv(weight_bytes, tile_bytes)
+    return max(1, min(want, steps, (l2_bytes // 2) // max(1, step_bytes) - minimum))
+
+
 def requested() -> bool:
     """Whether ``SE_FUSED_TRITON_PATH`` asks for this path (``pipelined``; default ``two_pass``)."""
     path = os.environ.get("SE_FUSED_TRITON_PATH", "two_pass").strip() or "two_pass"
@@ -384,7 +405,8 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     """The tiling, group, programs and delay of a pipelined launch over ``x (N, C, H, W)`` whose tiles
     read ``arrays`` tensors like ``x``. Knobs (read per call): ``SE_FUSED_TRITON_TILE_BYTES`` (bytes
     of one array per tile, default 32 KiB), ``SE_FUSED_TRITON_PIPELINE_GROUP`` (samples per MLP
-    group), ``SE_FUSED_TRITON_PIPELINE_DELAY`` (steps beyond the minimum, default 1),
+    group), ``SE_FUSED_TRITON_PIPELINE_DELAY`` (steps beyond the minimum; default
+    :func:`default_delay_extra`, 1 under the interpreter),
     ``SE_FUSED_TRITON_PIPELINE_PER_SM`` (programs per SM, default 1: with 8 warps and ~16 KiB of
     loads in flight per program, one per SM bounds the reads near 16 KiB per round trip per SM,
     ~2 TB/s on an H100; a second needs the registers of both, which the cooperative launch
@@ -403,9 +425,17 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     per_sm = _env_int("SE_FUSED_TRITON_PIPELINE_PER_SM", 1, 1)
     if _common.INTERPRETED:
         programs = 1  # the interpreter runs programs in turn: a wait on a later program would never end
+        default_extra = 1
     else:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm  # co-resident
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        programs = torch.cuda.get_device_properties(index).multi_processor_count * per_sm  # co-resident
     programs = min(programs, total, _env_int("SE_FUSED_TRITON_PIPELINE_PROGRAMS", total, 1))
+    if not _common.INTERPRETED:
+        tile_bytes = tile_rows * c * elem
+        # The weights' bytes taken in x's dtype, as a module's parameters are.
+        default_extra = default_delay_extra(2 * c * r * elem, tile_bytes, programs * tile_bytes * arrays,
+                                            cdiv(total, programs), _common._l2_bytes(index),
+                                            cdiv(group * row_blocks, programs))
     block_p, block_c = tile_blocks(c, tile_rows, _env_power_of_2("SE_FUSED_TRITON_PIPELINE_BLOCK",
                                                                   default_block_elements(acc)))
     # BLOCK_G: at least tl.dot's 16 rows (the group MLP; rows past the group are masked). BLOCK_S: the
@@ -415,7 +445,7 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
                   num_warps=8, **({} if _common.INTERPRETED else _cooperative_launch_option()))
     return Schedule(
         row_blocks=row_blocks, tile_rows=tile_rows, group=group, groups=groups, programs=programs,
-        delay=cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", 1, 0),
+        delay=cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", default_extra, 0),
         # The interpreter runs one program: a group not ready at its first poll never will be. On a
         # GPU 2^22 polls (each an L2 round trip and two barriers) are seconds; a real wait is µs.
         poll_limit=1 if _common.INTERPRETED else 1 << 22,
