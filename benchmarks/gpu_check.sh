@@ -176,6 +176,8 @@ fi
 # kernels pose now: does the pipelined path, first run here, beat the two-pass one, and with
 # which group, tile and delay? then the cluster plans, and the two-pass MLP's splits of C),
 # before the steps that only repeat what earlier records measured.
+# Each stage gets a share of the time, so the sweep reaches conv5_x; the pipelined plans (last, in a
+# table of their own) get 60% of it.
 [[ $DRY_RUN -eq 0 ]] && step_if 60 tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
 # The Triton MLP's program tiles (one tile per program since 2026-11-27, not yet run on a GPU),
 # the Triton ops against CUDA's auto and two-pass columns of the same run.

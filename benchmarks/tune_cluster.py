@@ -38,7 +38,10 @@ It tells whether a read-once path beats the two-pass one, and with which
 geometry, which is what ``auto`` needs to know before it takes one.
 The pipelined family, not yet run on a GPU, is swept last in a table of its own: a
 trap in its kernels ends the CUDA context (and the sweep) after the other families have
-covered every stage.
+covered every stage. The other families get 40% of ``--max-seconds`` when it follows, and
+within each table every stage gets an equal share of the table's time (what a stage leaves
+goes to the next), so that a short budget still reaches conv5_x; ``auto`` and ``2-pass``
+are timed in every row.
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
 [--paths pipelined,cluster,mlp-split,nchw-sums,wgrad,triton-mlp]``
@@ -133,11 +136,21 @@ def candidates(paths) -> list:
     return found
 
 
+def stage_deadline(start: float, end: float, index: int, count: int) -> float:
+    """When stage ``index`` of ``count`` must stop starting plans: an equal share of ``[start, end]`` per
+    stage, a share a stage leaves unused going to the stages after it."""
+    return start + (end - start) * (index + 1) / count
+
+
 def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
-    """Time every candidate of ``paths`` at each stage, layout and pass, and print a row per pass."""
+    """Time every candidate of ``paths`` at each stage, layout and pass, and print a row per pass. Each
+    stage gets its share of the time to ``deadline`` (:func:`stage_deadline`), so that a budget too
+    short for every plan still reaches conv5_x; ``auto`` and ``2-pass`` are timed in every row."""
     ops = torch.ops.se_fused
     print(f"{'stage':8s} {'layout':6s} {'pass':8s} {'auto':>7s} {'2-pass':>7s}  best per path (GB/s), then every plan")
-    for stage, (c, r, h, w) in STAGES.items():
+    start = time.time()
+    for index, (stage, (c, r, h, w)) in enumerate(STAGES.items()):
+        stage_end = stage_deadline(start, deadline, index, len(STAGES))
         for layout in ("NHWC", "NCHW"):
             if time.time() > deadline:
                 print("tune_cluster: time budget used up")
@@ -164,7 +177,11 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
             }
             for name, (nbytes, calls) in passes.items():
                 results = {}  # family -> {label: GB/s}
+                not_run = 0
                 for label, family, path, knobs in candidates(paths):
+                    if family and time.time() > stage_end:
+                        not_run += 1
+                        continue
                     set_path(path, **knobs)
                     fn = calls["triton" if path == "triton" else "cuda"]
                     try:
@@ -189,6 +206,8 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
                 for family in paths:
                     listing = " ".join(f"{k}:{v:.0f}" for k, v in results.get(family, {}).items())
                     print(f"{'':24s} {family}: {listing}")
+                if not_run:
+                    print(f"{'':24s} ({not_run} plans not run: the stage's share of --max-seconds was used)")
             x = g = passes = None  # free the tensors before the next layout (the lambdas hold them)
             torch.cuda.empty_cache()
     return 0
@@ -210,14 +229,16 @@ def main() -> int:
     if "triton-mlp" in paths:
         global triton_ops
         from se_fused.triton import ops as triton_ops  # Triton loads only when its family is swept
-    deadline = time.time() + args.max_seconds
+    start = time.time()
     print(f"device {torch.cuda.get_device_name()}, batch {args.batch}, {args.dtype}; GB/s of minimum traffic")
     # The pipelined kernels have not yet run on a GPU; a trap in them ends the CUDA context, so
-    # they are swept last, in a table of their own, after every other family at every stage.
+    # they are swept last, in a table of their own, after every other family at every stage. The
+    # other families get 40% of the time when the pipelined one follows (what they leave, it gets).
     status = 0
-    for group in ([p for p in paths if p != "pipelined"], [p for p in paths if p == "pipelined"]):
+    groups = ([p for p in paths if p != "pipelined"], [p for p in paths if p == "pipelined"])
+    for group, share in zip(groups, (0.4 if all(groups) else 1.0, 1.0)):
         if group:
-            status = sweep(group, args.batch, getattr(torch, args.dtype), deadline) or status
+            status = sweep(group, args.batch, getattr(torch, args.dtype), start + args.max_seconds * share) or status
     return status
 
 

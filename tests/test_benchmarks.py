@@ -292,6 +292,15 @@ def test_gpu_check_only_selects_steps():
         assert result.returncode == expected, (env, step)
 
 
+def test_tune_cluster_stage_shares(monkeypatch):
+    """tune_cluster.py gives each stage an equal share of a table's time, cumulatively (what a stage leaves
+    goes to the next), so the last stage's share ends at the table's deadline."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tune_cluster
+    ends = [tune_cluster.stage_deadline(100.0, 140.0, i, 4) for i in range(4)]
+    assert ends == [110.0, 120.0, 130.0, 140.0]
+
+
 def test_exercise_kernels_stops_at_max_seconds(monkeypatch):
     """exercise_kernels.py (what compute-sanitizer runs): every path on a shape before the next shape, and
     --max-seconds stops it before a case with exit status 3 (gpu_check's PARTIAL); the CPU rehearsal of the
