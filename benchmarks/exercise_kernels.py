@@ -109,10 +109,12 @@ def main() -> int:
         return 2
     runs = case_order(args.quick)
     failures = count = 0
+    stopped = False
     for index, ((path, knobs), shape, dtype, (cl, residual)) in enumerate(runs):
         if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
             print(f"exercise_kernels: stopped at --max-seconds {args.max_seconds:g} before case {index + 1} "
                   f"of {len(runs)} (shape {shape}); {count} cases ran")
+            stopped = True
             break
         common.set_knobs(KNOBS, path=path, **knobs)
         try:
@@ -128,13 +130,11 @@ def main() -> int:
             named = " ".join(f"{key}={value}" for key, value in knobs.items())
             print(f"MISMATCH path={path} {named} shape={shape} {dtype} "
                   f"{'NHWC' if cl else 'NCHW'} residual={residual}: max diff {diff:.3e} > {tol}")
-    else:
-        index = len(runs)
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"exercise_kernels: {count} cases on {device}, {failures} mismatches, "
           f"{time.monotonic() - started:.0f} s")
-    return 1 if failures else (3 if index < len(runs) else 0)
+    return 1 if failures else (3 if stopped else 0)
 
 
 if __name__ == "__main__":

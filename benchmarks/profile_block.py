@@ -256,8 +256,8 @@ def main(argv=None) -> int:
     try:
         for label, impl, settings in profiled:
             if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
-                print(f"profile: {label} not run (--max-seconds {args.max_seconds:g})", file=sys.stderr)
                 why = f"not run: --max-seconds {args.max_seconds:g}"
+                print(f"profile: {label} {why}", file=sys.stderr)
                 rows.extend(failed_row(row_of(label, stage, pass_name), why) for stage in stages for pass_name in passes)
                 continue
             apply_settings(settings)

@@ -103,12 +103,10 @@ def variants(everything: bool) -> Iterator[Variant]:
     for dtype, residual, channels_last, group_block, (c, p), per_sm in itertools.product(
             dtypes, (False, True), (False, True), (16, 32) if everything else (16,), stages,
             (1, 2) if everything else (1,)):
-        element_size = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
-        _, tile_rows = pipelined_forward.tile_rows_of(c, p, element_size, 32768)
-        block_p, block_c = pipelined_forward.tile_blocks(c, tile_rows, pipelined_forward.default_block_elements(
-            torch.float64 if dtype == "float64" else torch.float32))
-        pipeline_blocks = dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(c, pipelined_forward.GROUP_SUMS_BLOCK),
-                               BLOCK_G=group_block, **pipelined_forward.group_mlp_blocks(c // 16, dtype == "float64", per_sm))
+        _, tile_rows = pipelined_forward.tile_rows_of(c, p, getattr(torch, dtype).itemsize, 32768)
+        acc = torch.float64 if dtype == "float64" else torch.float32
+        pipeline_blocks = pipelined_forward.kernel_blocks(c, c // 16, tile_rows, group_block, dtype == "float64",
+                                                          per_sm, pipelined_forward.default_block_elements(acc))
         yield (pipelined_backward.pipelined_backward_kernel,
                dict(grad_out_ptr=PTR[dtype], x_ptr=PTR[dtype], out_ptr=PTR[dtype], grad_x_ptr=PTR[dtype],
                     grad_residual_ptr=PTR[dtype], w1_ptr=PTR[dtype], w2_ptr=PTR[dtype], hidden_ptr=_acc(dtype),

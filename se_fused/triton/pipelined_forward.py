@@ -351,6 +351,17 @@ def group_mlp_blocks(r: int, fp64: bool, per_sm: int = 1) -> dict:
     return dict(BLOCK_MLP_R=min(32, max(_common.TL_DOT_MIN_K, next_power_of_2(r))), BLOCK_MLP_C=64)
 
 
+def kernel_blocks(c: int, r: int, tile_rows: int, group: int, fp64: bool, per_sm: int, elements: int) -> dict:
+    """The pipelined kernels' block-shape constexprs for a launch (:func:`schedule`; compile_check
+    compiles the same): the tile's load block (:func:`tile_blocks`), the group sums' channels
+    ``BLOCK_S`` ([BLOCK_G, BLOCK_S] partial sums per load, two loads in flight), ``BLOCK_G`` (at
+    least tl.dot's 16 rows; rows past the group are masked) and the group MLP's blocks
+    (:func:`group_mlp_blocks`)."""
+    block_p, block_c = tile_blocks(c, tile_rows, elements)
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(next_power_of_2(c), GROUP_SUMS_BLOCK),
+                BLOCK_G=max(16, next_power_of_2(group)), **group_mlp_blocks(r, fp64, per_sm))
+
+
 def default_delay_extra(weight_bytes: int, tile_bytes: int, step_bytes: int, steps: int, l2_bytes: int,
                         minimum: int) -> int:
     """Steps of delay beyond the deadlock-free minimum, by default: enough that a group's MLP is done
@@ -425,27 +436,24 @@ def schedule(x: torch.Tensor, r: int, acc: torch.dtype, arrays: int) -> Schedule
     per_sm = _env_int("SE_FUSED_TRITON_PIPELINE_PER_SM", 1, 1)
     if _common.INTERPRETED:
         programs = 1  # the interpreter runs programs in turn: a wait on a later program would never end
-        default_extra = 1
     else:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         programs = torch.cuda.get_device_properties(index).multi_processor_count * per_sm  # co-resident
     programs = min(programs, total, _env_int("SE_FUSED_TRITON_PIPELINE_PROGRAMS", total, 1))
-    if not _common.INTERPRETED:
+    minimum_delay = cdiv(group * row_blocks, programs)
+    if _common.INTERPRETED:
+        default_extra = 1
+    else:
         tile_bytes = tile_rows * c * elem
         # The weights' bytes taken in x's dtype, as a module's parameters are.
         default_extra = default_delay_extra(2 * c * r * elem, tile_bytes, programs * tile_bytes * arrays,
-                                            cdiv(total, programs), _common._l2_bytes(index),
-                                            cdiv(group * row_blocks, programs))
-    block_p, block_c = tile_blocks(c, tile_rows, _env_power_of_2("SE_FUSED_TRITON_PIPELINE_BLOCK",
-                                                                  default_block_elements(acc)))
-    # BLOCK_G: at least tl.dot's 16 rows (the group MLP; rows past the group are masked). BLOCK_S: the
-    # group sums' channels, [BLOCK_G, BLOCK_S] partial sums per load (two loads in flight).
-    blocks = dict(BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(next_power_of_2(c), GROUP_SUMS_BLOCK),
-                  BLOCK_G=max(16, next_power_of_2(group)), **group_mlp_blocks(r, acc == torch.float64, per_sm),
+                                            cdiv(total, programs), _common._l2_bytes(index), minimum_delay)
+    blocks = dict(kernel_blocks(c, r, tile_rows, group, acc == torch.float64, per_sm,
+                                _env_power_of_2("SE_FUSED_TRITON_PIPELINE_BLOCK", default_block_elements(acc))),
                   num_warps=8, **({} if _common.INTERPRETED else _cooperative_launch_option()))
     return Schedule(
         row_blocks=row_blocks, tile_rows=tile_rows, group=group, groups=groups, programs=programs,
-        delay=cdiv(group * row_blocks, programs) + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", default_extra, 0),
+        delay=minimum_delay + _env_int("SE_FUSED_TRITON_PIPELINE_DELAY", default_extra, 0),
         # The interpreter runs one program: a group not ready at its first poll never will be. On a
         # GPU 2^22 polls (each an L2 round trip and two barriers) are seconds; a real wait is µs.
         poll_limit=1 if _common.INTERPRETED else 1 << 22,
