@@ -22,6 +22,7 @@ The backend's entry points (:func:`forward`, :func:`backward`) call the ops'
 functions (:func:`run_forward`, :func:`run_backward`) directly in eager mode and
 the registered ops while anything traces (:func:`runs_without_dispatcher`).
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -215,11 +216,30 @@ def runs_without_dispatcher(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
 
+def direct_launches():
+    """Context in which ``wrap_triton(kernel)[grid](...)`` launches the kernel itself.
+
+    Left on, every launch goes through the ``triton_kernel_wrapper_mutation`` higher-order op
+    (pytree walks, ``inspect.signature``, the HOP's dispatch): at a482069 (H100) that was
+    1.0-3.3 ms of host time per Triton forward or forward+backward, 4-10 launches, against 0.15-1.1 ms
+    of device time (the profile's Python rows: ``call_HOP``, ``tree_iter``). The registered ops run
+    their function the same way in eager mode (``triton_op``'s backend sets the same switch), so the
+    direct route launches the same kernels with the same arguments. Where a torch version lacks
+    the switch, the launches keep the HOP (slower, same results).
+    """
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - every torch this project supports has it
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
+
+
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
     """Backend entry point (se_fused/backends.py): the kernels, through the registered forward op
     unless :func:`runs_without_dispatcher`."""
     if runs_without_dispatcher(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
-        return run_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate)
+        with direct_launches():
+            return run_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate)
     return torch.ops.se_fused.triton_squeeze_excitation_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                                                 residual, activation, gate)
 
@@ -229,7 +249,8 @@ def backward(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale, ac
     :func:`runs_without_dispatcher`; ``grad_residual`` is ``None`` unless ``out`` is given."""
     args = (grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale)
     if runs_without_dispatcher(*args):
-        grads = run_backward(*args, activation, gate)
+        with direct_launches():
+            grads = run_backward(*args, activation, gate)
     else:
         grads = torch.ops.se_fused.triton_squeeze_excitation_backward(*args, activation, gate)
     return (grads[0], grads[1] if out is not None else None) + tuple(grads[2:])
