@@ -15,8 +15,9 @@ stage shape, pass and implementation:
   the N Python functions with the most own time per call (``cProfile``), which
   says where a host-bound call (the Triton backend's) spends it.
 
-On CUDA the fused backends run as shipped, the CUDA backend with its MLP in the tiled
-kernel (``SE_FUSED_CUDA_MLP=tiled``), and both on their pipelined paths
+On CUDA the fused backends run as shipped, the CUDA backend with its MLP in the rows and
+columns kernels and in the tiled kernel (``SE_FUSED_CUDA_MLP=kernels`` / ``=tiled``; as shipped
+it takes one of the two by the shape), and both on their pipelined paths
 (``SE_FUSED_CUDA_PATH=pipelined``, ``SE_FUSED_TRITON_PATH=pipelined`` with one and
 two programs per SM: read once, the re-read from L2), and with ``--all-variants``
 also with the CUDA MLP as ATen ops (``SE_FUSED_CUDA_MLP=aten``) and both two-pass
@@ -89,10 +90,11 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
         return ([("cpu", "cpu", {})] if "cpu" in usable else []) + [("eager", "eager", {})]
     shipped, settled, unmeasured, pipelined = [], [], [], []
     if "cuda" in usable:
-        shipped.append(("cuda", "cuda", {"mlp": "kernels"}))
+        shipped.append(("cuda", "cuda", {}))
+        # The MLP's two forms side by side (the shipped row takes one of them by the shape).
         settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
-                    ("cuda/l2-chunks", "cuda", {"mlp": "kernels", "cuda_chunk_bytes": "l2"})]
-        unmeasured.append(("cuda/tiled-mlp", "cuda", {"mlp": "tiled"}))
+                    ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2"})]
+        unmeasured += [("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"})]
         pipelined.append(("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).

@@ -20,7 +20,8 @@ GB/s of the pass's minimum traffic (SPEC §4):
   (``SE_FUSED_CUDA_MLP_ROW_TILES``; 1 by default), ``k1024`` or ``k256xr4``:
   fewer, longer blocks (the MLP kernels are 50 of the forward's 112 us at conv5_x);
   ``tiled``: the MLP's products in the tiled kernel instead (``SE_FUSED_CUDA_MLP=tiled``;
-  tiles of samples by outputs, as a GEMM);
+  tiles of samples by outputs, as a GEMM; the ``2-pass`` column takes it by the shape:
+  C*R >= 32768 and N >= 32);
 * nchw-sums: the two-pass path with ``SE_FUSED_CUDA_NCHW_SUMS=staged`` (NCHW channel
   sums through shared memory where H*W is not a multiple of the vector: conv4_x and
   conv5_x in 16-bit dtypes; the NHWC rows repeat the two-pass path).
@@ -123,9 +124,11 @@ def candidates(paths) -> list:
         found += [(p, "cluster", "cluster", dict(plan=p)) for p in PLANS]
         found += [(f"{p}/1", "cluster", "cluster", dict(plan=p, cluster_buffers="1")) for p in PLANS]
     if "mlp-split" in paths:
+        # The split and row tiles apply to the rows kernels, which the shape may not choose.
         found += [(f"k{k}" + (f"xr{t}" if t > 1 else ""), "mlp-split", "two_pass",
-                   dict(mlp_split=str(k), mlp_row_tiles=str(t))) for k, t in MLP_PLANS]
-        found.append(("tiled", "mlp-split", "two_pass", dict(mlp="tiled")))
+                   dict(mlp="kernels", mlp_split=str(k), mlp_row_tiles=str(t))) for k, t in MLP_PLANS]
+        found += [("rows", "mlp-split", "two_pass", dict(mlp="kernels")),
+                  ("tiled", "mlp-split", "two_pass", dict(mlp="tiled"))]
     if "nchw-sums" in paths:
         found.append(("staged", "nchw-sums", "two_pass", dict(nchw_sums="staged")))
     if "wgrad" in paths:

@@ -8,7 +8,7 @@ persistent clusters capped with ``SE_FUSED_CUDA_CLUSTERS`` and their chunk buffe
 with ``SE_FUSED_CUDA_CLUSTER_BUFFERS``), the two-pass path over the
 batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``), the pipelined path's schedule
 (``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``),
-each excitation MLP (``SE_FUSED_CUDA_MLP=kernels|aten|tiled``), its splits of C and row
+each excitation MLP (``SE_FUSED_CUDA_MLP=auto|kernels|aten|tiled``), its splits of C and row
 tiles per block (``SE_FUSED_CUDA_MLP_SPLIT``, ``SE_FUSED_CUDA_MLP_ROW_TILES``), the NCHW
 channel sums through shared memory (``SE_FUSED_CUDA_NCHW_SUMS=staged``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
@@ -217,6 +217,7 @@ MLP_SPLIT_SHAPES = (SEShape(70, 600, 40, 5, 5), SEShape(5, 2048, 128, 7, 7))
 @pytest.mark.parametrize("residual,activation,gate", VARIANTS[1:3], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[1:3]])
 def test_two_pass_mlp_split(cuda_path, monkeypatch, shape, split, dtype, residual, activation, gate):
     cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP", "kernels")  # the split applies to the rows and columns kernels
     monkeypatch.setenv("SE_FUSED_CUDA_MLP_SPLIT", str(split))
     check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
 
@@ -234,6 +235,7 @@ ROW_TILE_SHAPES = (SEShape(70, 600, 40, 5, 5), SEShape(5, 2048, 128, 7, 7), SESh
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_two_pass_mlp_row_tiles_keep_bits(cuda_path, monkeypatch, shape, row_tiles, split, dtype):
     cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP", "kernels")
     monkeypatch.setenv("SE_FUSED_CUDA_MLP_SPLIT", str(split))
     inputs = make_se_inputs(shape, dtype, "channels_last", "cuda", True, "silu", "sigmoid")
     check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_MLP_ROW_TILES", str(row_tiles))
@@ -257,6 +259,28 @@ def test_two_pass_tiled_mlp(cuda_path, monkeypatch, shape, dtype, residual, acti
     cuda_path("two_pass")
     monkeypatch.setenv("SE_FUSED_CUDA_MLP", "tiled")
     check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
+
+
+# SE_FUSED_CUDA_MLP unset (auto): the tiled kernel where C*R >= 32768 and N >= 32, else the rows and
+# columns kernels. The two give other bits at these shapes (other splits of C, another order), so
+# each case's bits equal those of the choice forced and would differ from the other's. Both sides
+# of each bound: C*R at 32768 and 16384 (N = 32), and N at 32 and 31 (C*R = 65536).
+AUTO_MLP_CASES = [(SEShape(32, 1024, 32, 2, 2), "tiled"), (SEShape(32, 512, 32, 2, 2), "kernels"),
+                  (SEShape(32, 1024, 64, 3, 3), "tiled"), (SEShape(31, 1024, 64, 3, 3), "kernels")]
+
+
+@pytest.mark.parametrize("shape,chosen", AUTO_MLP_CASES, ids=[f"{s.id}-{c}" for s, c in AUTO_MLP_CASES])
+def test_two_pass_auto_mlp_choice(cuda_path, monkeypatch, shape, chosen):
+    cuda_path("two_pass")
+    inputs = make_se_inputs(shape, torch.bfloat16, "channels_last", "cuda", True, "silu", "sigmoid")
+    check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_MLP", chosen)
+    other = "kernels" if chosen == "tiled" else "tiled"
+    monkeypatch.setenv("SE_FUSED_CUDA_MLP", other)
+    forced_other = backend_se(inputs, "cuda")
+    monkeypatch.delenv("SE_FUSED_CUDA_MLP")
+    auto = backend_se(inputs, "cuda")
+    assert any(not torch.equal(auto[key], t) for key, t in forced_other.items()), \
+        f"auto and SE_FUSED_CUDA_MLP={other} gave the same bits: the test cannot tell the two apart here"
 
 
 # SE_FUSED_CUDA_WGRAD_TILES=wide: the weight gradients in tiles kThreads columns wide, as up to
@@ -361,7 +385,7 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "many", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
     ("two_pass", "SE_FUSED_CUDA_MLP_ROW_TILES", "0", r"SE_FUSED_CUDA_MLP_ROW_TILES must be an integer in \[1, 65536\]"),
     ("two_pass", "SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"),
-    ("two_pass", "SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be kernels, aten or tiled"),
+    ("two_pass", "SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be auto, kernels, aten or tiled"),
     ("two_pass", "SE_FUSED_CUDA_WGRAD_TILES", "narrow", "SE_FUSED_CUDA_WGRAD_TILES must be fit or wide")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):
     if path == "cluster" and not _cluster_capable():

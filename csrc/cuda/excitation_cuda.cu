@@ -798,11 +798,28 @@ int mlp_row_tiles() {
                                            "an integer in [1, 65536]"));
 }
 
-// Which MLP products run (SE_FUSED_CUDA_MLP): the rows and columns kernels (the default), the
-// tiled kernel, or the ATen ops (excitation_kernels_apply says no).
+// Which MLP products run (SE_FUSED_CUDA_MLP): by the shape (auto, the default), the rows and
+// columns kernels, the tiled kernel, or the ATen ops (excitation_kernels_apply says no).
+//
+// auto takes the tiled kernel where the weights are large and the batch fills its sample tiles:
+// the rows kernels read each weight once per 8 samples, the tiled kernel once per 32 or 64, for
+// one more launch. Measured side by side (H100 a482069, batch 256 bf16 NHWC, profile_block.py's
+// cuda and cuda/tiled-mlp rows, MLP kernels' device time): C x R = 4096 and 16384 (conv2_x,
+// conv3_x) 7.5 / 10.9 us for the rows kernels against 11.5 / 12.9 tiled; 65536 and 262144
+// (conv4_x, conv5_x) 20.0 / 50.0 against 16.2 / 23.9 (the conv5_x forward 0.112 -> 0.086 ms, its
+// forward+backward 0.262 -> 0.221 ms). The threshold lies between the two measured pairs; the batch
+// bound (one 32-sample tile) is not measured: below it the tiled blocks are mostly padding while
+// the rows kernels read the weights at most 4 times. From the shape only, so the bits do not depend
+// on the GPU.
 enum class MlpKernels : int { kRowsColumns = 0, kAten = 1, kTiled = 2 };
-MlpKernels mlp_kernels() {
-  return static_cast<MlpKernels>(choice_from_env("SE_FUSED_CUDA_MLP", {"kernels", "aten", "tiled"}, 0));
+constexpr int64_t kTiledMinWeights = 32768, kTiledMinBatch = kTileThreadsN * kTiledSamplesOverC;
+MlpKernels mlp_kernels(const SEProblem& p) {
+  const int choice = choice_from_env("SE_FUSED_CUDA_MLP", {"auto", "kernels", "aten", "tiled"}, 0);
+  if (choice == 0) {
+    const bool tiled = p.C * p.R >= kTiledMinWeights && p.N >= kTiledMinBatch;
+    return tiled ? MlpKernels::kTiled : MlpKernels::kRowsColumns;
+  }
+  return static_cast<MlpKernels>(choice - 1);
 }
 
 // k values per split of C in the tiled products over C (fc1 forward, W2^T dv backward): enough
@@ -838,7 +855,7 @@ struct MlpLaunch {
         C(static_cast<int>(p.C)),
         act(static_cast<int>(p.activation)),
         gate(static_cast<int>(p.gate)),
-        tiled(mlp_kernels() == MlpKernels::kTiled),
+        tiled(mlp_kernels(p) == MlpKernels::kTiled),
         k_split(tiled ? tiled_k_split(p.N, p.R, p.C) : mlp_k_split()),
         row_tiles(mlp_row_tiles()),
         groups(ceil_div(p.N, kSamples)),
@@ -889,7 +906,7 @@ void launch_tiled_split_sums(const MlpLaunch& m, const float* aux, at::Tensor& o
 
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
                               std::initializer_list<const at::Tensor*> params) {
-  if (mlp_kernels() == MlpKernels::kAten) return false;
+  if (mlp_kernels(p) == MlpKernels::kAten) return false;
   if (pooled.scalar_type() != at::kFloat) return false;  // float64 inputs keep the ATen ops
   // Grid limit (65535): sample groups along gridDim.z.
   if (pooled.size(0) > int64_t(65535) * kSamples) return false;

@@ -1018,7 +1018,9 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 // the device's L2, so that pass 2 re-reads a chunk from L2 instead of HBM. Off by default:
 // the scale pass does read faster from L2, but each chunk pays its own MLP launches
 // (profile_block.py's cuda/l2-chunks row, H100 dd6c3b3: conv2_x forward 0.610 against
-// 0.447 ms in one chunk), as the Triton backend had measured (H200, 3c2a7b3).
+// 0.447 ms in one chunk), as the Triton backend had measured (H200, 3c2a7b3). The MLP's form
+// (mlp_kernels) follows the chunk's samples, so a chunked batch may take the rows kernels where
+// the whole batch takes the tiled one: other bits.
 int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
   constexpr const char* kName = "SE_FUSED_CUDA_CHUNK_BYTES";
   const char* env = std::getenv(kName);
