@@ -41,6 +41,7 @@ START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}   # leave room under the device call's limit
 SUMMARY=()
 FAILED=0
+LAST_STATUS=""
 export PYTHONUNBUFFERED=1 SE_FUSED_CUDA_VERBOSE=${SE_FUSED_CUDA_VERBOSE:-0}
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -62,6 +63,7 @@ step() {
   elif [[ $rc -eq 3 && ( $name == memcheck || $name == racecheck ) ]]; then
     status="PARTIAL"; FAILED=1   # exercise_kernels stopped at --max-seconds: the cases before were checked
   elif [[ $rc -ne 0 ]]; then status="FAIL(rc=$rc)"; FAILED=1; fi
+  LAST_STATUS=$status
   SUMMARY+=("$(printf '%-16s %-14s %4ss' "$name" "$status" "$(( $(date +%s) - t0 ))")")
   echo "=== [$name] $status" | tee -a "$LOG"
   return 0
@@ -125,11 +127,27 @@ tree_hash() {
 }
 SE_FUSED_TREE=$(tree_hash)
 step env 30 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'; echo commit \$SE_FUSED_COMMIT, tree $SE_FUSED_TREE"
+# The extension is built again only when its sources or build settings changed since the last
+# build of this folder: a second call on a warm machine keeps the ignored build outputs, and at
+# a482069 that call spent 71 s of device time rebuilding the same sources.
+ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
+BUILD_STAMP=build/gpu_check-build.stamp
+build_key() {
+  { find csrc -type f -print0 | sort -z | xargs -0 sha256sum; sha256sum setup.py pyproject.toml
+    echo "arch $ARCH"; "$PY" -c 'import sys, torch; print(sys.version, torch.__version__)'; } | sha256sum | cut -d' ' -f1
+}
+BUILD_KEY=$(build_key)
+CHECK_BUILT=("$PY" -c "import se_fused._C, se_fused._ops as o; print('extension present; CUDA kernels built:', o.cuda_kernels_built())")
 if [[ $DRY_RUN -eq 1 ]]; then
-  step build 60 "$PY" -c "import se_fused._C, se_fused._ops as o; print('extension present; CUDA kernels built:', o.cuda_kernels_built())"
+  step build 60 "${CHECK_BUILT[@]}"
+elif [[ -f $BUILD_STAMP && "$(cat "$BUILD_STAMP")" == "$BUILD_KEY" ]] && compgen -G "se_fused/_C*.so" >/dev/null; then
+  echo "build: the extension in se_fused/ was built from these sources (stamp $BUILD_STAMP)" | tee -a "$LOG"
+  step build 60 "${CHECK_BUILT[@]}"
 else
-  step build 240 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+  rm -f "$BUILD_STAMP"
+  step build 240 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -q -e .
+  [[ $LAST_STATUS == ok ]] && mkdir -p build && echo "$BUILD_KEY" > "$BUILD_STAMP"
 fi
 step info 60 "$PY" -m se_fused
 if [[ $DRY_RUN -eq 0 ]]; then
@@ -142,9 +160,25 @@ if "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN -eq 0 ]]; then XDIST=(-n 1
 # The pipelined paths' tests (CUDA and Triton; their kernels have not yet run on a GPU) in a
 # process of their own, after the rest: a trap ends a process's CUDA context, and every later
 # test in that process would fail with it.
-PYTEST=("$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TEST_FILES[@]}")
+# A test that hangs fails alone (pytest-timeout, where installed), and each failed or crashed
+# test's id is written as it is reported (tests/conftest.py, SE_FUSED_FAILURES_FILE) and listed
+# after the step: at a482069 a worker's crash and a pytest that never exited took the summary with them.
+TIMEOUT_ARGS=()
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_ARGS=(--timeout 120); fi
+export SE_FUSED_FAILURES_FILE="$WORK/failures.txt"
+PYTEST=("$PY" -m pytest -q -rfE --no-header -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT_ARGS[@]}" "${TEST_FILES[@]}")
+# show_failures NAME: the tests step NAME's failed test ids, as reported.
+show_failures() {
+  if [[ -s $SE_FUSED_FAILURES_FILE ]]; then
+    echo "=== [$1] failed or crashed tests:" | tee -a "$LOG"
+    tee -a "$LOG" < "$SE_FUSED_FAILURES_FILE"
+  fi
+  rm -f "$SE_FUSED_FAILURES_FILE"
+}
 step tests 170 "${PYTEST[@]}" -k "($TEST_K) and not pipelined"
+show_failures tests
 step tests-pipelined 90 "${PYTEST[@]}" -k "($TEST_K) and pipelined"
+show_failures tests-pipelined
 
 # --- 3. benchmarks and the record ---------------------------------------------
 step bench-block 130 "$PY" benchmarks/bench_block.py --quick "${DEVICE_ARGS[@]}" --out "$WORK" --json-name block.json --no-progress

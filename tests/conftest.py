@@ -128,6 +128,16 @@ SKIPPED_DEVICE_BACKENDS = tuple(pytest.param((d, b), id=f"{d}-{b}",
                                 for d, b in ALL_DEVICE_BACKENDS if why_not_run(d, b) is not None)
 
 
+def pytest_runtest_logreport(report):
+    """With ``SE_FUSED_FAILURES_FILE`` set, append each failed test's id to that file as it is
+    reported (with pytest-xdist, in the controller, a crashed worker's test included), so that
+    benchmarks/gpu_check.sh can name it even when pytest is killed before its summary."""
+    path = os.environ.get("SE_FUSED_FAILURES_FILE")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # xdist: the controller writes
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{report.nodeid} ({report.when})\n")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_generate_tests(metafunc):
     """Parametrize the ``se_*`` fixture names a test asks for (unless it parametrizes them itself).

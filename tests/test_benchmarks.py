@@ -292,6 +292,48 @@ def test_gpu_check_only_selects_steps():
         assert result.returncode == expected, (env, step)
 
 
+def test_gpu_check_build_key_follows_the_sources(tmp_path):
+    """gpu_check.sh skips the build when its stamp holds the sources' key: the key must change with any
+    file under csrc/ (a new one too) and the build settings, and only with them."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    build_key = re.search(r"^build_key\(\) \{\n.*?^\}\n", script, re.S | re.M).group(0)
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    for name in ("setup.py", "pyproject.toml", "csrc/ops.cpp", "csrc/cuda/kernel.cu", "README.md"):
+        (tmp_path / name).write_text(name)
+
+    def key(arch="9.0"):
+        result = subprocess.run(["bash", "-c", build_key + "build_key"], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PY": sys.executable, "ARCH": arch})
+        assert result.returncode == 0 and len(result.stdout.strip()) == 64, result.stderr
+        return result.stdout.strip()
+
+    first = key()
+    assert key() == first
+    (tmp_path / "README.md").write_text("changed")
+    assert key() == first, "a file the build does not read changed the key"
+    keys = {first}
+    for change in ("csrc/cuda/kernel.cu", "csrc/cuda/new.cuh", "setup.py"):
+        (tmp_path / change).write_text("changed")
+        keys.add(key())
+    keys.add(key(arch="9.0a"))
+    assert len(keys) == 5, "a source or the architecture changed and the key did not"
+
+
+def test_failures_file_names_failed_tests(tmp_path, monkeypatch):
+    """tests/conftest.py appends each failed report's id to SE_FUSED_FAILURES_FILE (gpu_check.sh lists
+    them after a tests step), once: in an xdist worker it leaves the writing to the controller."""
+    from types import SimpleNamespace
+    from tests.conftest import pytest_runtest_logreport
+    path = tmp_path / "failures.txt"
+    monkeypatch.setenv("SE_FUSED_FAILURES_FILE", str(path))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="tests/a.py::passed", when="call"))
+    pytest_runtest_logreport(SimpleNamespace(failed=True, nodeid="tests/a.py::crashed[x]", when="???"))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    pytest_runtest_logreport(SimpleNamespace(failed=True, nodeid="tests/a.py::in_worker", when="call"))
+    assert path.read_text().splitlines() == ["tests/a.py::crashed[x] (???)"]
+
+
 def test_tune_cluster_stage_shares(monkeypatch):
     """tune_cluster.py gives each stage an equal share of a table's time, cumulatively (what a stage leaves
     goes to the next), so the last stage's share ends at the table's deadline."""
