@@ -24,7 +24,8 @@
 #
 # GPU_CHECK_SKIP="racecheck bench-nchw ..." skips the named steps (a shorter run, for
 # a second look within one session's device time); GPU_CHECK_ONLY="memcheck racecheck ..."
-# runs only the named steps beside env, build, info and usable; GPU_CHECK_BUDGET_S sets the budget.
+# runs only the named steps beside env, build, info and usable; GPU_CHECK_BUDGET_S sets the budget;
+# GPU_CHECK_TUNE_S the tune step's sweep time.
 set -uo pipefail
 
 DRY_RUN=0
@@ -212,7 +213,9 @@ fi
 # before the steps that only repeat what earlier records measured.
 # Each stage gets a share of the time, so the sweep reaches conv5_x; the pipelined plans (last, in a
 # table of their own) get 60% of it.
-[[ $DRY_RUN -eq 0 ]] && step_if 60 tune 50 "$PY" benchmarks/tune_cluster.py --max-seconds 40
+# GPU_CHECK_TUNE_S (default 40) sets the sweep's time, for a call that runs little else.
+TUNE_S=${GPU_CHECK_TUNE_S:-40}
+[[ $DRY_RUN -eq 0 ]] && step_if $(( TUNE_S + 20 )) tune $(( TUNE_S + 10 )) "$PY" benchmarks/tune_cluster.py --max-seconds "$TUNE_S"
 # The Triton MLP's program tiles (one tile per program since 2026-11-27, not yet run on a GPU),
 # the Triton ops against CUDA's auto and two-pass columns of the same run.
 [[ $DRY_RUN -eq 0 ]] && step_if 45 tune-triton 35 "$PY" benchmarks/tune_cluster.py --paths triton-mlp --max-seconds 25
