@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 import zlib
@@ -40,17 +41,19 @@ import se_fused
 # chunk_bytes 1: the two-pass path one sample per chunk; pipeline_blocks, tile_bytes, pipeline_mlp:
 # the pipelined path's CTAs, tiles and group MLP; mlp_split, mlp_row_tiles: the two-pass MLP kernels'
 # splits of C and row tiles per block; nchw_sums "staged": the NCHW channel sums through shared
-# memory where H*W is not a multiple of the vector; mlp "tiled": the MLP's products in the tiled kernel.
+# memory where H*W is not a multiple of the vector; mlp "tiled": the MLP's products in the tiled kernel;
+# pipeline_trace: the pipelined kernels' trace stores (written to the null device).
 CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(mlp_split=512, mlp_row_tiles=3)),
          ("two_pass", dict(nchw_sums="staged")), ("two_pass", dict(mlp="tiled")),
          ("cluster", {}), ("cluster", dict(plan="2,4")), ("cluster", dict(plan="4,1")), ("cluster", dict(plan="1,2")),
          ("cluster", dict(plan="2,1", clusters=1)), ("cluster", dict(plan="1,2", clusters=1, cluster_buffers=1)),
          ("pipelined", {}), ("pipelined", dict(pipeline_blocks=2, tile_bytes=1024)),
-         ("pipelined", dict(pipeline_mlp="direct"))]
+         ("pipelined", dict(pipeline_mlp="direct")),
+         ("pipelined", dict(pipeline_blocks=2, tile_bytes=1024, pipeline_trace=os.devnull))]
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
          "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
-         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP")
+         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its

@@ -207,6 +207,12 @@ if [[ -f "$WORK/profile.json" ]]; then
   step predictions 20 "$PY" benchmarks/check_predictions.py "$WORK/profile.json"
 fi
 
+# --- 3a. the CUDA pipelined path's per-step trace (SE_FUSED_CUDA_PIPELINE_TRACE): which phase
+# holds its steps up (at a482069 it took 2.6-42x the two-pass path's time); the summaries go into
+# the log. One forward and one backward per stage, about 20 s.
+[[ $DRY_RUN -eq 0 ]] && step_if 40 trace-pipelined 40 "$PY" benchmarks/pipeline_trace.py run \
+  --stages conv2_x,conv4_x,conv5_x --out "$WORK/trace"
+
 # --- 3b. the read-once paths' geometry sweep against the two-pass path (the question the
 # kernels pose now: does the pipelined path, first run here, beat the two-pass one, and with
 # which group, tile and delay? then the cluster plans, and the two-pass MLP's splits of C),

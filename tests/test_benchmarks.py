@@ -334,6 +334,36 @@ def test_failures_file_names_failed_tests(tmp_path, monkeypatch):
     assert path.read_text().splitlines() == ["tests/a.py::crashed[x] (???)"]
 
 
+def test_pipeline_trace_summary(tmp_path):
+    """pipeline_trace.py's phases from a trace as the kernels write it (two CTAs, delay 1): CTA 1 runs
+    the MLP at step 0 (6 us) and starts step 1 late; CTA 0 waits for it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import pipeline_trace
+    us = 1000
+    rows = [  # cta, step, start, reduced, finished, ready, scaled (ns; 0: no such point)
+        (0, 0, 1 * us, 3 * us, 0, 0, 0),
+        (1, 0, 1 * us, 4 * us, 10 * us, 0, 0),
+        (0, 1, 3 * us, 5 * us, 0, 10 * us, 12 * us),
+        (1, 1, 10 * us, 12 * us, 0, 12 * us, 14 * us),
+        (0, 2, 12 * us, 0, 0, 13 * us, 15 * us),
+    ]
+    path = tmp_path / "trace.csv"
+    path.write_text("# se_fused pipelined forward N=2 C=8 R=2 HW=4 G=1 tiles=1 blocks=2 delay=1 mlp_block=8\n"
+                    "cta,step,start,reduced,finished,ready,scaled\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    trace = pipeline_trace.read_trace(path)
+    assert trace.plan.startswith("se_fused pipelined forward N=2")
+    got = pipeline_trace.phases(trace)
+    assert got.reduce == [2.0, 3.0, 2.0, 2.0]
+    assert got.mlp == [6.0]
+    assert got.wait == [5.0, 0.0, 1.0]  # CTA 0 waits from its reduction (5) to the flag (10)
+    assert got.scale == [2.0, 2.0, 2.0]
+    assert pipeline_trace.span_us(trace) == 14.0
+    # Step 1's median start is 6.5 us: CTA 1, which ran the MLP, began it 3.5 us after.
+    assert pipeline_trace.finisher_lateness(trace) == [3.5]
+    text = pipeline_trace.summarize(trace)
+    assert "mlp" in text and "3.5 us" in text
+
+
 def test_tune_cluster_stage_shares(monkeypatch):
     """tune_cluster.py gives each stage an equal share of a table's time, cumulatively (what a stage leaves
     goes to the next), so the last stage's share ends at the table's deadline."""

@@ -171,6 +171,38 @@ def test_pipelined_schedule(cuda_path, monkeypatch, name, value, shape, dtype, m
     check_knob_keeps_bits(monkeypatch, inputs, name, value)
 
 
+# SE_FUSED_CUDA_PIPELINE_TRACE: the per-step timeline benchmarks/pipeline_trace.py reads. The trace
+# leaves the bits alone; the file (the backward's: each traced launch rewrites it) holds every CTA's
+# steps, each point where its step has one and in order, and one MLP per group.
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_pipelined_trace(cuda_path, monkeypatch, tmp_path, memory_format):
+    import re
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import pipeline_trace
+
+    cuda_path("pipelined")
+    monkeypatch.setenv("SE_FUSED_CUDA_PIPELINE_BLOCKS", "5")  # several steps per CTA and a partial last one
+    inputs = make_se_inputs(SEShape(7, 64, 4, 12, 12), torch.bfloat16, memory_format, "cuda", True, "silu", "sigmoid")
+    path = tmp_path / "trace.csv"
+    check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_PIPELINE_TRACE", str(path))
+    trace = pipeline_trace.read_trace(path)
+    plan = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", trace.plan)}
+    assert "backward" in trace.plan and plan["N"] == 7 and plan["blocks"] == 5
+    total = plan["N"] * plan["tiles"]
+    for cta in range(plan["blocks"]):
+        rows = sorted((r for r in trace.rows if r["cta"] == cta), key=lambda r: r["step"])
+        steps = (total - cta + plan["blocks"] - 1) // plan["blocks"]
+        assert [r["step"] for r in rows] == list(range(steps + plan["delay"])), cta
+        for r in rows:
+            assert (r["reduced"] > 0) == (r["step"] < steps) and (r["ready"] > 0) == (r["step"] >= plan["delay"]), r
+            points = [r[p] for p in pipeline_trace.POINTS if r[p] > 0]
+            assert points == sorted(points) and r["start"] == points[0], r
+    groups = -(-plan["N"] // plan["G"])
+    assert sum(1 for r in trace.rows if r["finished"]) == groups
+
+
 # The group MLP of the pipelined path is staged (weights streamed through shared memory)
 # wherever C is a multiple of 4; SE_FUSED_CUDA_PIPELINE_MLP=direct runs the cluster path's
 # layer functions instead (the default where C is not, e.g. C = 7 and 33 above).

@@ -79,7 +79,11 @@ __device__ __forceinline__ void run_pipeline(const PipelineGeometry& geo, const 
   __shared__ unsigned finishing;
   const int64_t total = geo.N * geo.tiles, grid = gridDim.x;
   const int64_t steps = (total - blockIdx.x + grid - 1) / grid;  // the host launches at most `total` CTAs
+  const bool tracing = work.trace != nullptr && threadIdx.x == 0;
   for (int64_t step = 0; step < steps + geo.delay; ++step) {
+    unsigned long long* const trace =
+        tracing ? work.trace + (static_cast<int64_t>(blockIdx.x) * work.trace_steps + step) * kTracePoints : nullptr;
+    if (trace != nullptr) trace[kTraceStart] = global_timer_ns();
     if (step < steps) {
       const PipelineTile t = locate_tile(geo, step * grid + blockIdx.x);
       __syncthreads();  // the previous step's shared memory is free
@@ -90,6 +94,7 @@ __device__ __forceinline__ void run_pipeline(const PipelineGeometry& geo, const 
         const unsigned expected = static_cast<unsigned>(min(static_cast<int64_t>(geo.G), geo.N - first) * geo.tiles);
         __threadfence();
         finishing = fetch_add_acq_rel_gpu(work.arrivals + t.group, 1u) + 1u == expected ? 1u : 0u;
+        if (trace != nullptr) trace[kTraceReduced] = global_timer_ns();
       }
       __syncthreads();
       if (finishing != 0u) {  // uniform across the CTA
@@ -98,14 +103,19 @@ __device__ __forceinline__ void run_pipeline(const PipelineGeometry& geo, const 
         if (threadIdx.x == 0) {
           __threadfence();
           store_release_gpu(work.ready + t.group, 1u);
+          if (trace != nullptr) trace[kTraceFinished] = global_timer_ns();
         }
       }
     }
     if (step >= geo.delay) {
       const PipelineTile t = locate_tile(geo, (step - geo.delay) * grid + blockIdx.x);
-      if (threadIdx.x == 0) wait_ready(work.ready + t.group);
+      if (threadIdx.x == 0) {
+        wait_ready(work.ready + t.group);
+        if (trace != nullptr) trace[kTraceReady] = global_timer_ns();
+      }
       __syncthreads();
       excite(t);
+      if (trace != nullptr) trace[kTraceScaled] = global_timer_ns();
     }
   }
 }

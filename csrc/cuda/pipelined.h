@@ -54,12 +54,26 @@ struct PipelineGeometry {
   ClusterGeometry mlp; // the MLP's view (K = M = 1, G samples) for the cluster path's layer functions
 };
 
+// SE_FUSED_CUDA_PIPELINE_TRACE (a diagnosis, benchmarks/pipeline_trace.py): per CTA and step,
+// thread 0's %globaltimer (ns) at these points, 0 where the step had no such point.
+enum PipelineTracePoint : int {
+  kTraceStart = 0,   // the step begins
+  kTraceReduced,     // its tile reduced and its arrival counted (0: no tile left to reduce)
+  kTraceFinished,    // the group MLP it ran and the ready flag released (0: it finished no group)
+  kTraceReady,       // the ready flag of the tile it scales seen (0: no tile to scale yet)
+  kTraceScaled,      // that tile scaled
+  kTracePoints
+};
+
 // Global scratch a launch needs (from PyTorch's allocator):
-// partial: float (N, row_blocks, C); sync: int32 (2 * groups), zeroed (arrivals, ready flags).
+// partial: float (N, row_blocks, C); sync: int32 (2 * groups), zeroed (arrivals, ready flags);
+// trace: nullptr, or int64 (grid, trace_steps, kTracePoints), zeroed.
 struct PipelineWorkspace {
   float* partial;
   unsigned* arrivals;
   unsigned* ready;
+  unsigned long long* trace;
+  int trace_steps;  // ceil(N * tiles / grid) + delay: the longest CTA's steps
 };
 
 // The kernel a (dtype, layout) pair runs, for occupancy queries.

@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -985,19 +986,53 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
 }
 
 // The pipelined path's global scratch: partial sums, and the zeroed arrival counters and
-// ready flags (one launch of a fill kernel; no host synchronisation).
+// ready flags (one launch of a fill kernel; no host synchronisation); with
+// SE_FUSED_CUDA_PIPELINE_TRACE=<file>, the zeroed trace of `blocks` CTAs' steps.
 struct PipelineBuffers {
-  at::Tensor partial, sync;
+  at::Tensor partial, sync, trace;
   PipelineWorkspace work;
 };
-PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, const at::TensorOptions& float_options) {
+PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, int blocks, const at::TensorOptions& float_options) {
   PipelineBuffers b;
   const int64_t groups = (geo.N + geo.G - 1) / geo.G;
   b.partial = at::empty({geo.N * geo.row_blocks * geo.C}, float_options);
   b.sync = at::zeros({2 * groups}, float_options.dtype(at::kInt));
   unsigned* sync = reinterpret_cast<unsigned*>(b.sync.mutable_data_ptr<int>());
-  b.work = PipelineWorkspace{b.partial.mutable_data_ptr<float>(), sync, sync + groups};
+  b.work = PipelineWorkspace{b.partial.mutable_data_ptr<float>(), sync, sync + groups, nullptr, 0};
+  if (const char* path = std::getenv("SE_FUSED_CUDA_PIPELINE_TRACE"); path != nullptr && *path != '\0') {
+    const int64_t steps = (geo.N * geo.tiles + blocks - 1) / blocks + geo.delay;
+    TORCH_CHECK(steps < INT_MAX, "se_fused: pipelined trace too long");
+    b.trace = at::zeros({blocks * steps * kTracePoints}, float_options.dtype(at::kLong));
+    b.work.trace = reinterpret_cast<unsigned long long*>(b.trace.mutable_data_ptr<int64_t>());
+    b.work.trace_steps = static_cast<int>(steps);
+  }
   return b;
+}
+
+// SE_FUSED_CUDA_PIPELINE_TRACE=<file>: after the launch (the copy to the host waits for it), the
+// trace as CSV, one row per CTA and step, under a line with the plan; each traced call rewrites
+// the file. For benchmarks/pipeline_trace.py: where a step's time goes, and whose MLP others wait for.
+void write_pipeline_trace(const PipelineBuffers& b, const PipelineGeometry& geo, int blocks, bool backward) {
+  if (!b.trace.defined()) return;
+  const char* path = std::getenv("SE_FUSED_CUDA_PIPELINE_TRACE");
+  const at::Tensor host = b.trace.cpu();
+  const std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path, "w"), &std::fclose);
+  TORCH_CHECK(file != nullptr, "se_fused: cannot write SE_FUSED_CUDA_PIPELINE_TRACE=", path);
+  std::fprintf(file.get(), "# se_fused pipelined %s N=%lld C=%d R=%d HW=%d G=%d tiles=%d blocks=%d delay=%d mlp_block=%d\n",
+               backward ? "backward" : "forward", static_cast<long long>(geo.N), geo.C, geo.R, geo.P, geo.G,
+               geo.tiles, blocks, geo.delay, geo.mlp_block);
+  std::fprintf(file.get(), "cta,step,start,reduced,finished,ready,scaled\n");
+  const int64_t* t = host.const_data_ptr<int64_t>();
+  for (int64_t cta = 0; cta < blocks; ++cta) {
+    for (int64_t step = 0; step < b.work.trace_steps; ++step) {
+      const int64_t* row = t + (cta * b.work.trace_steps + step) * kTracePoints;
+      if (row[kTraceStart] == 0) continue;  // past this CTA's last step
+      std::fprintf(file.get(), "%lld,%lld,%lld,%lld,%lld,%lld,%lld\n", static_cast<long long>(cta),
+                   static_cast<long long>(step), static_cast<long long>(row[kTraceStart]),
+                   static_cast<long long>(row[kTraceReduced]), static_cast<long long>(row[kTraceFinished]),
+                   static_cast<long long>(row[kTraceReady]), static_cast<long long>(row[kTraceScaled]));
+    }
+  }
 }
 
 // Float32 weights for the kernels: W1 as (R, C) and W2 transposed to (R, C) so
@@ -1115,9 +1150,10 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
                             pooled.mutable_data_ptr<float>(), hidden.mutable_data_ptr<float>(),
                             scale.mutable_data_ptr<float>()};
     if (pipelined.use) {
-      const PipelineBuffers buffers = pipeline_buffers(pipelined.geo, pooled.options());
+      const PipelineBuffers buffers = pipeline_buffers(pipelined.geo, pipelined.blocks, pooled.options());
       launch_forward_pipelined(pipelined.geo, pipelined.smem, x.scalar_type(), p.channels_last, pipelined.blocks,
                                args, buffers.work, stream);
+      write_pipeline_trace(buffers, pipelined.geo, pipelined.blocks, false);
     } else {
       launch_forward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, cluster_count(plan.clusters),
                              args, stream);
@@ -1226,9 +1262,10 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
                              du.mutable_data_ptr<float>()};
     if (pipelined.use) {
       at::Tensor dz_over_p = at::empty({p.N, p.C}, pooled.options());
-      const PipelineBuffers buffers = pipeline_buffers(pipelined.geo, pooled.options());
+      const PipelineBuffers buffers = pipeline_buffers(pipelined.geo, pipelined.blocks, pooled.options());
       launch_backward_pipelined(pipelined.geo, pipelined.smem, x.scalar_type(), p.channels_last, pipelined.blocks,
                                 args, dz_over_p.mutable_data_ptr<float>(), buffers.work, stream);
+      write_pipeline_trace(buffers, pipelined.geo, pipelined.blocks, true);
     } else {
       launch_backward_cluster(plan.geo, plan.smem, x.scalar_type(), p.channels_last, cluster_count(plan.clusters),
                               args, stream);
