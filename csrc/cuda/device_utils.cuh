@@ -123,10 +123,6 @@ __device__ __forceinline__ void cp_async_wait_pending() {
 #endif
 }
 
-// Flags and counters between CTAs of one launch (the pipelined path): gpu-scope
-// acquire/release, so data written before a release is visible after the acquire
-// that reads it. Data written by other CTAs is then read with ld.global.cg (L2, not
-// the SM's L1, which is not coherent and may hold an older copy of the line).
 // The GPU's global timer in ns (one clock for all SMs, unlike clock64): the pipelined path's trace.
 __device__ __forceinline__ unsigned long long global_timer_ns() {
   unsigned long long t = 0;
@@ -136,6 +132,10 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
+// Flags and counters between CTAs of one launch (the pipelined path): gpu-scope
+// acquire/release, so data written before a release is visible after the acquire
+// that reads it. Data written by other CTAs is then read with ld.global.cg (L2, not
+// the SM's L1, which is not coherent and may hold an older copy of the line).
 __device__ __forceinline__ unsigned load_acquire_gpu(const unsigned* p) {
   unsigned v = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
