@@ -64,6 +64,12 @@ class Phases:
     scale: List[float] = field(default_factory=list)
 
 
+def wait_start(row: Dict[str, int]) -> int:
+    """Where a step's wait for a ready flag begins: its last point before it (finished, else reduced,
+    else start)."""
+    return row["finished"] or row["reduced"] or row["start"]
+
+
 def phases(trace: Trace) -> Phases:
     """A step's phases: reduce = reduced - start; MLP = finished - reduced; wait = ready - the
     step's previous point (finished, else reduced, else start); scale = scaled - ready."""
@@ -74,8 +80,7 @@ def phases(trace: Trace) -> Phases:
         if row["finished"]:
             out.mlp.append((row["finished"] - row["reduced"]) / 1e3)
         if row["ready"]:
-            before = row["finished"] or row["reduced"] or row["start"]
-            out.wait.append((row["ready"] - before) / 1e3)
+            out.wait.append((row["ready"] - wait_start(row)) / 1e3)
             out.scale.append((row["scaled"] - row["ready"]) / 1e3)
     return out
 
@@ -107,9 +112,7 @@ def summarize(trace: Trace, step_rows: int = 12) -> str:
         lines.append(f"{name:<8}{len(values):>7}{statistics.median(values):>11.2f}{_percentile(values, 0.9):>9.2f}"
                      f"{max(values):>9.2f}{share:>8.1%}")
     first = min(row["start"] for row in trace.rows)
-    by_step: Dict[int, List[Dict[str, int]]] = {}
-    for row in trace.rows:
-        by_step.setdefault(row["step"], []).append(row)
+    by_step = rows_by_step(trace)
     steps = sorted(by_step)
     lines.append(f"{'step':>5}{'start us':>10}{'MLPs':>6}{'longest wait us':>17}")
     shown = steps if len(steps) <= step_rows else steps[:step_rows // 2] + steps[-(step_rows // 2):]
@@ -119,8 +122,7 @@ def summarize(trace: Trace, step_rows: int = 12) -> str:
         rows = by_step[step]
         start = statistics.median((row["start"] - first) / 1e3 for row in rows)
         mlps = sum(1 for row in rows if row["finished"])
-        waits = [(row["ready"] - (row["finished"] or row["reduced"] or row["start"])) / 1e3
-                 for row in rows if row["ready"]]
+        waits = [(row["ready"] - wait_start(row)) / 1e3 for row in rows if row["ready"]]
         lines.append(f"{step:>5}{start:>10.1f}{mlps:>6}{max(waits) if waits else 0.0:>17.2f}")
     late = finisher_lateness(trace, by_step)
     if late:
@@ -129,12 +131,19 @@ def summarize(trace: Trace, step_rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def rows_by_step(trace: Trace) -> Dict[int, List[Dict[str, int]]]:
+    """The trace's rows grouped by step."""
+    by_step: Dict[int, List[Dict[str, int]]] = {}
+    for row in trace.rows:
+        by_step.setdefault(row["step"], []).append(row)
+    return by_step
+
+
 def finisher_lateness(trace: Trace, by_step: Optional[Dict[int, List[Dict[str, int]]]] = None) -> List[float]:
-    """For each MLP run at step k by a CTA: its step k + 1's start less the median start of step k + 1, µs."""
+    """For each MLP run at step k by a CTA: its step k + 1's start less the median start of step k + 1, µs.
+    ``by_step``: :func:`rows_by_step` of the trace, where the caller has it."""
     if by_step is None:
-        by_step = {}
-        for row in trace.rows:
-            by_step.setdefault(row["step"], []).append(row)
+        by_step = rows_by_step(trace)
     starts = {(row["cta"], row["step"]): row["start"] for row in trace.rows}
     medians = {step: statistics.median(row["start"] for row in rows) for step, rows in by_step.items()}
     late = []

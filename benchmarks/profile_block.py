@@ -95,7 +95,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
         settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
                     ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2"})]
         unmeasured += [("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"})]
-        pipelined.append(("cuda/pipelined", "cuda", {"mlp": "kernels", "cuda_path": "pipelined"}))
+        pipelined.append(("cuda/pipelined", "cuda", {"cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
         shipped.append(("triton", "triton", {}))

@@ -323,7 +323,7 @@ def test_failures_file_names_failed_tests(tmp_path, monkeypatch):
     """tests/conftest.py appends each failed report's id to SE_FUSED_FAILURES_FILE (gpu_check.sh lists
     them after a tests step), once: in an xdist worker it leaves the writing to the controller."""
     from types import SimpleNamespace
-    from tests.conftest import pytest_runtest_logreport
+    from conftest import pytest_runtest_logreport
     path = tmp_path / "failures.txt"
     monkeypatch.setenv("SE_FUSED_FAILURES_FILE", str(path))
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
@@ -334,10 +334,10 @@ def test_failures_file_names_failed_tests(tmp_path, monkeypatch):
     assert path.read_text().splitlines() == ["tests/a.py::crashed[x] (???)"]
 
 
-def test_pipeline_trace_summary(tmp_path):
+def test_pipeline_trace_summary(tmp_path, monkeypatch):
     """pipeline_trace.py's phases from a trace as the kernels write it (two CTAs, delay 1): CTA 1 runs
     the MLP at step 0 (6 us) and starts step 1 late; CTA 0 waits for it."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCH))
     import pipeline_trace
     us = 1000
     rows = [  # cta, step, start, reduced, finished, ready, scaled (ns; 0: no such point)

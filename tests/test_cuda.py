@@ -177,9 +177,8 @@ def test_pipelined_schedule(cuda_path, monkeypatch, name, value, shape, dtype, m
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_pipelined_trace(cuda_path, monkeypatch, tmp_path, memory_format):
     import re
-    import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import pipeline_trace
 
     cuda_path("pipelined")

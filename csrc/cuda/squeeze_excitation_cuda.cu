@@ -990,6 +990,7 @@ PipelinePlan plan_pipelined(const SEProblem& p, at::ScalarType dtype, bool backw
 // SE_FUSED_CUDA_PIPELINE_TRACE=<file>, the zeroed trace of `blocks` CTAs' steps.
 struct PipelineBuffers {
   at::Tensor partial, sync, trace;
+  std::string trace_path;  // where write_pipeline_trace writes `trace`
   PipelineWorkspace work;
 };
 PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, int blocks, const at::TensorOptions& float_options) {
@@ -1005,6 +1006,7 @@ PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, int blocks, const 
     b.trace = at::zeros({blocks * steps * kTracePoints}, float_options.dtype(at::kLong));
     b.work.trace = reinterpret_cast<unsigned long long*>(b.trace.mutable_data_ptr<int64_t>());
     b.work.trace_steps = static_cast<int>(steps);
+    b.trace_path = path;
   }
   return b;
 }
@@ -1014,10 +1016,9 @@ PipelineBuffers pipeline_buffers(const PipelineGeometry& geo, int blocks, const 
 // the file. For benchmarks/pipeline_trace.py: where a step's time goes, and whose MLP others wait for.
 void write_pipeline_trace(const PipelineBuffers& b, const PipelineGeometry& geo, int blocks, bool backward) {
   if (!b.trace.defined()) return;
-  const char* path = std::getenv("SE_FUSED_CUDA_PIPELINE_TRACE");
   const at::Tensor host = b.trace.cpu();
-  const std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path, "w"), &std::fclose);
-  TORCH_CHECK(file != nullptr, "se_fused: cannot write SE_FUSED_CUDA_PIPELINE_TRACE=", path);
+  const std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(b.trace_path.c_str(), "w"), &std::fclose);
+  TORCH_CHECK(file != nullptr, "se_fused: cannot write SE_FUSED_CUDA_PIPELINE_TRACE=", b.trace_path);
   std::fprintf(file.get(), "# se_fused pipelined %s N=%lld C=%d R=%d HW=%d G=%d tiles=%d blocks=%d delay=%d mlp_block=%d\n",
                backward ? "backward" : "forward", static_cast<long long>(geo.N), geo.C, geo.R, geo.P, geo.G,
                geo.tiles, blocks, geo.delay, geo.mlp_block);

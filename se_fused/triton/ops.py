@@ -26,6 +26,10 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
+try:
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # pragma: no cover - every torch this project supports has it
+    set_wrap_triton_enabled = None
 from torch.library import triton_op
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -227,11 +231,7 @@ def direct_launches():
     direct route launches the same kernels with the same arguments. Where a torch version lacks
     the switch, the launches keep the HOP (slower, same results).
     """
-    try:
-        from torch._library.triton import set_wrap_triton_enabled
-    except ImportError:  # pragma: no cover - every torch this project supports has it
-        return contextlib.nullcontext()
-    return set_wrap_triton_enabled(False)
+    return contextlib.nullcontext() if set_wrap_triton_enabled is None else set_wrap_triton_enabled(False)
 
 
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation, gate):
