@@ -22,9 +22,11 @@ GB/s of the pass's minimum traffic (SPEC §4):
   ``tiled``: the MLP's products in the tiled kernel instead (``SE_FUSED_CUDA_MLP=tiled``;
   tiles of samples by outputs, as a GEMM; the ``2-pass`` column takes it by the shape:
   C*R >= 32768 and N >= 32);
-* nchw-sums: the two-pass path with ``SE_FUSED_CUDA_NCHW_SUMS=staged`` (NCHW channel
-  sums through shared memory where H*W is not a multiple of the vector: conv4_x and
-  conv5_x in 16-bit dtypes; the NHWC rows repeat the two-pass path).
+* nchw-sums: the two-pass path with ``SE_FUSED_CUDA_NCHW_SUMS=warp`` (NCHW channel
+  sums a warp per row where H*W is not a multiple of the vector: conv4_x and conv5_x in
+  16-bit dtypes), against the default's rows staged through shared memory in the
+  ``2-pass`` column (staged was the knob's side until 2026-11-27's second H100 session);
+  the NHWC rows repeat the two-pass path.
 * wgrad: the two-pass path with ``SE_FUSED_CUDA_WGRAD_TILES=wide`` (the weight
   gradients in 256-column tiles, as before 2026-11-27, against the tiles fitted to
   the gradient's columns in the ``2-pass`` column; the backward rows are the ones that
@@ -130,7 +132,7 @@ def candidates(paths) -> list:
         found += [("rows", "mlp-split", "two_pass", dict(mlp="kernels")),
                   ("tiled", "mlp-split", "two_pass", dict(mlp="tiled"))]
     if "nchw-sums" in paths:
-        found.append(("staged", "nchw-sums", "two_pass", dict(nchw_sums="staged")))
+        found.append(("warp", "nchw-sums", "two_pass", dict(nchw_sums="warp")))
     if "wgrad" in paths:
         found.append(("wide", "wgrad", "two_pass", dict(wgrad_tiles="wide")))
     if "triton-mlp" in paths:

@@ -10,7 +10,8 @@ batch in chunks (``SE_FUSED_CUDA_CHUNK_BYTES``), the pipelined path's schedule
 (``SE_FUSED_CUDA_PIPELINE_BLOCKS|GROUP|DELAY``, ``SE_FUSED_CUDA_TILE_BYTES``),
 each excitation MLP (``SE_FUSED_CUDA_MLP=auto|kernels|aten|tiled``), its splits of C and row
 tiles per block (``SE_FUSED_CUDA_MLP_SPLIT``, ``SE_FUSED_CUDA_MLP_ROW_TILES``), the NCHW
-channel sums through shared memory (``SE_FUSED_CUDA_NCHW_SUMS=staged``), and
+channel sums of whole rows through shared memory or a warp per row
+(``SE_FUSED_CUDA_NCHW_SUMS=staged|warp``), and
 checks what only a GPU run can show: tensors past 2^31 elements, bitwise
 determinism, CUDA-graph capture, agreement with the CPU kernel.
 """
@@ -329,9 +330,10 @@ def test_two_pass_wide_weight_gradient_tiles(cuda_path, monkeypatch, shape, dtyp
     check_against_reference(make_se_inputs(shape, dtype, "channels_last", "cuda", residual, activation, gate))
 
 
-# SE_FUSED_CUDA_NCHW_SUMS=staged: NCHW channel sums where H*W is not a whole number of 16-byte
-# vectors stage spans of whole rows through shared memory (49 and 196 pixels: conv5_x and conv4_x;
-# C*H*W odd; one pixel per row; the residual form's masked sums in the backward).
+# NCHW channel sums where H*W is not a whole number of 16-byte vectors: spans of whole rows
+# staged through shared memory (the default, SE_FUSED_CUDA_NCHW_SUMS unset or "staged") or a warp
+# per row ("warp"); 49 and 196 pixels: conv5_x and conv4_x; C*H*W odd; one pixel per row; the
+# residual form's masked sums in the backward.
 STAGED_SUM_SHAPES = (SEShape(5, 2048, 128, 7, 7), SEShape(5, 1024, 64, 14, 14), SEShape(2, 37, 2, 7, 7),
                      SEShape(3, 37, 1, 1, 1), SEShape(70, 600, 40, 5, 5))
 
@@ -339,9 +341,11 @@ STAGED_SUM_SHAPES = (SEShape(5, 2048, 128, 7, 7), SEShape(5, 1024, 64, 14, 14), 
 @pytest.mark.parametrize("shape", STAGED_SUM_SHAPES, ids=[s.id for s in STAGED_SUM_SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("residual,activation,gate", VARIANTS[:2], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[:2]])
-def test_two_pass_nchw_staged_sums(cuda_path, monkeypatch, shape, dtype, residual, activation, gate):
+@pytest.mark.parametrize("sums", [None, "warp"], ids=["staged", "warp"])
+def test_two_pass_nchw_row_sums(cuda_path, monkeypatch, shape, dtype, residual, activation, gate, sums):
     cuda_path("two_pass")
-    monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", "staged")
+    if sums is not None:
+        monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", sums)
     check_against_reference(make_se_inputs(shape, dtype, "nchw", "cuda", residual, activation, gate))
 
 
@@ -415,7 +419,7 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "300", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
     ("two_pass", "SE_FUSED_CUDA_MLP_SPLIT", "many", r"SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in \[256, 2\^20\]"),
     ("two_pass", "SE_FUSED_CUDA_MLP_ROW_TILES", "0", r"SE_FUSED_CUDA_MLP_ROW_TILES must be an integer in \[1, 65536\]"),
-    ("two_pass", "SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be warp or staged"),
+    ("two_pass", "SE_FUSED_CUDA_NCHW_SUMS", "tiled", "SE_FUSED_CUDA_NCHW_SUMS must be staged or warp"),
     ("two_pass", "SE_FUSED_CUDA_MLP", "cublas", "SE_FUSED_CUDA_MLP must be auto, kernels, aten or tiled"),
     ("two_pass", "SE_FUSED_CUDA_WGRAD_TILES", "narrow", "SE_FUSED_CUDA_WGRAD_TILES must be fit or wide")])
 def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value, message):

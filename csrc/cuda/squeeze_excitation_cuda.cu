@@ -493,13 +493,16 @@ void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t*
       partial.const_data_ptr<acc_t>(), sums, count, static_cast<int>(splits), factor);
 }
 
-// NCHW channel sums where H*W is not a whole number of 16-byte vectors: a warp per (n, c) row
-// of element loads (channel_sums_nchw_kernel, the default), or with SE_FUSED_CUDA_NCHW_SUMS=staged
-// spans of whole rows through shared memory (channel_sums_nchw_staged_kernel; for tuning until a
-// GPU has timed it: the NCHW conv5_x forward took 0.179 ms against 0.119 ms in channels_last,
-// H100 cca1da2 / dd6c3b3).
-bool nchw_staged_sums_requested() {
-  return choice_from_env("SE_FUSED_CUDA_NCHW_SUMS", {"warp", "staged"}, 0) == 1;
+// NCHW channel sums where H*W is not a whole number of 16-byte vectors: spans of whole rows
+// through shared memory with 16-byte loads (channel_sums_nchw_staged_kernel, the default where
+// its rows fit), or with SE_FUSED_CUDA_NCHW_SUMS=warp a warp per (n, c) row of element loads
+// (channel_sums_nchw_kernel, the default before 2026-11-27's second H100 session). Measured side
+// by side (H100 72c11ba, tune_cluster.py, batch 256 bf16, GB/s of bytes_min, against the row's
+// entry with the same MLP form): conv5_x forward 763 against 530, backward 929 against 743;
+// conv4_x a tie (1084 / 1116, 1426 / 1418; the sweep's noise is a few percent). The order of the sums differs,
+// so the knob changes the bits; the default depends on the shape only.
+bool nchw_staged_sums() {
+  return choice_from_env("SE_FUSED_CUDA_NCHW_SUMS", {"staged", "warp"}, 0) == 0;
 }
 
 // Rows per block of channel_sums_nchw_staged_kernel: as many whole rows as kStagedSumBytes of
@@ -529,7 +532,7 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
       channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
                                                                                         p.P, f, split);
     });
-  } else if (const int rows_per_block = !p.channels_last && pointers_aligned && nchw_staged_sums_requested()
+  } else if (const int rows_per_block = !p.channels_last && pointers_aligned && nchw_staged_sums()
                                             ? nchw_staged_rows(p.P, V, sizeof(acc_t))
                                             : 0;
              rows_per_block > 0) {
