@@ -11,7 +11,7 @@ gradients, the scale), over the whole batch and one sample per chunk, and the
 pipelined path (its own CTAs, 2 CTAs walking 1024-byte tiles, so that each CTA
 waits on groups that other CTAs finish, and the direct group MLP beside the staged one),
 the two-pass MLP kernels with several row tiles per block and pieces per split, the
-tiled MLP kernel, and the staged NCHW channel sums.
+tiled MLP kernel, and the NCHW channel sums a warp per row (the default stages them).
 The script also checks each result against the eager backend (on the CPU, in
 float64, so that the sanitizers spend their time on this project's kernels), so a
 run that the sanitizer passes but computes garbage still fails.
@@ -38,13 +38,16 @@ import se_fused
 # (path, knobs) as _common.set_knobs takes them; knobs not named are unset (the path's own choice).
 # plan "M,G" = CTAs per sample, samples per cluster; clusters: at most this many persistent clusters,
 # so that one cluster walks several groups; cluster_buffers: one chunk buffer instead of two;
-# chunk_bytes 1: the two-pass path one sample per chunk; pipeline_blocks, tile_bytes, pipeline_mlp:
+# chunk_bytes 1: the two-pass path one sample per chunk (the chunks' sums, MLPs and scales on three
+# streams; chunk_streams 1: on one); pipeline_blocks, tile_bytes, pipeline_mlp:
 # the pipelined path's CTAs, tiles and group MLP; mlp_split, mlp_row_tiles: the two-pass MLP kernels'
-# splits of C and row tiles per block; nchw_sums "staged": the NCHW channel sums through shared
-# memory where H*W is not a multiple of the vector; mlp "tiled": the MLP's products in the tiled kernel;
+# splits of C and row tiles per block; nchw_sums "warp": the NCHW channel sums a warp per row where
+# H*W is not a multiple of the vector (the default stages whole rows through shared memory);
+# mlp "tiled": the MLP's products in the tiled kernel;
 # pipeline_trace: the pipelined kernels' trace stores (written to the null device).
-CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(mlp_split=512, mlp_row_tiles=3)),
-         ("two_pass", dict(nchw_sums="staged")), ("two_pass", dict(mlp="tiled")),
+CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(chunk_bytes=1, chunk_streams=1)),
+         ("two_pass", dict(mlp_split=512, mlp_row_tiles=3)),
+         ("two_pass", dict(nchw_sums="warp")), ("two_pass", dict(mlp="tiled")),
          ("cluster", {}), ("cluster", dict(plan="2,4")), ("cluster", dict(plan="4,1")), ("cluster", dict(plan="1,2")),
          ("cluster", dict(plan="2,1", clusters=1)), ("cluster", dict(plan="1,2", clusters=1, cluster_buffers=1)),
          ("pipelined", {}), ("pipelined", dict(pipeline_blocks=2, tile_bytes=1024)),
@@ -53,7 +56,7 @@ CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
          "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
-         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE")
+         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE", "SE_FUSED_CUDA_CHUNK_STREAMS")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its

@@ -410,6 +410,7 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("cluster", "SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
     ("cluster", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2"),
     ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"),
+    ("two_pass", "SE_FUSED_CUDA_CHUNK_STREAMS", "2", "SE_FUSED_CUDA_CHUNK_STREAMS must be 3 or 1"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_GROUP", "17", r"PIPELINE_GROUP must be an integer in \[1, 16\]"),
     ("pipelined", "SE_FUSED_CUDA_TILE_BYTES", "512", "SE_FUSED_CUDA_TILE_BYTES must be a number of bytes >= 1024"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "PIPELINE_BLOCKS must be a positive integer"),
@@ -427,8 +428,9 @@ def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value,
         pytest.skip("thread-block clusters need sm_90")
     cuda_path(path)
     monkeypatch.setenv(name, value)
-    # Each knob where it is read: the two-pass path at 7x7, whose float32 NCHW rows are not whole
-    # 16-byte vectors (the NCHW sums' choice); the weight-gradient knob in the backward.
+    # The two-pass path's knobs are all read at the op's start (check_two_pass_knobs, since a throw
+    # from inside its MLP launcher crashed the process on an H100 at 72c11ba: the MLP_SPLIT=300 case);
+    # the two-pass shape is 7x7, whose float32 NCHW rows are not whole 16-byte vectors.
     shape = SEShape(2, 64, 4, 7, 7) if path == "two_pass" else SEShape(2, 64, 4, 6, 6)
     with pytest.raises(ValueError, match=message):
         backend_se(make_se_inputs(shape, torch.float32, "nchw", "cuda"), "cuda")
@@ -444,13 +446,18 @@ CHUNK_SHAPES = (SEShape(5, 256, 16, 7, 7), SEShape(70, 600, 40, 5, 5), SEShape(3
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("samples_per_chunk", [1, 2])
-def test_two_pass_path_in_chunks(cuda_path, monkeypatch, shape, dtype, memory_format, residual, samples_per_chunk):
+@pytest.mark.parametrize("streams", ["3", "1"], ids=["three-streams", "one-stream"])
+def test_two_pass_path_in_chunks(cuda_path, monkeypatch, shape, dtype, memory_format, residual, samples_per_chunk,
+                                 streams):
     """Chunks of the batch give the reference's results, and the same bits as one chunk (each sample's
     sums, MLP and scale do not depend on the samples beside it; the weight gradients run over the
-    whole batch either way). These shapes have under 64 pixels, so the channels_last sums are never
-    split over pixels; where they are (test_channels_last_sums_split_over_pixels), the split count
-    follows the chunk's sample count and the bits may differ from one chunk's."""
+    whole batch either way), with the chunks as a pipeline on three streams (SE_FUSED_CUDA_CHUNK_STREAMS=3,
+    the default) or every kernel in order on one stream (1). These shapes have under 64 pixels, so
+    the channels_last sums are never split over pixels; where they are
+    (test_channels_last_sums_split_over_pixels), the split count follows the chunk's sample count and
+    the bits may differ from one chunk's."""
     cuda_path("two_pass")
+    monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_STREAMS", streams)
     inputs = make_se_inputs(shape, dtype, memory_format, "cuda", residual, "silu", "sigmoid")
     # The forward re-reads x (C*H*W elements per sample) and the backward 2 or 3 such tensors: a budget
     # of samples_per_chunk forward samples gives the forward that many and the backward fewer (at least 1).
@@ -539,16 +546,20 @@ def test_bitwise_deterministic(cuda_path, monkeypatch, path, memory_format):
             assert torch.equal(first[name], again[name]), f"{name} differs between identical runs ({path})"
 
 
-@pytest.mark.parametrize("path", ["cluster", "two_pass", "pipelined"])
+@pytest.mark.parametrize("path", ["cluster", "two_pass", "two_pass+chunks", "pipelined"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_cuda_graph_capture(cuda_path, path, residual):
-    """Forward and backward captured in one CUDA graph replay to the eager result on new data."""
+def test_cuda_graph_capture(cuda_path, monkeypatch, path, residual):
+    """Forward and backward captured in one CUDA graph replay to the eager result on new data.
+    two_pass+chunks: the batch in chunks of two samples (forward) and one (backward), whose sums run
+    on a side stream (run_chunks): the capture must take the fork and the joins."""
     if path == "cluster" and not _cluster_capable():
         pytest.skip("thread-block clusters need sm_90")
-    cuda_path(path)
+    cuda_path(path.split("+")[0])
+    shape = (8, 256, 28, 28)
+    if path == "two_pass+chunks":
+        monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", str(2 * 256 * 28 * 28 * 4))
     torch.manual_seed(0)
     block = se_fused.FusedSEBlock(256, backend="cuda").cuda()
-    shape = (8, 256, 28, 28)
     static_x = torch.randn(shape, device="cuda", requires_grad=True)
     static_res = torch.randn(shape, device="cuda", requires_grad=True) if residual else None
     static_g = torch.randn(shape, device="cuda")

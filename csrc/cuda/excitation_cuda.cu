@@ -813,8 +813,9 @@ int mlp_row_tiles() {
 // on the GPU.
 enum class MlpKernels : int { kRowsColumns = 0, kAten = 1, kTiled = 2 };
 constexpr int64_t kTiledMinWeights = 32768, kTiledMinBatch = kTileThreadsN * kTiledSamplesOverC;
+int mlp_kernels_requested() { return choice_from_env("SE_FUSED_CUDA_MLP", {"auto", "kernels", "aten", "tiled"}, 0); }
 MlpKernels mlp_kernels(const SEProblem& p) {
-  const int choice = choice_from_env("SE_FUSED_CUDA_MLP", {"auto", "kernels", "aten", "tiled"}, 0);
+  const int choice = mlp_kernels_requested();
   if (choice == 0) {
     const bool tiled = p.C * p.R >= kTiledMinWeights && p.N >= kTiledMinBatch;
     return tiled ? MlpKernels::kTiled : MlpKernels::kRowsColumns;
@@ -903,6 +904,13 @@ void launch_tiled_split_sums(const MlpLaunch& m, const float* aux, at::Tensor& o
 }
 
 }  // namespace
+
+void check_excitation_knobs() {
+  mlp_kernels_requested();
+  mlp_k_split();
+  mlp_row_tiles();
+  weight_gradient_wide_tiles();
+}
 
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
                               std::initializer_list<const at::Tensor*> params) {

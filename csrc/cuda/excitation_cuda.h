@@ -26,6 +26,12 @@ namespace cuda {
 bool excitation_kernels_apply(const at::Tensor& pooled, const SEProblem& p,
                               std::initializer_list<const at::Tensor*> params);
 
+// Reads every knob of these kernels (SE_FUSED_CUDA_MLP, _MLP_SPLIT, _MLP_ROW_TILES,
+// _WGRAD_TILES) and throws c10::ValueError for a bad value. The ops call it before their
+// first launch, so a bad knob refuses the whole call with nothing launched, and the later
+// reads (per chunk, in MlpLaunch's member initialisers) cannot throw.
+void check_excitation_knobs();
+
 // hidden (N, R) = W1 pooled + b1 (pre-activation); scale (N, C) = gate(W2 act(hidden) + b2).
 // pooled, hidden, scale: contiguous float32; N > 0.
 void excitation_forward_kernels(const at::Tensor& pooled, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,

@@ -26,11 +26,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -1053,52 +1055,149 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 }
 
 // SE_FUSED_CUDA_CHUNK_BYTES: the two-pass path takes the batch in chunks of at most
-// this many re-read bytes (an int; unset or <= 0: the whole batch), or "l2" for half of
-// the device's L2, so that pass 2 re-reads a chunk from L2 instead of HBM. Off by default:
-// the scale pass does read faster from L2, but each chunk pays its own MLP launches
-// (profile_block.py's cuda/l2-chunks row, H100 dd6c3b3: conv2_x forward 0.610 against
-// 0.447 ms in one chunk), as the Triton backend had measured (H200, 3c2a7b3). The MLP's form
+// this many re-read bytes (an int; unset or <= 0: the whole batch), or "l2" for a quarter of
+// the device's L2 (half until 2026-11-27; run_chunks keeps three chunks alive), so that pass 2
+// re-reads a chunk from L2 instead of HBM. Off by default:
+// the scale pass does read faster from L2, but in one stream each chunk pays its own MLP
+// launches (profile_block.py's cuda/l2-chunks row, H100 dd6c3b3: conv2_x forward 0.610 against
+// 0.447 ms in one chunk), as the Triton backend had measured (H200, 3c2a7b3). Since 2026-11-27
+// the chunks' sums run beside the MLPs and scales (run_chunks, two chunks alive in L2); not yet
+// timed on a GPU, so still off by default. The MLP's form
 // (mlp_kernels) follows the chunk's samples, so a chunked batch may take the rows kernels where
 // the whole batch takes the tiled one: other bits.
 int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
   constexpr const char* kName = "SE_FUSED_CUDA_CHUNK_BYTES";
   const char* env = std::getenv(kName);
   const int64_t budget = env != nullptr && std::strcmp(env, "l2") == 0
-                             ? at::cuda::getCurrentDeviceProperties()->l2CacheSize / 2
+                             ? at::cuda::getCurrentDeviceProperties()->l2CacheSize / 4
                              : integer_from_env(kName, 0, INT64_MIN, INT64_MAX, "a number of bytes or 'l2'");
   if (budget <= 0) return std::max<int64_t>(N, 1);
   return std::clamp<int64_t>(budget / std::max<int64_t>(reread_bytes_per_sample, 1), 1, std::max<int64_t>(N, 1));
 }
 
-// Calls f(q, part) for each chunk of at most `chunk` samples, in order: q is the problem over
-// the chunk's samples, part(t) the chunk's slice of a batch-major tensor t.
-template <typename F>
-void for_each_batch_chunk(const SEProblem& p, int64_t chunk, const F& f) {
-  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-    SEProblem q = p;
-    q.N = std::min(chunk, p.N - n0);
-    f(q, [n0, n = q.N](const at::Tensor& t) { return t.narrow(0, n0, n); });
+// SE_FUSED_CUDA_CHUNK_STREAMS: how the chunks of a chunked two-pass call are ordered. 3 (the
+// default): a pipeline of the sums, the MLPs and the scales on three streams (run_chunks); 1: each
+// chunk's kernels in order on the caller's stream, as before 2026-11-27 (the chunks' MLP launches
+// then sat between the HBM-bound kernels: the chunked conv2_x forward took 0.610 ms against 0.447
+// in one chunk, H100 dd6c3b3). The order of every sum is the same either way (the same bits).
+int chunk_streams() {
+  return choice_from_env("SE_FUSED_CUDA_CHUNK_STREAMS", {"3", "1"}, 0) == 0 ? 3 : 1;
+}
+
+// The two-pass path's knobs, read once before anything is launched: a bad value refuses the
+// call whole (c10::ValueError), and the reads between launches cannot throw. At 72c11ba a
+// throw from inside the MLP launcher (SE_FUSED_CUDA_MLP_SPLIT=300, after the channel sums'
+// launch, in MlpLaunch's member initialisers) crashed the process on an H100 while the same
+// message thrown a few lines earlier did not (docs/cuda-notes.md); the cause is not known.
+void check_two_pass_knobs() {
+  check_excitation_knobs();
+  nchw_staged_sums();
+  two_pass_chunk_samples(1, 1);
+  chunk_streams();
+}
+
+// The problem over chunk k's samples (at most `chunk` of them) and its slice of a batch-major tensor.
+struct BatchChunk {
+  SEProblem q;
+  int64_t n0;
+  at::Tensor operator()(const at::Tensor& t) const { return t.narrow(0, n0, q.N); }
+};
+BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k) {
+  BatchChunk c{p, k * chunk};
+  c.q.N = std::min(chunk, p.N - c.n0);
+  return c;
+}
+
+// The two-pass path over the batch in chunks of at most `chunk` samples: for each chunk c,
+// sums(c, stream) (the channel sums, the first read), mlp(c, stream) (the excitation MLP) and
+// scale(c, stream) (the second read, from L2 where the chunk still is).
+//
+// In one stream, each chunk's MLP (two or three launches of a few microseconds, bound by latency)
+// leaves HBM idle between its sums and its scale. With several chunks and chunk_streams() == 3
+// the stages form a software pipeline on three streams: chunk k + 2's sums (a side stream), chunk
+// k + 1's MLP (another) and chunk k's scale (the caller's stream) run at once, so HBM streams the
+// sums' reads beside the scale's writes while the MLPs wait on latency. Chunk k + 3's sums wait
+// for chunk k's scale: at most three chunks are alive in L2, so the chunk budget must leave room
+// for three. Events order the stages. The side streams first wait for the caller's stream (the
+// tensors may reuse memory that its queued kernels still use), and the caller's stream ends with
+// the last scale, which waited (through the events) for every kernel of the side streams: no host
+// synchronisation, and a CUDA graph captures the forks and the join. Each stage allocates on its
+// own stream (CUDAStreamGuard), so the caching allocator reuses a buffer only in that stream's order.
+template <typename Sums, typename Mlp, typename Scale>
+void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& mlp, const Scale& scale) {
+  const c10::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream();
+  const int64_t chunks = (p.N + chunk - 1) / chunk;
+  if (chunks <= 1 || chunk_streams() == 1) {
+    for (int64_t k = 0; k < chunks; ++k) {
+      const BatchChunk c = batch_chunk(p, chunk, k);
+      sums(c, caller.stream());
+      mlp(c, caller.stream());
+      scale(c, caller.stream());
+    }
+    return;
+  }
+  const c10::cuda::CUDAStream sums_stream = c10::cuda::getStreamFromPool(false, caller.device_index());
+  const c10::cuda::CUDAStream mlp_stream = c10::cuda::getStreamFromPool(false, caller.device_index());
+  at::cuda::CUDAEvent fork(cudaEventDisableTiming);
+  fork.record(caller);
+  fork.block(sums_stream);
+  fork.block(mlp_stream);
+  // Two events per stage, used by turns: in host order each is waited on before it is recorded again.
+  const auto pair = [] {
+    return std::array<at::cuda::CUDAEvent, 2>{at::cuda::CUDAEvent(cudaEventDisableTiming),
+                                              at::cuda::CUDAEvent(cudaEventDisableTiming)};
+  };
+  std::array<at::cuda::CUDAEvent, 2> summed = pair(), excited = pair(), scaled = pair();
+  // Step t enqueues chunk t - 2's scale, chunk t - 1's MLP and chunk t's sums, in that order.
+  for (int64_t t = 0; t < chunks + 2; ++t) {
+    if (const int64_t k = t - 2; k >= 0) {
+      excited[k % 2].block(caller);  // recorded in step t - 1
+      scale(batch_chunk(p, chunk, k), caller.stream());
+      scaled[k % 2].record(caller);
+    }
+    if (const int64_t k = t - 1; k >= 0 && k < chunks) {
+      const c10::cuda::CUDAStreamGuard on(mlp_stream);
+      summed[k % 2].block(mlp_stream);  // recorded in step t - 1
+      mlp(batch_chunk(p, chunk, k), mlp_stream.stream());
+      excited[k % 2].record(mlp_stream);
+    }
+    if (t < chunks) {
+      const c10::cuda::CUDAStreamGuard on(sums_stream);
+      if (t >= 3) scaled[(t - 3) % 2].block(sums_stream);  // chunk t - 3's scale, recorded in step t - 1
+      sums(batch_chunk(p, chunk, t), sums_stream.stream());
+      summed[t % 2].record(sums_stream);
+    }
   }
 }
 
-// One chunk of the two-pass forward (the problem q and its slices of the tensors):
-// channel sums, the excitation MLP (kernels, or ATen ops whose results are copied into
-// the slices), the scale kernel.
-void forward_two_pass(const at::Tensor& x, const c10::optional<at::Tensor>& residual, at::Tensor& out,
-                      const at::Tensor& pooled, at::Tensor& hidden, at::Tensor& scale, const at::Tensor& fc1_weight,
-                      const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
-                      const SEProblem& q, bool mlp_kernels, cudaStream_t stream) {
+// The two-pass forward's stages over a problem q (the batch, or a chunk of it: q and the
+// tensors are its slices), each on `stream`: pooled = the channel means of x; the excitation
+// MLP (kernels, or ATen ops whose results are copied into the slices); out = x * scale
+// (relu(x * scale + residual)).
+void forward_channel_sums(const at::Tensor& x, const at::Tensor& pooled, const SEProblem& q, cudaStream_t stream) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_channel_sums<scalar_t, acc_t>(q, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
                                          pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(q.P), stream);
-    if (mlp_kernels) {
-      excitation_forward_kernels(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, scale, q, stream);
-    } else {
-      auto [h, sc] = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, q);
-      hidden.copy_(h);
-      scale.copy_(sc);
-    }
+  });
+}
+
+void forward_excitation(const at::Tensor& pooled, at::Tensor& hidden, at::Tensor& scale, const at::Tensor& fc1_weight,
+                        const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
+                        const SEProblem& q, bool mlp_kernels, cudaStream_t stream) {
+  if (mlp_kernels) {
+    excitation_forward_kernels(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, scale, q, stream);
+  } else {
+    auto [h, sc] = excitation_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, q);
+    hidden.copy_(h);
+    scale.copy_(sc);
+  }
+}
+
+void forward_scale(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& scale,
+                   at::Tensor& out, const SEProblem& q, cudaStream_t stream) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const int64_t total = q.N * q.C * q.P;
     constexpr int V = Vec16<scalar_t>::kSize;
     const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
@@ -1132,6 +1231,7 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
   const SEProblem p = check_forward_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
                                          std::string(activation), std::string(gate));
   const c10::cuda::CUDAGuard guard(x.device());
+  check_two_pass_knobs();
   auto [out, pooled, hidden, scale] = allocate_forward_outputs(x, p);
   if (p.N == 0) return {out, pooled, hidden, scale};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -1168,12 +1268,19 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
   // The two-pass path, over the batch in chunks (two_pass_chunk_samples; one chunk unless asked).
   const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias});
   const int64_t chunk = mlp_kernels ? two_pass_chunk_samples(p.N, p.C * p.P * x.element_size()) : p.N;
-  for_each_batch_chunk(p, chunk, [&](const SEProblem& q, const auto& part) {
-    at::Tensor out_part = part(out), hidden_part = part(hidden), scale_part = part(scale);
-    forward_two_pass(part(x), residual ? c10::optional<at::Tensor>(part(*residual)) : c10::nullopt, out_part,
-                     part(pooled), hidden_part, scale_part, fc1_weight, fc1_bias, fc2_weight, fc2_bias, q,
-                     mlp_kernels, stream);
-  });
+  run_chunks(
+      p, chunk,
+      [&](const BatchChunk& c, cudaStream_t st) { forward_channel_sums(c(x), c(pooled), c.q, st); },
+      [&](const BatchChunk& c, cudaStream_t st) {
+        at::Tensor hidden_part = c(hidden), scale_part = c(scale);
+        forward_excitation(c(pooled), hidden_part, scale_part, fc1_weight, fc1_bias, fc2_weight, fc2_bias, c.q,
+                           mlp_kernels, st);
+      },
+      [&](const BatchChunk& c, cudaStream_t st) {
+        at::Tensor out_part = c(out);
+        forward_scale(c(x), residual ? c10::optional<at::Tensor>(c(*residual)) : c10::nullopt, c(scale), out_part,
+                      c.q, st);
+      });
   return {out, pooled, hidden, scale};
 }
 
@@ -1234,6 +1341,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
   const SEProblem p = check_backward_args(grad_out, x, out, fc1_weight, fc2_weight, pooled, hidden, scale,
                                           std::string(activation), std::string(gate));
   const c10::cuda::CUDAGuard guard(x.device());
+  check_two_pass_knobs();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_res = p.has_residual ? at::empty_like(x) : at::empty({0}, x.options());
@@ -1282,15 +1390,23 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
       at::Tensor dz_over_p = at::empty({p.N, p.C}, pooled.options());
       // In chunks of the batch (two_pass_chunk_samples): pass 2 re-reads grad_out, x and out.
       const int64_t reread = (p.has_residual ? 3 : 2) * p.C * p.P * x.element_size();
-      for_each_batch_chunk(p, two_pass_chunk_samples(p.N, reread), [&](const SEProblem& q, const auto& part) {
-        const c10::optional<at::Tensor> out_part = out ? c10::optional<at::Tensor>(part(*out)) : c10::nullopt;
-        at::Tensor ds_part = part(ds), du_part = part(du), dz_part = part(dz_over_p), grad_x_part = part(grad_x);
-        at::Tensor grad_res_part = p.has_residual ? part(grad_res) : grad_res;
-        backward_channel_sums(part(grad_out), part(x), out_part, ds_part, q, stream);
-        excitation_backward_kernels(ds_part, part(scale), part(hidden), fc1_weight, fc2_weight, du_part, dz_part, q,
-                                    stream);
-        backward_scale(part(grad_out), out_part, part(scale), dz_part, grad_x_part, grad_res_part, q, stream);
-      });
+      const auto out_of = [&](const BatchChunk& c) {
+        return out ? c10::optional<at::Tensor>(c(*out)) : c10::nullopt;
+      };
+      run_chunks(
+          p, two_pass_chunk_samples(p.N, reread),
+          [&](const BatchChunk& c, cudaStream_t st) {
+            at::Tensor ds_part = c(ds);
+            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, st);
+          },
+          [&](const BatchChunk& c, cudaStream_t st) {
+            at::Tensor du_part = c(du), dz_part = c(dz_over_p);
+            excitation_backward_kernels(c(ds), c(scale), c(hidden), fc1_weight, fc2_weight, du_part, dz_part, c.q, st);
+          },
+          [&](const BatchChunk& c, cudaStream_t st) {
+            at::Tensor grad_x_part = c(grad_x), grad_res_part = p.has_residual ? c(grad_res) : grad_res;
+            backward_scale(c(grad_out), out_of(c), c(scale), c(dz_over_p), grad_x_part, grad_res_part, c.q, st);
+          });
     } else {
       backward_channel_sums(grad_out, x, out, ds, p, stream);
       at::Tensor dz;
