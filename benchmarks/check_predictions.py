@@ -5,7 +5,8 @@
 
 ``predictions.json`` holds each prediction of docs/cuda-notes.md that a
 ``profile_block.py`` record can answer: the row (variant label, stage, pass),
-the metric (the row's ``device_ms`` or ``host_ms``, or ``kernel_us``: the
+the metric (the row's ``device_ms``, ``host_ms`` or ``wall_ms`` (the one to use where kernels
+run at once on several streams: ``device_ms`` adds their durations), or ``kernel_us``: the
 per-call microseconds of the kernels whose names contain one of the listed
 substrings, from the row's top kernels) and the bound (``max``, or
 ``max_ratio`` times the same metric of another variant's row). Prints one line
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 DEFAULT_PREDICTIONS = Path(__file__).resolve().parent / "predictions.json"
-METRICS = ("device_ms", "host_ms", "kernel_us")
+METRICS = ("device_ms", "host_ms", "wall_ms", "kernel_us")
 Row = Dict[str, object]
 
 

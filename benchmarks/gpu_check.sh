@@ -24,8 +24,9 @@
 #
 # GPU_CHECK_SKIP="racecheck bench-nchw ..." skips the named steps (a shorter run, for
 # a second look within one session's device time); GPU_CHECK_ONLY="memcheck racecheck ..."
-# runs only the named steps beside env, build, info and usable; GPU_CHECK_BUDGET_S sets the budget;
-# GPU_CHECK_TUNE_S the tune step's sweep time.
+# runs only the named steps beside env, build, info and usable (the pipelined paths' trace-pipelined,
+# bench-pipelined and ncu-pipelined run only so, since their code has a record: ON_REQUEST below);
+# GPU_CHECK_BUDGET_S sets the budget; GPU_CHECK_TUNE_S the tune step's sweep time.
 set -uo pipefail
 
 DRY_RUN=0
@@ -52,7 +53,11 @@ elapsed() { echo $(( $(date +%s) - START )); }
 step() {
   local name=$1 limit=$2; shift 2
   if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then skip "$name" "GPU_CHECK_SKIP"; return 0; fi
-  if ! selected "$name"; then skip "$name" "not in GPU_CHECK_ONLY"; return 0; fi
+  if ! selected "$name"; then
+    if [[ -z "${GPU_CHECK_ONLY:-}" ]]; then skip "$name" "runs only when GPU_CHECK_ONLY names it"
+    else skip "$name" "not in GPU_CHECK_ONLY"; fi
+    return 0
+  fi
   if (( $(left) < 15 )); then skip "$name" "out of time budget ($(elapsed)s used)"; FAILED=1; return 0; fi
   (( limit > $(left) )) && limit=$(left)
   local t0; t0=$(date +%s)
@@ -80,9 +85,16 @@ step_if() {
   step "$@"
 }
 
-# selected NAME: whether GPU_CHECK_ONLY (when set) lets step NAME run; the setup steps always run.
+# Steps that repeat what a record already measured on code that has not changed since (the
+# pipelined paths at 72c11ba: trace, sweep and ncu in the files 2026-11-27-h100-72c11ba*): they run
+# only when GPU_CHECK_ONLY names them, so that a default run spends its minutes on the open questions.
+ON_REQUEST=" trace-pipelined bench-pipelined ncu-pipelined "
+
+# selected NAME: whether GPU_CHECK_ONLY (when set) lets step NAME run; the setup steps always run;
+# the ON_REQUEST steps only when GPU_CHECK_ONLY names them.
 selected() {
-  [[ -z "${GPU_CHECK_ONLY:-}" || " env build info usable ${GPU_CHECK_ONLY} " == *" $1 "* ]]
+  if [[ -z "${GPU_CHECK_ONLY:-}" ]]; then [[ "$ON_REQUEST" != *" $1 "* ]]; return; fi
+  [[ " env build info usable ${GPU_CHECK_ONLY} " == *" $1 "* ]]
 }
 
 # chosen_out NAME: whether the caller left step NAME out (GPU_CHECK_SKIP names it, or GPU_CHECK_ONLY does not).
@@ -213,13 +225,13 @@ fi
 [[ $DRY_RUN -eq 0 ]] && step_if 40 trace-pipelined 40 "$PY" benchmarks/pipeline_trace.py run \
   --stages conv2_x,conv4_x,conv5_x --out "$WORK/trace"
 
-# --- 3b. the read-once paths' geometry sweep against the two-pass path (the question the
-# kernels pose now: does the pipelined path, first run here, beat the two-pass one, and with
-# which group, tile and delay? then the cluster plans, and the two-pass MLP's splits of C),
-# before the steps that only repeat what earlier records measured.
-# Each stage gets a share of the time, so the sweep reaches conv5_x; the pipelined plans (last, in a
-# table of their own) get 60% of it.
-# GPU_CHECK_TUNE_S (default 40) sets the sweep's time, for a call that runs little else.
+# --- 3b. the two-pass path's sweep against its default (tune_cluster.py's default families: the
+# batch in chunks whose sums, MLPs and scales run on three streams, the question since
+# 2026-11-27; the NCHW sums; the MLP's splits of C), before the steps that only repeat what
+# earlier records measured. Each stage gets a share of the time, so the sweep reaches conv5_x.
+# (The cluster, pipelined and weight-gradient families were swept at 72c11ba: tune_cluster.py
+# --paths names them.) GPU_CHECK_TUNE_S (default 40) sets the sweep's time, for a call that runs
+# little else.
 TUNE_S=${GPU_CHECK_TUNE_S:-40}
 [[ $DRY_RUN -eq 0 ]] && step_if $(( TUNE_S + 20 )) tune $(( TUNE_S + 10 )) "$PY" benchmarks/tune_cluster.py --max-seconds "$TUNE_S"
 # The Triton MLP's program tiles (one tile per program since 2026-11-27, not yet run on a GPU),

@@ -94,7 +94,12 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
         # The MLP's two forms side by side (the shipped row takes one of them by the shape).
         settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
                     ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2"})]
-        unmeasured += [("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"})]
+        unmeasured += [("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"}),
+                       # The batch in chunks of 12 MiB of re-read input: the three-stream pipeline
+                       # (run_chunks, since 2026-11-27) and the same chunks on one stream.
+                       ("cuda/chunks-12m", "cuda", {"cuda_chunk_bytes": str(12 << 20)}),
+                       ("cuda/chunks-12m-serial", "cuda", {"cuda_chunk_bytes": str(12 << 20),
+                                                           "cuda_chunk_streams": "1"})]
         pipelined.append(("cuda/pipelined", "cuda", {"cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
@@ -108,6 +113,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
 
 # The settings a variant may name, and the environment variable each sets.
 SETTINGS = (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
+            ("cuda_chunk_streams", "SE_FUSED_CUDA_CHUNK_STREAMS"),
             ("cuda_path", "SE_FUSED_CUDA_PATH"), ("triton_path", "SE_FUSED_TRITON_PATH"),
             ("triton_per_sm", "SE_FUSED_TRITON_PIPELINE_PER_SM"))
 
@@ -115,7 +121,8 @@ SETTINGS = (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CH
 def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
-    two-pass path's batch chunks); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_path`` ->
+    two-pass path's batch chunks); ``cuda_chunk_streams`` -> ``SE_FUSED_CUDA_CHUNK_STREAMS`` (3: the
+    chunks as a pipeline on three streams, 1: in order on one); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_path`` ->
     ``SE_FUSED_TRITON_PATH``; ``triton_per_sm`` -> ``SE_FUSED_TRITON_PIPELINE_PER_SM``;
     ``triton_chunk_bytes`` -> the Triton backend's batch chunk budget
     (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""

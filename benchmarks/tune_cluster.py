@@ -5,6 +5,11 @@ pass, times the raw forward/backward op under the automatic choice, the
 two-pass path and every geometry of the read-once paths, and prints them as
 GB/s of the pass's minimum traffic (SPEC §4):
 
+* chunks: the two-pass path over the batch in chunks of at most ``6M``, ``12M`` or ``24M``
+  bytes of re-read input (``SE_FUSED_CUDA_CHUNK_BYTES``), whose channel sums, MLPs and scales
+  run as a pipeline on three streams (the default since 2026-11-27), and ``12M/serial``: the
+  same chunks with every kernel in order on one stream (``SE_FUSED_CUDA_CHUNK_STREAMS=1``, as
+  the cuda/l2-chunks profile row measured before);
 * pipelined (``SE_FUSED_CUDA_PATH=pipelined``): ``default`` (the planner's choice),
   then ``G,tileK,+d``: G samples per MLP group (``SE_FUSED_CUDA_PIPELINE_GROUP``),
   tiles of tile KiB (``SE_FUSED_CUDA_TILE_BYTES``), d steps of delay beyond the
@@ -39,7 +44,7 @@ GB/s of the pass's minimum traffic (SPEC §4):
 
 It tells whether a read-once path beats the two-pass one, and with which
 geometry, which is what ``auto`` needs to know before it takes one.
-The pipelined family, not yet run on a GPU, is swept last in a table of its own: a
+The pipelined family (when asked for) is swept last in a table of its own: a
 trap in its kernels ends the CUDA context (and the sweep) after the other families have
 covered every stage. The other families get 40% of ``--max-seconds`` when it follows, and
 within each table every stage gets an equal share of the table's time (what a stage leaves
@@ -47,7 +52,9 @@ goes to the next), so that a short budget still reaches conv5_x; ``auto`` and ``
 are timed in every row.
 
 Usage: ``python benchmarks/tune_cluster.py [--batch 256] [--dtype bfloat16] [--max-seconds 120]
-[--paths pipelined,cluster,mlp-split,nchw-sums,wgrad,triton-mlp]``
+[--paths chunks,nchw-sums,mlp-split,wgrad,cluster,pipelined,triton-mlp]``; the default sweeps
+chunks, nchw-sums and mlp-split (cluster, pipelined and wgrad were swept at 72c11ba on an H100:
+docs/cuda-notes.md)
 """
 from __future__ import annotations
 
@@ -68,6 +75,7 @@ STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x":
 PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
 PIPELINE_PLANS = [(g, kib, d, "") for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
 PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
+CHUNK_PLANS = [("6M", 6 << 20, "3"), ("12M", 12 << 20, "3"), ("24M", 24 << 20, "3"), ("12M/serial", 12 << 20, "1")]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 # The Triton MLP's program tiles (samples, outputs, reduction piece, split of C) around the default
 # 16,32,128,256; 16,32,16,256 is the default until 2026-11-27.
@@ -76,7 +84,7 @@ TRITON_MLP_TILES = ["16,32,16,256", "16,32,64,256", "16,64,128,256", "32,32,128,
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
          "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
-         "SE_FUSED_CUDA_WGRAD_TILES", "SE_FUSED_CUDA_MLP")
+         "SE_FUSED_CUDA_WGRAD_TILES", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_CHUNK_STREAMS")
 TRITON_KNOBS = ("SE_FUSED_TRITON_MLP_TILE",)
 
 
@@ -117,6 +125,9 @@ def candidates(paths) -> list:
     """(label, family, path, knobs) for the automatic choice, the two-pass path and each geometry;
     knobs as :func:`set_path` takes them."""
     found = [("auto", "", "auto", {}), ("2-pass", "", "two_pass", {})]
+    if "chunks" in paths:
+        found += [(label, "chunks", "two_pass", dict(chunk_bytes=str(nbytes), chunk_streams=streams))
+                  for label, nbytes, streams in CHUNK_PLANS]
     if "pipelined" in paths:
         found.append(("default", "pipelined", "pipelined", {}))
         found += [(f"{g},{kib}K,+{d}" + (f"/{mlp}" if mlp else ""), "pipelined", "pipelined",
@@ -223,9 +234,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
-    parser.add_argument("--paths", default="pipelined,cluster,mlp-split,nchw-sums,wgrad",
-                        help="what to sweep (comma-separated: pipelined, cluster, mlp-split, nchw-sums, wgrad, "
-                             "triton-mlp)")
+    parser.add_argument("--paths", default="chunks,nchw-sums,mlp-split",
+                        help="what to sweep (comma-separated: chunks, nchw-sums, mlp-split, wgrad, cluster, "
+                             "pipelined, triton-mlp)")
     args = parser.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     if not torch.cuda.is_available():
@@ -236,7 +247,7 @@ def main() -> int:
         from se_fused.triton import ops as triton_ops  # Triton loads only when its family is swept
     start = time.time()
     print(f"device {torch.cuda.get_device_name()}, batch {args.batch}, {args.dtype}; GB/s of minimum traffic")
-    # The pipelined kernels have not yet run on a GPU; a trap in them ends the CUDA context, so
+    # A trap in the pipelined kernels would end the CUDA context, so
     # they are swept last, in a table of their own, after every other family at every stage. The
     # other families get 40% of the time when the pipelined one follows (what they leave, it gets).
     status = 0

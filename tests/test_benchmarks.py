@@ -273,7 +273,7 @@ def test_gpu_check_script_parses():
 
 def test_gpu_check_only_selects_steps():
     """GPU_CHECK_ONLY (gpu_check.sh's ``selected``) lets the named steps and the setup steps run, and no
-    other; unset, every step."""
+    other; unset, every step but the ON_REQUEST ones."""
     script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
     selected = re.search(r"^selected\(\) \{\n.*?^\}\n", script, re.S | re.M).group(0)
     checks = {"racecheck": 0, "build": 0, "usable": 0, "tests": 1, "race": 1, "bench-nchw": 0}
@@ -283,6 +283,13 @@ def test_gpu_check_only_selects_steps():
         assert result.returncode == expected, (step, result.stderr)
     unset = {k: v for k, v in os.environ.items() if k not in ("GPU_CHECK_ONLY", "GPU_CHECK_SKIP")}
     assert subprocess.run(["bash", "-c", selected + "selected tests"], env=unset).returncode == 0
+    # The ON_REQUEST steps run only when GPU_CHECK_ONLY names them.
+    on_request = re.search(r"^ON_REQUEST=.*\n", script, re.M).group(0)
+    assert " trace-pipelined " in on_request
+    for env, step, expected in (({}, "trace-pipelined", 1), ({}, "tune", 0),
+                                (dict(GPU_CHECK_ONLY="trace-pipelined"), "trace-pipelined", 0)):
+        result = subprocess.run(["bash", "-c", on_request + selected + f"selected {step}"], env={**unset, **env})
+        assert result.returncode == expected, (env, step)
     # chosen_out: a step the caller left out (the record is then skipped without failing the run).
     chosen_out = re.search(r"^chosen_out\(\) \{.*?\}\n", script, re.S | re.M).group(0)
     for env, step, expected in ((dict(GPU_CHECK_SKIP="bench-net record"), "bench-net", 0),
