@@ -122,8 +122,9 @@ def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
     two-pass path's batch chunks); ``cuda_chunk_streams`` -> ``SE_FUSED_CUDA_CHUNK_STREAMS`` (3: the
-    chunks as a pipeline on three streams, 1: in order on one); ``cuda_path`` -> ``SE_FUSED_CUDA_PATH``; ``triton_path`` ->
-    ``SE_FUSED_TRITON_PATH``; ``triton_per_sm`` -> ``SE_FUSED_TRITON_PIPELINE_PER_SM``;
+    chunks as a pipeline on three streams, 1: in order on one); ``cuda_path`` ->
+    ``SE_FUSED_CUDA_PATH``; ``triton_path`` -> ``SE_FUSED_TRITON_PATH``; ``triton_per_sm`` ->
+    ``SE_FUSED_TRITON_PIPELINE_PER_SM``;
     ``triton_chunk_bytes`` -> the Triton backend's batch chunk budget
     (``SE_FUSED_TRITON_CHUNK_BYTES``: bytes, or "l2"; unset: the whole batch in one chunk)."""
     for key, name in SETTINGS:

@@ -501,8 +501,8 @@ void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t*
 // (channel_sums_nchw_kernel, the default before 2026-11-27's second H100 session). Measured side
 // by side (H100 72c11ba, tune_cluster.py, batch 256 bf16, GB/s of bytes_min, against the row's
 // entry with the same MLP form): conv5_x forward 763 against 530, backward 929 against 743;
-// conv4_x a tie (1084 / 1116, 1426 / 1418; the sweep's noise is a few percent). The order of the sums differs,
-// so the knob changes the bits; the default depends on the shape only.
+// conv4_x a tie (1084 / 1116, 1426 / 1418; the sweep's noise is a few percent). The order of
+// the sums differs, so the knob changes the bits; the default depends on the shape only.
 bool nchw_staged_sums() {
   return choice_from_env("SE_FUSED_CUDA_NCHW_SUMS", {"staged", "warp"}, 0) == 0;
 }
@@ -1057,14 +1057,13 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 // SE_FUSED_CUDA_CHUNK_BYTES: the two-pass path takes the batch in chunks of at most
 // this many re-read bytes (an int; unset or <= 0: the whole batch), or "l2" for a quarter of
 // the device's L2 (half until 2026-11-27; run_chunks keeps three chunks alive), so that pass 2
-// re-reads a chunk from L2 instead of HBM. Off by default:
-// the scale pass does read faster from L2, but in one stream each chunk pays its own MLP
-// launches (profile_block.py's cuda/l2-chunks row, H100 dd6c3b3: conv2_x forward 0.610 against
-// 0.447 ms in one chunk), as the Triton backend had measured (H200, 3c2a7b3). Since 2026-11-27
-// the chunks' sums run beside the MLPs and scales (run_chunks, two chunks alive in L2); not yet
-// timed on a GPU, so still off by default. The MLP's form
-// (mlp_kernels) follows the chunk's samples, so a chunked batch may take the rows kernels where
-// the whole batch takes the tiled one: other bits.
+// re-reads a chunk from L2 instead of HBM. Off by default: the scale pass does read faster
+// from L2, but in one stream each chunk pays its own MLP launches (profile_block.py's
+// cuda/l2-chunks row, H100 dd6c3b3: conv2_x forward 0.610 against 0.447 ms in one chunk), as the
+// Triton backend had measured (H200, 3c2a7b3). Since 2026-11-27 the chunks' sums, MLPs and
+// scales overlap (run_chunks, three chunks alive in L2); not yet timed on a GPU, so still off by
+// default. The MLP's form (mlp_kernels) follows the chunk's samples, so a chunked batch may take
+// the rows kernels where the whole batch takes the tiled one: other bits.
 int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
   constexpr const char* kName = "SE_FUSED_CUDA_CHUNK_BYTES";
   const char* env = std::getenv(kName);
@@ -1086,9 +1085,10 @@ int chunk_streams() {
 
 // The two-pass path's knobs, read once before anything is launched: a bad value refuses the
 // call whole (c10::ValueError), and the reads between launches cannot throw. At 72c11ba a
-// throw from inside the MLP launcher (SE_FUSED_CUDA_MLP_SPLIT=300, after the channel sums'
-// launch, in MlpLaunch's member initialisers) crashed the process on an H100 while the same
-// message thrown a few lines earlier did not (docs/cuda-notes.md); the cause is not known.
+// throw from inside the MLP launcher (SE_FUSED_CUDA_MLP_SPLIT=300: mlp_k_split's multiple-of-256
+// check, in MlpLaunch's member initialisers, after the channel sums' launch) crashed the process
+// on an H100, while SE_FUSED_CUDA_MLP_SPLIT=128, thrown a line earlier in the same function, did
+// not (docs/cuda-notes.md); the cause is not known.
 void check_two_pass_knobs() {
   check_excitation_knobs();
   nchw_staged_sums();
