@@ -32,7 +32,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -1138,16 +1137,12 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   }
   const c10::cuda::CUDAStream sums_stream = c10::cuda::getStreamFromPool(false, caller.device_index());
   const c10::cuda::CUDAStream mlp_stream = c10::cuda::getStreamFromPool(false, caller.device_index());
-  at::cuda::CUDAEvent fork(cudaEventDisableTiming);
+  // Events without timing (CUDAEvent's default flags). Two per stage, used by turns: in host
+  // order each is waited on before it is recorded again.
+  at::cuda::CUDAEvent fork, summed[2], excited[2], scaled[2];
   fork.record(caller);
   fork.block(sums_stream);
   fork.block(mlp_stream);
-  // Two events per stage, used by turns: in host order each is waited on before it is recorded again.
-  const auto pair = [] {
-    return std::array<at::cuda::CUDAEvent, 2>{at::cuda::CUDAEvent(cudaEventDisableTiming),
-                                              at::cuda::CUDAEvent(cudaEventDisableTiming)};
-  };
-  std::array<at::cuda::CUDAEvent, 2> summed = pair(), excited = pair(), scaled = pair();
   // Step t enqueues chunk t - 2's scale, chunk t - 1's MLP and chunk t's sums, in that order.
   for (int64_t t = 0; t < chunks + 2; ++t) {
     if (const int64_t k = t - 2; k >= 0) {
