@@ -198,6 +198,23 @@ __device__ __forceinline__ void store16(scalar_t* p, const Vec16<scalar_t>& v) {
   *reinterpret_cast<Vec16<scalar_t>*>(p) = v;
 }
 
+// The same with the L2 hints of a chunked call (two_pass_cache_hints): where `evict_first`, a
+// load is the line's last use and a store streams (evict-first lines in L2), so that the lines
+// the scale pass still has to re-read, loaded with normal priority, are the last ones evicted.
+// The branch is uniform across the grid. Values are the same either way.
+template <typename scalar_t>
+__device__ __forceinline__ Vec16<scalar_t> load16_hinted(const scalar_t* p, bool evict_first) {
+  return evict_first ? load16_last_use(p) : load16(p);
+}
+template <typename scalar_t>
+__device__ __forceinline__ void store16_hinted(scalar_t* p, const Vec16<scalar_t>& v, bool evict_first) {
+  if (evict_first) {
+    store16_streaming(p, v);
+  } else {
+    store16(p, v);
+  }
+}
+
 // Element e of a vector term: a, masked by the ReLU output, times b.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t vec_term(const Vec16<scalar_t>& a, const Vec16<scalar_t>& b,
@@ -212,7 +229,7 @@ __device__ __forceinline__ acc_t vec_term(const Vec16<scalar_t>& a, const Vec16<
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
-    acc_t* __restrict__ out, int64_t rows, int64_t P, acc_t factor) {
+    acc_t* __restrict__ out, int64_t rows, int64_t P, acc_t factor, bool b_last_use) {
   constexpr int V = Vec16<scalar_t>::kSize;
   const int lane = threadIdx.x % kWarp;
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
@@ -222,7 +239,7 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
   Vec16<scalar_t> bv{}, mv{};
   for (int64_t j = lane; j < vectors; j += kWarp) {
     const Vec16<scalar_t> av = load16(a + base + j * V);
-    if (b != nullptr) bv = load16(b + base + j * V);
+    if (b != nullptr) bv = load16_hinted(b + base + j * V, b_last_use);
     if (mask_by != nullptr) mv = load16(mask_by + base + j * V);
 #pragma unroll
     for (int e = 0; e < V; e += 2) {
@@ -243,7 +260,7 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
-    acc_t* __restrict__ out, int64_t rows, int P, int rows_per_block, acc_t factor) {
+    acc_t* __restrict__ out, int64_t rows, int P, int rows_per_block, acc_t factor, bool b_last_use) {
   constexpr int V = Vec16<scalar_t>::kSize;
   extern __shared__ __align__(16) unsigned char staged_sums_smem[];
   acc_t* terms = reinterpret_cast<acc_t*>(staged_sums_smem);  // [rows_per_block][P]
@@ -256,7 +273,7 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kern
   Vec16<scalar_t> bv{}, mv{};
   for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
     const Vec16<scalar_t> av = load16(a + base + static_cast<int64_t>(i) * V);
-    if (has_b) bv = load16(b + base + static_cast<int64_t>(i) * V);
+    if (has_b) bv = load16_hinted(b + base + static_cast<int64_t>(i) * V, b_last_use);
     if (has_m) mv = load16(mask_by + base + static_cast<int64_t>(i) * V);
     // Stored 16 bytes at a time (a thread's V terms are 16 or 32 bytes): one 4-byte store per term
     // would put a warp's stores V words apart, V-way bank conflicts.
@@ -297,7 +314,7 @@ constexpr int kVecSumLanes = kVecSumThreads / kWarp;
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kVecSumThreads) channel_sums_nhwc_vec_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
-    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor, PixelSplit split) {
+    acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor, PixelSplit split, bool b_last_use) {
   constexpr int V = Vec16<scalar_t>::kSize;
   constexpr int kTile = kWarp * V;  // channels per block
   __shared__ acc_t partial[kVecSumLanes][kTile];
@@ -314,7 +331,7 @@ __global__ void __launch_bounds__(kVecSumThreads) channel_sums_nhwc_vec_kernel(
     for (int64_t p = p_begin + ty; p < p_end; p += kVecSumLanes) {
       const int64_t i = (n * P + p) * C + c0;
       const Vec16<scalar_t> av = load16(a + i);
-      if (b != nullptr) bv = load16(b + i);
+      if (b != nullptr) bv = load16_hinted(b + i, b_last_use);
       if (mask_by != nullptr) mv = load16(mask_by + i);
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[e] += vec_term<scalar_t, acc_t>(av, bv, mv, b != nullptr, mask_by != nullptr, e);
@@ -394,14 +411,14 @@ __device__ __forceinline__ void channel_values(const acc_t* __restrict__ row, in
 template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kTwoPassThreads) scale_forward_vec_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, const acc_t* __restrict__ scale,
-    scalar_t* __restrict__ out, index_t vectors, index_t C, index_t P, bool runs) {
+    scalar_t* __restrict__ out, index_t vectors, index_t C, index_t P, bool runs, bool evict_first) {
   constexpr int V = Vec16<scalar_t>::kSize;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
     const index_t e0 = i * V, n = e0 / (C * P);
-    const Vec16<scalar_t> xv = load16(x + e0);
+    const Vec16<scalar_t> xv = load16_hinted(x + e0, evict_first);
     Vec16<scalar_t> rv{}, ov;
-    if (residual != nullptr) rv = load16(residual + e0);
+    if (residual != nullptr) rv = load16_hinted(residual + e0, evict_first);
     acc_t s[V];
     channel_values<V, kChannelsLast>(scale + n * C, e0 - n * C * P, C, P, runs, s);
 #pragma unroll
@@ -410,7 +427,7 @@ __global__ void __launch_bounds__(kTwoPassThreads) scale_forward_vec_kernel(
       if (residual != nullptr) y = relu_keep_nan(y + static_cast<acc_t>(rv.v[e]));
       ov.v[e] = static_cast<scalar_t>(y);
     }
-    store16(out + e0, ov);
+    store16_hinted(out + e0, ov, evict_first);
   }
 }
 
@@ -418,25 +435,25 @@ template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLas
 __global__ void __launch_bounds__(kTwoPassThreads) scale_backward_vec_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out, const acc_t* __restrict__ scale,
     const acc_t* __restrict__ dz_over_p, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_residual,
-    index_t vectors, index_t C, index_t P, bool runs) {
+    index_t vectors, index_t C, index_t P, bool runs, bool evict_first) {
   constexpr int V = Vec16<scalar_t>::kSize;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors; i += stride) {
     const index_t e0 = i * V, n = e0 / (C * P);
-    Vec16<scalar_t> gv = load16(grad_out + e0), dx;
+    Vec16<scalar_t> gv = load16_hinted(grad_out + e0, evict_first), dx;
     acc_t s[V], d[V];
     channel_values<V, kChannelsLast>(scale + n * C, e0 - n * C * P, C, P, runs, s);
     channel_values<V, kChannelsLast>(dz_over_p + n * C, e0 - n * C * P, C, P, runs, d);
     if (out != nullptr) {
-      const Vec16<scalar_t> ov = load16(out + e0);
+      const Vec16<scalar_t> ov = load16_hinted(out + e0, evict_first);
 #pragma unroll
       for (int e = 0; e < V; ++e)
         if (static_cast<acc_t>(ov.v[e]) <= acc_t(0)) gv.v[e] = static_cast<scalar_t>(acc_t(0));
-      store16(grad_residual + e0, gv);
+      store16_hinted(grad_residual + e0, gv, evict_first);
     }
 #pragma unroll
     for (int e = 0; e < V; ++e) dx.v[e] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[e]) * s[e] + d[e]);
-    store16(grad_x + e0, dx);
+    store16_hinted(grad_x + e0, dx, evict_first);
   }
 }
 
@@ -516,22 +533,24 @@ int nchw_staged_rows(int64_t P, int V, int acc_bytes) {
   return static_cast<int>(fit / unit * unit);
 }
 
-// sums[n, c] = factor * sum_p a * b (masked), via the layout's kernel.
+// sums[n, c] = factor * sum_p a * b (masked), via the layout's kernel. b_last_use: b is not read
+// again (the backward's x in a chunked call), so the 16-byte kernels load it evict-first.
 template <typename scalar_t, typename acc_t>
 void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* b, const scalar_t* mask_by,
-                         acc_t* sums, acc_t factor, cudaStream_t stream) {
+                         acc_t* sums, acc_t factor, bool b_last_use, cudaStream_t stream) {
   constexpr int V = Vec16<scalar_t>::kSize;
   const bool pointers_aligned = aligned16(a) && (b == nullptr || aligned16(b)) && (mask_by == nullptr || aligned16(mask_by));
   if (pointers_aligned && !p.channels_last && p.P % V == 0) {
     const int64_t rows = p.N * p.C;
     const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
     channel_sums_nchw_vec_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor);
+        <<<static_cast<unsigned>(blocks), kTwoPassThreads, 0, stream>>>(a, b, mask_by, sums, rows, p.P, factor,
+                                                                         b_last_use);
   } else if (pointers_aligned && p.channels_last && p.C % V == 0) {
     with_pixel_splits(p, kWarp * V, kVecSumLanes, sums, factor, stream, [&](dim3 grid, acc_t* out, acc_t f,
                                                                              PixelSplit split) {
       channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
-                                                                                        p.P, f, split);
+                                                                                        p.P, f, split, b_last_use);
     });
   } else if (const int rows_per_block = !p.channels_last && pointers_aligned && nchw_staged_sums()
                                             ? nchw_staged_rows(p.P, V, sizeof(acc_t))
@@ -541,7 +560,7 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
     const size_t smem = static_cast<size_t>(rows_per_block) * p.P * sizeof(acc_t);  // <= kStagedSumBytes
     channel_sums_nchw_staged_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kTwoPassThreads, smem, stream>>>(
-            a, b, mask_by, sums, rows, static_cast<int>(p.P), rows_per_block, factor);
+            a, b, mask_by, sums, rows, static_cast<int>(p.P), rows_per_block, factor, b_last_use);
   } else if (!p.channels_last) {
     const int64_t rows = p.N * p.C;
     const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
@@ -1082,6 +1101,19 @@ int chunk_streams() {
   return choice_from_env("SE_FUSED_CUDA_CHUNK_STREAMS", {"3", "1"}, 0) == 0 ? 3 : 1;
 }
 
+// SE_FUSED_CUDA_CACHE_HINTS: whether the two-pass kernels' 16-byte loads and stores carry L2
+// eviction hints. "chunks" (the default): in chunked calls only, the loads that are a line's last
+// use (the scale pass's re-reads, the backward sums' x) and the scale pass's stores are
+// evict-first, so the chunks still to be re-read, loaded with normal priority, stay in L2 (in the
+// three-stream pipeline a chunk's scale writes as much as it reads while two later chunks wait in
+// L2). "all": in every two-pass call (where the batch fits in L2, conv5_x at batch 256, the
+// unchunked call re-reads from L2 too). "off": no hints. Not yet timed on a GPU. The hints change
+// no value, so the bits are the same for every choice.
+bool two_pass_cache_hints(bool chunked) {
+  const int choice = choice_from_env("SE_FUSED_CUDA_CACHE_HINTS", {"chunks", "all", "off"}, 0);
+  return choice == 1 || (choice == 0 && chunked);
+}
+
 // The two-pass path's knobs, read once before anything is launched: a bad value refuses the
 // call whole (c10::ValueError), and the reads between launches cannot throw. At 72c11ba a
 // throw from inside the MLP launcher (SE_FUSED_CUDA_MLP_SPLIT=300: mlp_k_split's multiple-of-256
@@ -1093,6 +1125,7 @@ void check_two_pass_knobs() {
   nchw_staged_sums();
   two_pass_chunk_samples(1, 1);
   chunk_streams();
+  two_pass_cache_hints(false);
 }
 
 // The problem over chunk k's samples (at most `chunk` of them) and its slice of a batch-major tensor.
@@ -1173,7 +1206,7 @@ void forward_channel_sums(const at::Tensor& x, const at::Tensor& pooled, const S
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_channel_sums<scalar_t, acc_t>(q, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
-                                         pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(q.P), stream);
+                                         pooled.mutable_data_ptr<acc_t>(), acc_t(1) / acc_t(q.P), false, stream);
   });
 }
 
@@ -1190,7 +1223,7 @@ void forward_excitation(const at::Tensor& pooled, at::Tensor& hidden, at::Tensor
 }
 
 void forward_scale(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& scale,
-                   at::Tensor& out, const SEProblem& q, cudaStream_t stream) {
+                   at::Tensor& out, const SEProblem& q, bool evict_first, cudaStream_t stream) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t total = q.N * q.C * q.P;
@@ -1205,7 +1238,7 @@ void forward_scale(const at::Tensor& x, const c10::optional<at::Tensor>& residua
             <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
                 static_cast<index_t>(total / V), static_cast<index_t>(q.C), static_cast<index_t>(q.P),
-                channel_runs(q, V, {scale.const_data_ptr()}));
+                channel_runs(q, V, {scale.const_data_ptr()}), evict_first);
       } else {
         scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
             <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
@@ -1263,6 +1296,7 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
   // The two-pass path, over the batch in chunks (two_pass_chunk_samples; one chunk unless asked).
   const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias});
   const int64_t chunk = mlp_kernels ? two_pass_chunk_samples(p.N, p.C * p.P * x.element_size()) : p.N;
+  const bool hints = two_pass_cache_hints(chunk < p.N);
   run_chunks(
       p, chunk,
       [&](const BatchChunk& c, cudaStream_t st) { forward_channel_sums(c(x), c(pooled), c.q, st); },
@@ -1274,27 +1308,27 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
       [&](const BatchChunk& c, cudaStream_t st) {
         at::Tensor out_part = c(out);
         forward_scale(c(x), residual ? c10::optional<at::Tensor>(c(*residual)) : c10::nullopt, c(scale), out_part,
-                      c.q, st);
+                      c.q, hints, st);
       });
   return {out, pooled, hidden, scale};
 }
 
 // ds[n, c] = sum_p g * x over the problem's samples (g masked by the ReLU output where `out`).
 void backward_channel_sums(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out,
-                           at::Tensor& ds, const SEProblem& q, cudaStream_t stream) {
+                           at::Tensor& ds, const SEProblem& q, bool x_last_use, cudaStream_t stream) {
   if (q.N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_ds_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_channel_sums<scalar_t, acc_t>(q, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                          out ? out->const_data_ptr<scalar_t>() : nullptr,
-                                         ds.mutable_data_ptr<acc_t>(), acc_t(1), stream);
+                                         ds.mutable_data_ptr<acc_t>(), acc_t(1), x_last_use, stream);
   });
 }
 
 // grad_x = g * s + dz/P (and grad_residual = g where `out`), g masked by the ReLU output.
 void backward_scale(const at::Tensor& grad_out, const c10::optional<at::Tensor>& out, const at::Tensor& scale,
                     const at::Tensor& dz_over_p, at::Tensor& grad_x, at::Tensor& grad_res, const SEProblem& q,
-                    cudaStream_t stream) {
+                    bool evict_first, cudaStream_t stream) {
   if (q.N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1313,7 +1347,7 @@ void backward_scale(const at::Tensor& grad_out, const c10::optional<at::Tensor>&
                 grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
                 dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
                 static_cast<index_t>(total / V), static_cast<index_t>(q.C), static_cast<index_t>(q.P),
-                channel_runs(q, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}));
+                channel_runs(q, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}), evict_first);
       } else {
         scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
             <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
@@ -1383,16 +1417,20 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
       // dv is not materialised: the weight-gradient kernel forms it from ds and the scale as it reads them.
       du = at::empty({p.N, p.R}, pooled.options());
       at::Tensor dz_over_p = at::empty({p.N, p.C}, pooled.options());
-      // In chunks of the batch (two_pass_chunk_samples): pass 2 re-reads grad_out, x and out.
-      const int64_t reread = (p.has_residual ? 3 : 2) * p.C * p.P * x.element_size();
+      // In chunks of the batch (two_pass_chunk_samples). Pass 2 re-reads grad_out (and out), but the
+      // budget counts x too: pass 1 brings all of them into L2, and with the hints off x's lines
+      // compete with the re-read ones (the budget does not follow the hints, so neither do the bits).
+      const int64_t loaded = (p.has_residual ? 3 : 2) * p.C * p.P * x.element_size();
+      const int64_t chunk = two_pass_chunk_samples(p.N, loaded);
+      const bool hints = two_pass_cache_hints(chunk < p.N);
       const auto out_of = [&](const BatchChunk& c) {
         return out ? c10::optional<at::Tensor>(c(*out)) : c10::nullopt;
       };
       run_chunks(
-          p, two_pass_chunk_samples(p.N, reread),
+          p, chunk,
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor ds_part = c(ds);
-            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, st);
+            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, hints, st);
           },
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor du_part = c(du), dz_part = c(dz_over_p);
@@ -1400,13 +1438,16 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
           },
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor grad_x_part = c(grad_x), grad_res_part = p.has_residual ? c(grad_res) : grad_res;
-            backward_scale(c(grad_out), out_of(c), c(scale), c(dz_over_p), grad_x_part, grad_res_part, c.q, st);
+            backward_scale(c(grad_out), out_of(c), c(scale), c(dz_over_p), grad_x_part, grad_res_part, c.q, hints,
+                           st);
           });
     } else {
-      backward_channel_sums(grad_out, x, out, ds, p, stream);
+      const bool hints = two_pass_cache_hints(false);
+      backward_channel_sums(grad_out, x, out, ds, p, hints, stream);
       at::Tensor dz;
       std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
-      backward_scale(grad_out, out, scale, (dz / static_cast<double>(p.P)).contiguous(), grad_x, grad_res, p, stream);
+      backward_scale(grad_out, out, scale, (dz / static_cast<double>(p.P)).contiguous(), grad_x, grad_res, p, hints,
+                     stream);
     }
   }
   // The two-pass path with the kernels leaves dv unformed: the kernel forms it from ds and the scale.
