@@ -39,7 +39,7 @@ import se_fused
 # plan "M,G" = CTAs per sample, samples per cluster; clusters: at most this many persistent clusters,
 # so that one cluster walks several groups; cluster_buffers: one chunk buffer instead of two;
 # chunk_bytes 1: the two-pass path one sample per chunk (the chunks' sums, MLPs and scales on three
-# streams; chunk_streams 1: on one); pipeline_blocks, tile_bytes, pipeline_mlp:
+# streams, their 16-byte kernels with L2 eviction hints; chunk_streams 1: on one); pipeline_blocks, tile_bytes, pipeline_mlp:
 # the pipelined path's CTAs, tiles and group MLP; mlp_split, mlp_row_tiles: the two-pass MLP kernels'
 # splits of C and row tiles per block; nchw_sums "warp": the NCHW channel sums a warp per row where
 # H*W is not a multiple of the vector (the default stages whole rows through shared memory);
@@ -56,7 +56,8 @@ CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(
 KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
          "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
-         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE", "SE_FUSED_CUDA_CHUNK_STREAMS")
+         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE", "SE_FUSED_CUDA_CHUNK_STREAMS",
+         "SE_FUSED_CUDA_CACHE_HINTS")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its

@@ -99,7 +99,10 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
                        # (run_chunks, since 2026-11-27) and the same chunks on one stream.
                        ("cuda/chunks-12m", "cuda", {"cuda_chunk_bytes": str(12 << 20)}),
                        ("cuda/chunks-12m-serial", "cuda", {"cuda_chunk_bytes": str(12 << 20),
-                                                           "cuda_chunk_streams": "1"})]
+                                                           "cuda_chunk_streams": "1"}),
+                       # The pipeline without the L2 eviction hints that chunked calls carry by default.
+                       ("cuda/chunks-12m-no-hints", "cuda", {"cuda_chunk_bytes": str(12 << 20),
+                                                             "cuda_cache_hints": "off"})]
         pipelined.append(("cuda/pipelined", "cuda", {"cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
@@ -113,7 +116,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
 
 # The settings a variant may name, and the environment variable each sets.
 SETTINGS = (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
-            ("cuda_chunk_streams", "SE_FUSED_CUDA_CHUNK_STREAMS"),
+            ("cuda_chunk_streams", "SE_FUSED_CUDA_CHUNK_STREAMS"), ("cuda_cache_hints", "SE_FUSED_CUDA_CACHE_HINTS"),
             ("cuda_path", "SE_FUSED_CUDA_PATH"), ("triton_path", "SE_FUSED_TRITON_PATH"),
             ("triton_per_sm", "SE_FUSED_TRITON_PIPELINE_PER_SM"))
 
@@ -122,7 +125,9 @@ def apply_settings(settings: Dict[str, object]) -> None:
     """Set what a variant chooses (anything not named goes back to the default):
     ``mlp`` -> ``SE_FUSED_CUDA_MLP``; ``cuda_chunk_bytes`` -> ``SE_FUSED_CUDA_CHUNK_BYTES`` (the CUDA
     two-pass path's batch chunks); ``cuda_chunk_streams`` -> ``SE_FUSED_CUDA_CHUNK_STREAMS`` (3: the
-    chunks as a pipeline on three streams, 1: in order on one); ``cuda_path`` ->
+    chunks as a pipeline on three streams, 1: in order on one); ``cuda_cache_hints`` ->
+    ``SE_FUSED_CUDA_CACHE_HINTS`` (chunks, all, off: where the two-pass kernels carry L2 eviction
+    hints); ``cuda_path`` ->
     ``SE_FUSED_CUDA_PATH``; ``triton_path`` -> ``SE_FUSED_TRITON_PATH``; ``triton_per_sm`` ->
     ``SE_FUSED_TRITON_PIPELINE_PER_SM``;
     ``triton_chunk_bytes`` -> the Triton backend's batch chunk budget
