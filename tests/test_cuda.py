@@ -412,6 +412,7 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
     ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"),
     ("two_pass", "SE_FUSED_CUDA_CHUNK_STREAMS", "2", "SE_FUSED_CUDA_CHUNK_STREAMS must be 3 or 1"),
     ("two_pass", "SE_FUSED_CUDA_CACHE_HINTS", "always", "SE_FUSED_CUDA_CACHE_HINTS must be chunks, all or off"),
+    ("two_pass", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", "33", r"SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS must be an integer in \[1, 32\]"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_GROUP", "17", r"PIPELINE_GROUP must be an integer in \[1, 16\]"),
     ("pipelined", "SE_FUSED_CUDA_TILE_BYTES", "512", "SE_FUSED_CUDA_TILE_BYTES must be a number of bytes >= 1024"),
     ("pipelined", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "0", "PIPELINE_BLOCKS must be a positive integer"),
@@ -474,16 +475,23 @@ HINT_SHAPES = (SEShape(6, 64, 8, 8, 8), SEShape(6, 64, 8, 7, 7))
 @pytest.mark.parametrize("shape", HINT_SHAPES, ids=[s.id for s in HINT_SHAPES])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("hints,chunked", [("off", True), ("all", False)], ids=["off-chunked", "all-whole-batch"])
-def test_two_pass_cache_hints_keep_bits(cuda_path, monkeypatch, shape, memory_format, residual, hints, chunked):
-    """The two-pass kernels' L2 eviction hints (SE_FUSED_CUDA_CACHE_HINTS) change no value: a chunked
-    call (hinted by default) gives the same bits without them ("off"), and a whole-batch call
-    (unhinted by default) the same bits with them ("all"); both give the reference's results."""
+@pytest.mark.parametrize("name,value,chunked", [("SE_FUSED_CUDA_CACHE_HINTS", "off", True),
+                                                ("SE_FUSED_CUDA_CACHE_HINTS", "all", False),
+                                                ("SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", "1", True),
+                                                ("SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", "32", True)],
+                         ids=["hints-off-chunked", "hints-all-whole-batch", "scale-blocks-1", "scale-blocks-32"])
+def test_two_pass_memory_access_knobs_keep_bits(cuda_path, monkeypatch, shape, memory_format, residual, name, value,
+                                                chunked):
+    """How the two-pass kernels access memory changes no value: a chunked call (with L2 eviction hints
+    by default) gives the same bits without them (SE_FUSED_CUDA_CACHE_HINTS=off), a whole-batch call
+    (no hints by default) the same bits with them (all), and the overlapped chunks' scale pass the
+    same bits on a grid of 1 or 32 blocks per SM (SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS; 4 by default);
+    all give the reference's results."""
     cuda_path("two_pass")
     inputs = make_se_inputs(shape, torch.bfloat16, memory_format, "cuda", residual, "relu", "sigmoid")
-    if chunked:  # two samples of the forward's re-read per chunk: three chunks
+    if chunked:  # two samples of the forward's re-read per chunk: three chunks, on three streams
         monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", str(2 * inputs.x[0].numel() * inputs.x.element_size()))
-    check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_CACHE_HINTS", hints)
+    check_knob_keeps_bits(monkeypatch, inputs, name, value)
 
 
 # Small batches in channels_last: fewer than 256 (sample, channel tile) blocks, so the channel sums

@@ -464,10 +464,14 @@ bool channel_runs(const SEProblem& p, int vector_size, std::initializer_list<con
   return layout && std::all_of(per_channel.begin(), per_channel.end(), [](const void* a) { return aligned16(a); });
 }
 
-int elementwise_blocks(int64_t total) {
+// Blocks of kTwoPassThreads for a grid-stride loop over `total` items: one item per thread, at most
+// blocks_per_sm per SM (an SM holds at most 8 such blocks at once, 2048 threads, registers
+// permitting: the default is four waves or more).
+constexpr int kElementwiseBlocksPerSm = 32;
+int elementwise_blocks(int64_t total, int blocks_per_sm = kElementwiseBlocksPerSm) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kTwoPassThreads - 1) / kTwoPassThreads,
-                                                                  sms * 32)));
+                                                                  sms * blocks_per_sm)));
 }
 
 // Splits of the pixels for the NHWC channel sums. A block covers one sample and one tile of
@@ -1114,6 +1118,19 @@ bool two_pass_cache_hints(bool chunked) {
   return choice == 1 || (choice == 0 && chunked);
 }
 
+// SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS: blocks per SM of the scale pass's grid while the chunks run on
+// three streams (run_chunks); 4 by default, half of an SM's 2048 threads. With the usual grid (32 per
+// SM: four waves of at most 8 resident blocks) chunk k's scale holds every SM until its last wave, so
+// chunk k + 2's sums, launched on another stream, only start in its tail: the two kernels take
+// turns on HBM instead of sharing it. A grid that is resident at once leaves the other half of each
+// SM to the sums, so the sums' reads and the scale's writes stream together (2T of HBM traffic at
+// the rate a copy reaches, if they overlap). Not yet timed on a GPU; 32 gives the usual grid. The
+// grid decides no order of sums, so the bits are the same for every value.
+int chunk_scale_blocks_per_sm() {
+  return static_cast<int>(integer_from_env("SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", 4, 1, kElementwiseBlocksPerSm,
+                                           "an integer in [1, 32]"));
+}
+
 // The two-pass path's knobs, read once before anything is launched: a bad value refuses the
 // call whole (c10::ValueError), and the reads between launches cannot throw. At 72c11ba a
 // throw from inside the MLP launcher (SE_FUSED_CUDA_MLP_SPLIT=300: mlp_k_split's multiple-of-256
@@ -1126,18 +1143,31 @@ void check_two_pass_knobs() {
   two_pass_chunk_samples(1, 1);
   chunk_streams();
   two_pass_cache_hints(false);
+  chunk_scale_blocks_per_sm();
 }
 
 // The problem over chunk k's samples (at most `chunk` of them) and its slice of a batch-major tensor.
 struct BatchChunk {
   SEProblem q;
   int64_t n0;
+  bool chunked;     // the batch is in several chunks
+  bool overlapped;  // their stages run at once on three streams (run_chunks)
   at::Tensor operator()(const at::Tensor& t) const { return t.narrow(0, n0, q.N); }
 };
-BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k) {
-  BatchChunk c{p, k * chunk};
+BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k, bool overlapped) {
+  BatchChunk c{p, k * chunk, chunk < p.N, overlapped};
   c.q.N = std::min(chunk, p.N - c.n0);
   return c;
+}
+
+// How a chunk's 16-byte kernels access memory: with L2 eviction hints or not (two_pass_cache_hints),
+// and the scale pass's blocks per SM (chunk_scale_blocks_per_sm where the chunks overlap).
+struct ChunkAccess {
+  bool evict_first;
+  int scale_blocks_per_sm;
+};
+ChunkAccess chunk_access(const BatchChunk& c) {
+  return {two_pass_cache_hints(c.chunked), c.overlapped ? chunk_scale_blocks_per_sm() : kElementwiseBlocksPerSm};
 }
 
 // The two-pass path over the batch in chunks of at most `chunk` samples: for each chunk c,
@@ -1147,8 +1177,9 @@ BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k) {
 // In one stream, each chunk's MLP (two or three launches of a few microseconds, bound by latency)
 // leaves HBM idle between its sums and its scale. With several chunks and chunk_streams() == 3
 // the stages form a software pipeline on three streams: chunk k + 2's sums (a side stream), chunk
-// k + 1's MLP (another) and chunk k's scale (the caller's stream) run at once, so HBM streams the
-// sums' reads beside the scale's writes while the MLPs wait on latency. Chunk k + 3's sums wait
+// k + 1's MLP (another, of high priority) and chunk k's scale (the caller's stream, on a grid
+// resident in one wave: chunk_access) run at once, so HBM streams the sums' reads beside the
+// scale's writes while the MLPs wait on latency. Chunk k + 3's sums wait
 // for chunk k's scale: at most three chunks are alive in L2, so the chunk budget must leave room
 // for three. Events order the stages. The side streams first wait for the caller's stream (the
 // tensors may reuse memory that its queued kernels still use), and the caller's stream ends with
@@ -1161,15 +1192,17 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   const int64_t chunks = (p.N + chunk - 1) / chunk;
   if (chunks <= 1 || chunk_streams() == 1) {
     for (int64_t k = 0; k < chunks; ++k) {
-      const BatchChunk c = batch_chunk(p, chunk, k);
+      const BatchChunk c = batch_chunk(p, chunk, k, false);
       sums(c, caller.stream());
       mlp(c, caller.stream());
       scale(c, caller.stream());
     }
     return;
   }
+  // The MLPs' stream has the high priority: their few small blocks, on which the next scale
+  // waits, are dispatched before blocks still pending of the HBM-bound kernels beside them.
   const c10::cuda::CUDAStream sums_stream = c10::cuda::getStreamFromPool(false, caller.device_index());
-  const c10::cuda::CUDAStream mlp_stream = c10::cuda::getStreamFromPool(false, caller.device_index());
+  const c10::cuda::CUDAStream mlp_stream = c10::cuda::getStreamFromPool(true, caller.device_index());
   // Events without timing (CUDAEvent's default flags). Two per stage, used by turns: in host
   // order each is waited on before it is recorded again.
   at::cuda::CUDAEvent fork, summed[2], excited[2], scaled[2];
@@ -1180,19 +1213,19 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   for (int64_t t = 0; t < chunks + 2; ++t) {
     if (const int64_t k = t - 2; k >= 0) {
       excited[k % 2].block(caller);  // recorded in step t - 1
-      scale(batch_chunk(p, chunk, k), caller.stream());
+      scale(batch_chunk(p, chunk, k, true), caller.stream());
       scaled[k % 2].record(caller);
     }
     if (const int64_t k = t - 1; k >= 0 && k < chunks) {
       const c10::cuda::CUDAStreamGuard on(mlp_stream);
       summed[k % 2].block(mlp_stream);  // recorded in step t - 1
-      mlp(batch_chunk(p, chunk, k), mlp_stream.stream());
+      mlp(batch_chunk(p, chunk, k, true), mlp_stream.stream());
       excited[k % 2].record(mlp_stream);
     }
     if (t < chunks) {
       const c10::cuda::CUDAStreamGuard on(sums_stream);
       if (t >= 3) scaled[(t - 3) % 2].block(sums_stream);  // chunk t - 3's scale, recorded in step t - 1
-      sums(batch_chunk(p, chunk, t), sums_stream.stream());
+      sums(batch_chunk(p, chunk, t, true), sums_stream.stream());
       summed[t % 2].record(sums_stream);
     }
   }
@@ -1223,7 +1256,7 @@ void forward_excitation(const at::Tensor& pooled, at::Tensor& hidden, at::Tensor
 }
 
 void forward_scale(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& scale,
-                   at::Tensor& out, const SEProblem& q, bool evict_first, cudaStream_t stream) {
+                   at::Tensor& out, const SEProblem& q, const ChunkAccess& access, cudaStream_t stream) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "squeeze_excitation_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t total = q.N * q.C * q.P;
@@ -1235,13 +1268,13 @@ void forward_scale(const at::Tensor& x, const c10::optional<at::Tensor>& residua
       using index_t = decltype(index_tag);
       if (vectorised) {
         scale_forward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-            <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
+            <<<elementwise_blocks(total / V, access.scale_blocks_per_sm), kTwoPassThreads, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
                 static_cast<index_t>(total / V), static_cast<index_t>(q.C), static_cast<index_t>(q.P),
-                channel_runs(q, V, {scale.const_data_ptr()}), evict_first);
+                channel_runs(q, V, {scale.const_data_ptr()}), access.evict_first);
       } else {
         scale_forward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-            <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+            <<<elementwise_blocks(total, access.scale_blocks_per_sm), kTwoPassThreads, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), res, scale.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
                 static_cast<index_t>(total), static_cast<index_t>(q.C), static_cast<index_t>(q.P));
       }
@@ -1296,7 +1329,6 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
   // The two-pass path, over the batch in chunks (two_pass_chunk_samples; one chunk unless asked).
   const bool mlp_kernels = excitation_kernels_apply(pooled, p, {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias});
   const int64_t chunk = mlp_kernels ? two_pass_chunk_samples(p.N, p.C * p.P * x.element_size()) : p.N;
-  const bool hints = two_pass_cache_hints(chunk < p.N);
   run_chunks(
       p, chunk,
       [&](const BatchChunk& c, cudaStream_t st) { forward_channel_sums(c(x), c(pooled), c.q, st); },
@@ -1308,7 +1340,7 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
       [&](const BatchChunk& c, cudaStream_t st) {
         at::Tensor out_part = c(out);
         forward_scale(c(x), residual ? c10::optional<at::Tensor>(c(*residual)) : c10::nullopt, c(scale), out_part,
-                      c.q, hints, st);
+                      c.q, chunk_access(c), st);
       });
   return {out, pooled, hidden, scale};
 }
@@ -1328,7 +1360,7 @@ void backward_channel_sums(const at::Tensor& grad_out, const at::Tensor& x, cons
 // grad_x = g * s + dz/P (and grad_residual = g where `out`), g masked by the ReLU output.
 void backward_scale(const at::Tensor& grad_out, const c10::optional<at::Tensor>& out, const at::Tensor& scale,
                     const at::Tensor& dz_over_p, at::Tensor& grad_x, at::Tensor& grad_res, const SEProblem& q,
-                    bool evict_first, cudaStream_t stream) {
+                    const ChunkAccess& access, cudaStream_t stream) {
   if (q.N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "squeeze_excitation_dx_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1343,14 +1375,14 @@ void backward_scale(const at::Tensor& grad_out, const c10::optional<at::Tensor>&
       using index_t = decltype(index_tag);
       if (vectorised) {
         scale_backward_vec_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-            <<<elementwise_blocks(total / V), kTwoPassThreads, 0, stream>>>(
+            <<<elementwise_blocks(total / V, access.scale_blocks_per_sm), kTwoPassThreads, 0, stream>>>(
                 grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
                 dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
                 static_cast<index_t>(total / V), static_cast<index_t>(q.C), static_cast<index_t>(q.P),
-                channel_runs(q, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}), evict_first);
+                channel_runs(q, V, {scale.const_data_ptr(), dz_over_p.const_data_ptr()}), access.evict_first);
       } else {
         scale_backward_kernel<scalar_t, acc_t, index_t, decltype(cl)::value>
-            <<<elementwise_blocks(total), kTwoPassThreads, 0, stream>>>(
+            <<<elementwise_blocks(total, access.scale_blocks_per_sm), kTwoPassThreads, 0, stream>>>(
                 grad_out.const_data_ptr<scalar_t>(), o, scale.const_data_ptr<acc_t>(),
                 dz_over_p.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), gres,
                 static_cast<index_t>(total), static_cast<index_t>(q.C), static_cast<index_t>(q.P));
@@ -1422,7 +1454,6 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
       // compete with the re-read ones (the budget does not follow the hints, so neither do the bits).
       const int64_t loaded = (p.has_residual ? 3 : 2) * p.C * p.P * x.element_size();
       const int64_t chunk = two_pass_chunk_samples(p.N, loaded);
-      const bool hints = two_pass_cache_hints(chunk < p.N);
       const auto out_of = [&](const BatchChunk& c) {
         return out ? c10::optional<at::Tensor>(c(*out)) : c10::nullopt;
       };
@@ -1430,7 +1461,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
           p, chunk,
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor ds_part = c(ds);
-            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, hints, st);
+            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, chunk_access(c).evict_first, st);
           },
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor du_part = c(du), dz_part = c(dz_over_p);
@@ -1438,15 +1469,15 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
           },
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor grad_x_part = c(grad_x), grad_res_part = p.has_residual ? c(grad_res) : grad_res;
-            backward_scale(c(grad_out), out_of(c), c(scale), c(dz_over_p), grad_x_part, grad_res_part, c.q, hints,
-                           st);
+            backward_scale(c(grad_out), out_of(c), c(scale), c(dz_over_p), grad_x_part, grad_res_part, c.q,
+                           chunk_access(c), st);
           });
     } else {
-      const bool hints = two_pass_cache_hints(false);
-      backward_channel_sums(grad_out, x, out, ds, p, hints, stream);
+      const ChunkAccess whole{two_pass_cache_hints(false), kElementwiseBlocksPerSm};
+      backward_channel_sums(grad_out, x, out, ds, p, whole.evict_first, stream);
       at::Tensor dz;
       std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
-      backward_scale(grad_out, out, scale, (dz / static_cast<double>(p.P)).contiguous(), grad_x, grad_res, p, hints,
+      backward_scale(grad_out, out, scale, (dz / static_cast<double>(p.P)).contiguous(), grad_x, grad_res, p, whole,
                      stream);
     }
   }
