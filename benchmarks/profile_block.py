@@ -102,7 +102,10 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
                                                            "cuda_chunk_streams": "1"}),
                        # The pipeline without the L2 eviction hints that chunked calls carry by default.
                        ("cuda/chunks-12m-no-hints", "cuda", {"cuda_chunk_bytes": str(12 << 20),
-                                                             "cuda_cache_hints": "off"})]
+                                                             "cuda_cache_hints": "off"}),
+                       # ... and with the scale pass's usual grid (32 blocks per SM, not 4).
+                       ("cuda/chunks-12m-full-grid", "cuda", {"cuda_chunk_bytes": str(12 << 20),
+                                                              "cuda_chunk_scale_blocks": "32"})]
         pipelined.append(("cuda/pipelined", "cuda", {"cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
@@ -117,6 +120,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
 # The settings a variant may name, and the environment variable each sets.
 SETTINGS = (("mlp", "SE_FUSED_CUDA_MLP"), ("cuda_chunk_bytes", "SE_FUSED_CUDA_CHUNK_BYTES"),
             ("cuda_chunk_streams", "SE_FUSED_CUDA_CHUNK_STREAMS"), ("cuda_cache_hints", "SE_FUSED_CUDA_CACHE_HINTS"),
+            ("cuda_chunk_scale_blocks", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS"),
             ("cuda_path", "SE_FUSED_CUDA_PATH"), ("triton_path", "SE_FUSED_TRITON_PATH"),
             ("triton_per_sm", "SE_FUSED_TRITON_PIPELINE_PER_SM"))
 
@@ -127,7 +131,8 @@ def apply_settings(settings: Dict[str, object]) -> None:
     two-pass path's batch chunks); ``cuda_chunk_streams`` -> ``SE_FUSED_CUDA_CHUNK_STREAMS`` (3: the
     chunks as a pipeline on three streams, 1: in order on one); ``cuda_cache_hints`` ->
     ``SE_FUSED_CUDA_CACHE_HINTS`` (chunks, all, off: where the two-pass kernels carry L2 eviction
-    hints); ``cuda_path`` ->
+    hints); ``cuda_chunk_scale_blocks`` -> ``SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS`` (the overlapped
+    chunks' scale grid, blocks per SM); ``cuda_path`` ->
     ``SE_FUSED_CUDA_PATH``; ``triton_path`` -> ``SE_FUSED_TRITON_PATH``; ``triton_per_sm`` ->
     ``SE_FUSED_TRITON_PIPELINE_PER_SM``;
     ``triton_chunk_bytes`` -> the Triton backend's batch chunk budget

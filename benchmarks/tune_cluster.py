@@ -11,7 +11,9 @@ GB/s of the pass's minimum traffic (SPEC §4):
   same chunks with every kernel in order on one stream (``SE_FUSED_CUDA_CHUNK_STREAMS=1``, as
   the cuda/l2-chunks profile row measured before); ``12M/no-hints``: the 12M pipeline without
   the L2 eviction hints that chunked calls carry by default (``SE_FUSED_CUDA_CACHE_HINTS=off``),
-  and ``whole/hints``: the whole batch with them (``SE_FUSED_CUDA_CACHE_HINTS=all``);
+  ``12M/grid32`` and ``12M/grid2``: its scale pass on 32 or 2 blocks per SM instead of 4
+  (``SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS``), and ``whole/hints``: the whole batch with the hints
+  (``SE_FUSED_CUDA_CACHE_HINTS=all``);
 * pipelined (``SE_FUSED_CUDA_PATH=pipelined``): ``default`` (the planner's choice),
   then ``G,tileK,+d``: G samples per MLP group (``SE_FUSED_CUDA_PIPELINE_GROUP``),
   tiles of tile KiB (``SE_FUSED_CUDA_TILE_BYTES``), d steps of delay beyond the
@@ -77,10 +79,11 @@ STAGES = {"conv2_x": (256, 16, 56, 56), "conv3_x": (512, 32, 28, 28), "conv4_x":
 PLANS = [f"{m},{g}" for m in (1, 2, 4, 8, 16) for g in (1, 2, 4, 8, 16) if m * g <= 16]
 PIPELINE_PLANS = [(g, kib, d, "") for g in (1, 4, 16) for kib in (16, 32, 64) for d in (0, 1, 3)]
 PIPELINE_PLANS += [(g, 32, 1, "direct") for g in (1, 4)]
-# (label, chunk bytes or None for the whole batch, streams, L2 hints or None for the default)
-CHUNK_PLANS = [("6M", 6 << 20, "3", None), ("12M", 12 << 20, "3", None), ("24M", 24 << 20, "3", None),
-               ("12M/serial", 12 << 20, "1", None), ("12M/no-hints", 12 << 20, "3", "off"),
-               ("whole/hints", None, None, "all")]
+# (label, chunk bytes or None for the whole batch, streams, L2 hints, scale blocks per SM; None: the default)
+CHUNK_PLANS = [("6M", 6 << 20, "3", None, None), ("12M", 12 << 20, "3", None, None),
+               ("24M", 24 << 20, "3", None, None), ("12M/serial", 12 << 20, "1", None, None),
+               ("12M/no-hints", 12 << 20, "3", "off", None), ("12M/grid32", 12 << 20, "3", None, "32"),
+               ("12M/grid2", 12 << 20, "3", None, "2"), ("whole/hints", None, None, "all", None)]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 # The Triton MLP's program tiles (samples, outputs, reduction piece, split of C) around the default
 # 16,32,128,256; 16,32,16,256 is the default until 2026-11-27.
@@ -90,7 +93,7 @@ KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFF
          "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
          "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
          "SE_FUSED_CUDA_WGRAD_TILES", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_CHUNK_STREAMS",
-         "SE_FUSED_CUDA_CACHE_HINTS")
+         "SE_FUSED_CUDA_CACHE_HINTS", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS")
 TRITON_KNOBS = ("SE_FUSED_TRITON_MLP_TILE",)
 
 
@@ -133,8 +136,9 @@ def candidates(paths) -> list:
     found = [("auto", "", "auto", {}), ("2-pass", "", "two_pass", {})]
     if "chunks" in paths:
         found += [(label, "chunks", "two_pass",
-                   dict(chunk_bytes=nbytes and str(nbytes), chunk_streams=streams, cache_hints=hints))
-                  for label, nbytes, streams, hints in CHUNK_PLANS]
+                   dict(chunk_bytes=nbytes and str(nbytes), chunk_streams=streams, cache_hints=hints,
+                        chunk_scale_blocks=blocks))
+                  for label, nbytes, streams, hints, blocks in CHUNK_PLANS]
     if "pipelined" in paths:
         found.append(("default", "pipelined", "pipelined", {}))
         found += [(f"{g},{kib}K,+{d}" + (f"/{mlp}" if mlp else ""), "pipelined", "pipelined",
