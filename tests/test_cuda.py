@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import se_fused
-from conftest import CUDA_PRESENT, NO_GPU_REASON, SEShape, backend_se, make_se_inputs, reference_se
+from conftest import CUDA_PRESENT, NO_GPU_REASON, SEShape, backend_se, make_se_inputs, reference_se, run_se
 from tolerances import assert_close_to_reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA_PRESENT, reason=NO_GPU_REASON)]
@@ -409,7 +409,7 @@ def check_knob_keeps_bits(monkeypatch, inputs, name: str, value: str) -> None:
 @pytest.mark.parametrize("path,name,value,message", [
     ("cluster", "SE_FUSED_CUDA_CLUSTERS", "0", "SE_FUSED_CUDA_CLUSTERS must be a positive integer"),
     ("cluster", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "3", "SE_FUSED_CUDA_CLUSTER_BUFFERS must be 1 or 2"),
-    ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes or 'l2'"),
+    ("two_pass", "SE_FUSED_CUDA_CHUNK_BYTES", "half", "SE_FUSED_CUDA_CHUNK_BYTES must be a number of bytes, 'l2' or 'auto'"),
     ("two_pass", "SE_FUSED_CUDA_CHUNK_STREAMS", "2", "SE_FUSED_CUDA_CHUNK_STREAMS must be 3 or 1"),
     ("two_pass", "SE_FUSED_CUDA_CACHE_HINTS", "always", "SE_FUSED_CUDA_CACHE_HINTS must be chunks, all or off"),
     ("two_pass", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", "33", r"SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS must be an integer in \[1, 32\]"),
@@ -465,6 +465,35 @@ def test_two_pass_path_in_chunks(cuda_path, monkeypatch, shape, dtype, memory_fo
     # of samples_per_chunk forward samples gives the forward that many and the backward fewer (at least 1).
     sample_bytes = inputs.x[0].numel() * inputs.x.element_size()
     check_knob_keeps_bits(monkeypatch, inputs, "SE_FUSED_CUDA_CHUNK_BYTES", str(samples_per_chunk * sample_bytes))
+
+
+def test_two_pass_auto_chunks(cuda_path, monkeypatch):
+    """SE_FUSED_CUDA_CHUNK_BYTES=auto takes chunks of 12 MiB where the batch's re-read bytes exceed
+    64 MiB (the same bits as that budget given in bytes) and the whole batch below (the same bits as
+    no budget). Each sample counts 512 KiB forward (x) and 1 MiB backward (grad_out and x): 136
+    samples are 68 and 136 MiB (both passes chunked), 60 samples 30 and 60 MiB (neither). Chunks of
+    24 (forward) or 12 (backward) samples split the channels_last sums' pixels otherwise than the
+    whole batch does (nhwc_sum_splits), so a wrong choice shows in the bits (checked too)."""
+    cuda_path("two_pass")
+
+    def se(*tensors):
+        return se_fused.squeeze_excitation(*tensors, backend="cuda")
+
+    for n, chunked_above in ((136, True), (60, False)):
+        inputs = make_se_inputs(SEShape(n, 256, 16, 32, 32), torch.bfloat16, "channels_last", "cuda")
+        results = {}
+        for budget in ("auto", str(12 << 20), None):
+            if budget is None:
+                monkeypatch.delenv("SE_FUSED_CUDA_CHUNK_BYTES", raising=False)
+            else:
+                monkeypatch.setenv("SE_FUSED_CUDA_CHUNK_BYTES", budget)
+            results[budget] = run_se(se, inputs)
+        chunked, whole = results[str(12 << 20)], results[None]
+        assert any(not torch.equal(chunked[key], whole[key]) for key in chunked), \
+            f"N={n}: 12 MiB chunks and the whole batch give the same bits; the test cannot tell them apart"
+        expected = chunked if chunked_above else whole
+        for key, t in expected.items():
+            assert torch.equal(results["auto"][key], t), f"N={n}: {key} differs from the expected chunks"
 
 
 # 8x8: the NCHW sums a warp per row of vectors; 7x7: the staged NCHW sums (49 pixels are not whole

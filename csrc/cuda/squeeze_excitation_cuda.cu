@@ -1077,7 +1077,7 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 }
 
 // SE_FUSED_CUDA_CHUNK_BYTES: the two-pass path takes the batch in chunks of at most
-// this many re-read bytes (an int; unset or <= 0: the whole batch), or "l2" for a quarter of
+// this many re-read bytes (an int; unset or <= 0: the whole batch), "auto" (below), or "l2" for a quarter of
 // the device's L2 (half until 2026-11-27; run_chunks keeps three chunks alive), so that pass 2
 // re-reads a chunk from L2 instead of HBM. Off by default: the scale pass does read faster
 // from L2, but in one stream each chunk pays its own MLP launches (profile_block.py's
@@ -1086,12 +1086,22 @@ std::tuple<at::Tensor, at::Tensor> float_weights(const at::Tensor& fc1_weight, c
 // scales overlap (run_chunks, three chunks alive in L2); not yet timed on a GPU, so still off by
 // default. The MLP's form (mlp_kernels) follows the chunk's samples, so a chunked batch may take
 // the rows kernels where the whole batch takes the tiled one: other bits.
+//
+// "auto" is the policy that would become the default if a GPU measures the pipeline faster: chunks
+// of kAutoChunkBytes where the batch's re-read bytes exceed kAutoChunkMinBytes (conv2_x-conv4_x at
+// batch 256, and conv5_x's backward), else the whole batch. Fixed byte counts, not the device's L2
+// size, so the bits do not depend on the GPU; 12 MiB leaves room for three chunks in an H100's 50 MB
+// (and an A100's 40), and 64 MiB is more than either's L2 holds.
+constexpr int64_t kAutoChunkBytes = int64_t(12) << 20, kAutoChunkMinBytes = int64_t(64) << 20;
 int64_t two_pass_chunk_samples(int64_t N, int64_t reread_bytes_per_sample) {
   constexpr const char* kName = "SE_FUSED_CUDA_CHUNK_BYTES";
   const char* env = std::getenv(kName);
-  const int64_t budget = env != nullptr && std::strcmp(env, "l2") == 0
-                             ? at::cuda::getCurrentDeviceProperties()->l2CacheSize / 4
-                             : integer_from_env(kName, 0, INT64_MIN, INT64_MAX, "a number of bytes or 'l2'");
+  const bool l2 = env != nullptr && std::strcmp(env, "l2") == 0;
+  const bool automatic = env != nullptr && std::strcmp(env, "auto") == 0;
+  const int64_t budget =
+      l2          ? at::cuda::getCurrentDeviceProperties()->l2CacheSize / 4
+      : automatic ? (N * reread_bytes_per_sample > kAutoChunkMinBytes ? kAutoChunkBytes : 0)
+                  : integer_from_env(kName, 0, INT64_MIN, INT64_MAX, "a number of bytes, 'l2' or 'auto'");
   if (budget <= 0) return std::max<int64_t>(N, 1);
   return std::clamp<int64_t>(budget / std::max<int64_t>(reread_bytes_per_sample, 1), 1, std::max<int64_t>(N, 1));
 }
