@@ -15,13 +15,15 @@ stage shape, pass and implementation:
   the N Python functions with the most own time per call (``cProfile``), which
   says where a host-bound call (the Triton backend's) spends it.
 
-On CUDA the fused backends run as shipped, the CUDA backend with its MLP in the rows and
-columns kernels and in the tiled kernel (``SE_FUSED_CUDA_MLP=kernels`` / ``=tiled``; as shipped
-it takes one of the two by the shape), and both on their pipelined paths
-(``SE_FUSED_CUDA_PATH=pipelined``, ``SE_FUSED_TRITON_PATH=pipelined`` with one and
-two programs per SM: read once, the re-read from L2), and with ``--all-variants``
-also with the CUDA MLP as ATen ops (``SE_FUSED_CUDA_MLP=aten``) and both two-pass
-paths in L2-sized batch chunks, so each pair is compared side by side in one run.
+On CUDA the fused backends run as shipped, the CUDA backend's two-pass path in chunks of
+12 MiB as a three-stream pipeline (with and without its L2 hints and its scale grid, and on
+one stream), the Triton backend on its pipelined path (``SE_FUSED_TRITON_PATH=pipelined``
+with one and two programs per SM: read once, the re-read from L2), and with
+``--all-variants`` also the CUDA MLP as ATen ops (``SE_FUSED_CUDA_MLP=aten``), in the rows
+and columns kernels and in the tiled kernel (``=kernels`` / ``=tiled``; as shipped it takes
+one of the two by the shape), the CUDA pipelined path (``SE_FUSED_CUDA_PATH=pipelined``) and
+both two-pass paths in L2-sized batch chunks on one stream, so each pair is compared side
+by side in one run.
 Writes ``profile.json`` (or ``--json-name``) into ``--out``.
 
     python benchmarks/profile_block.py                 # GPU: batch 256, bf16, channels_last
@@ -80,11 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def variants(device: torch.device, everything: bool = False) -> List[tuple]:
     """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`.
 
-    The paths not yet measured on a GPU (the tiled MLP, the pipelined paths) come last: main() profiles variant by
-    variant, and a kernel that traps ends the CUDA context for every variant after it. ``everything``
-    adds the variants whose question earlier records answered (the MLP as ATen ops: slower, host-bound;
-    the two-pass path in L2-sized chunks: each chunk's MLP launches cost more than the L2 re-read
-    saves; H100 dd6c3b3), which a GPU run's time budget no longer repeats by default."""
+    The paths not yet measured on a GPU (the chunk pipeline's forms, the Triton pipelined path) come
+    last: main() profiles variant by variant, and a kernel that traps ends the CUDA context for every
+    variant after it. ``everything`` adds the variants whose question earlier records answered (the
+    MLP as ATen ops: slower, host-bound; the two-pass path in L2-sized chunks on one stream: each
+    chunk's MLP launches cost more than the L2 re-read saves, H100 dd6c3b3; the rows and tiled MLP
+    kernels, between which the shipped row chooses by the shape since a482069; the CUDA pipelined
+    path, which its trace at 72c11ba showed cannot beat the two-pass path), which a GPU run's time
+    budget no longer repeats by default."""
     usable = common.usable_backends()
     if device.type != "cuda":
         return ([("cpu", "cpu", {})] if "cpu" in usable else []) + [("eager", "eager", {})]
@@ -93,9 +98,10 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
         shipped.append(("cuda", "cuda", {}))
         # The MLP's two forms side by side (the shipped row takes one of them by the shape).
         settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
-                    ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2"})]
-        unmeasured += [("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"}),
-                       # The batch in chunks of 12 MiB of re-read input: the three-stream pipeline
+                    ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2"}),
+                    ("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"}),
+                    ("cuda/pipelined", "cuda", {"cuda_path": "pipelined"})]
+        unmeasured += [# The batch in chunks of 12 MiB of re-read input: the three-stream pipeline
                        # (run_chunks, since 2026-11-27) and the same chunks on one stream.
                        ("cuda/chunks-12m", "cuda", {"cuda_chunk_bytes": str(12 << 20)}),
                        ("cuda/chunks-12m-serial", "cuda", {"cuda_chunk_bytes": str(12 << 20),
@@ -106,7 +112,6 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
                        # ... and with the scale pass's usual grid (32 blocks per SM, not 4).
                        ("cuda/chunks-12m-full-grid", "cuda", {"cuda_chunk_bytes": str(12 << 20),
                                                               "cuda_chunk_scale_blocks": "32"})]
-        pipelined.append(("cuda/pipelined", "cuda", {"cuda_path": "pipelined"}))
     if "triton" in usable:
         # Triton as shipped: the whole batch in one chunk (one MLP over the batch).
         shipped.append(("triton", "triton", {}))
