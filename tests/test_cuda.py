@@ -514,7 +514,7 @@ def test_two_pass_memory_access_knobs_keep_bits(cuda_path, monkeypatch, shape, m
     """How the two-pass kernels access memory changes no value: a chunked call (with L2 eviction hints
     by default) gives the same bits without them (SE_FUSED_CUDA_CACHE_HINTS=off), a whole-batch call
     (no hints by default) the same bits with them (all), and the overlapped chunks' scale pass the
-    same bits on a grid of 1 or 32 blocks per SM (SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS; 4 by default);
+    same bits on a grid of 1 or 32 blocks per SM (SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS; 2 by default);
     all give the reference's results."""
     cuda_path("two_pass")
     inputs = make_se_inputs(shape, torch.bfloat16, memory_format, "cuda", residual, "relu", "sigmoid")

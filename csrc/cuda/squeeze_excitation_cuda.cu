@@ -308,11 +308,19 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kern
 // NHWC, C a multiple of the vector: a block covers (sample n, 32 vectors of
 // channels, a split of the pixels); 16 pixel lanes stride over the split's pixels,
 // combined in lane order.
-constexpr int kVecSumThreads = 512;
+//
+// At least kVecSumBlocksPerSm blocks per SM: each thread keeps one 16-byte load in flight, so the
+// resident threads bound the bytes in flight. Without the bound ptxas gave the kernel 46 registers
+// (sm_90a, scripts/ptxas_report.sh), 24576 per block, two blocks (1024 threads) per SM: 2.6 TB/s
+// at conv2_x and 0.86 at conv5_x against a copy's 3.0 (H100, 72c11ba). With it: 40 registers and
+// no spills, three blocks (1536 threads); and in the overlapped chunks (run_chunks) two blocks fit
+// beside the scale pass's two (chunk_scale_blocks_per_sm: 2 x 10240 + 2 x 20480 of 65536
+// registers). The same code, so the same bits. Since 2026-11-27, not yet timed on a GPU.
+constexpr int kVecSumThreads = 512, kVecSumBlocksPerSm = 3;
 constexpr int kVecSumLanes = kVecSumThreads / kWarp;
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kVecSumThreads) channel_sums_nhwc_vec_kernel(
+__global__ void __launch_bounds__(kVecSumThreads, kVecSumBlocksPerSm) channel_sums_nhwc_vec_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
     acc_t* __restrict__ out, int64_t C, int64_t P, acc_t factor, PixelSplit split, bool b_last_use) {
   constexpr int V = Vec16<scalar_t>::kSize;
@@ -466,7 +474,7 @@ bool channel_runs(const SEProblem& p, int vector_size, std::initializer_list<con
 
 // Blocks of kTwoPassThreads for a grid-stride loop over `total` items: one item per thread, at most
 // blocks_per_sm per SM (an SM holds at most 8 such blocks at once, 2048 threads, registers
-// permitting: the default is four waves or more).
+// permitting: the default is several waves).
 constexpr int kElementwiseBlocksPerSm = 32;
 int elementwise_blocks(int64_t total, int blocks_per_sm = kElementwiseBlocksPerSm) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -1129,15 +1137,18 @@ bool two_pass_cache_hints(bool chunked) {
 }
 
 // SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS: blocks per SM of the scale pass's grid while the chunks run on
-// three streams (run_chunks); 4 by default, half of an SM's 2048 threads. With the usual grid (32 per
-// SM: four waves of at most 8 resident blocks) chunk k's scale holds every SM until its last wave, so
-// chunk k + 2's sums, launched on another stream, only start in its tail: the two kernels take
-// turns on HBM instead of sharing it. A grid that is resident at once leaves the other half of each
-// SM to the sums, so the sums' reads and the scale's writes stream together (2T of HBM traffic at
-// the rate a copy reaches, if they overlap). Not yet timed on a GPU; 32 gives the usual grid. The
-// grid decides no order of sums, so the bits are the same for every value.
+// three streams (run_chunks); 2 by default. With the usual grid (32 per SM: at 40 registers six
+// blocks of 256 threads are resident at once, so five waves and more) chunk k's scale holds every SM
+// until its last wave, so chunk k + 2's sums, launched on another stream, only start in its tail:
+// the two kernels take turns on HBM instead of sharing it. A grid that is resident at once leaves
+// room on each SM for the sums, so the sums' reads and the scale's writes stream together (2T of HBM
+// traffic at the rate a copy reaches, if they overlap). Two blocks (512 threads, 20480 registers)
+// leave room for two blocks of the channels_last sums (1024 threads, 40960 registers;
+// kVecSumBlocksPerSm), which read from HBM and need more loads in flight than the scale, which
+// re-reads from L2. Not yet timed on a GPU; 32 gives the usual grid. The grid decides no order of
+// sums, so the bits are the same for every value.
 int chunk_scale_blocks_per_sm() {
-  return static_cast<int>(integer_from_env("SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", 4, 1, kElementwiseBlocksPerSm,
+  return static_cast<int>(integer_from_env("SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", 2, 1, kElementwiseBlocksPerSm,
                                            "an integer in [1, 32]"));
 }
 
