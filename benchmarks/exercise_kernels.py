@@ -39,7 +39,7 @@ import se_fused
 # plan "M,G" = CTAs per sample, samples per cluster; clusters: at most this many persistent clusters,
 # so that one cluster walks several groups; cluster_buffers: one chunk buffer instead of two;
 # chunk_bytes 1: the two-pass path one sample per chunk (the chunks' sums, MLPs and scales on three
-# streams, their 16-byte kernels with L2 eviction hints, the scale on 4 blocks per SM; chunk_streams 1:
+# streams, their 16-byte kernels with L2 eviction hints, the scale on 2 blocks per SM; chunk_streams 1:
 # on one); pipeline_blocks, tile_bytes, pipeline_mlp: the pipelined path's CTAs, tiles and group MLP;
 # mlp_split, mlp_row_tiles: the two-pass MLP kernels' splits of C and row tiles per block;
 # nchw_sums "warp": the NCHW channel sums a warp per row where H*W is not a multiple of the vector
