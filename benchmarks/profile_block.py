@@ -109,7 +109,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
                        # The pipeline without the L2 eviction hints that chunked calls carry by default.
                        ("cuda/chunks-12m-no-hints", "cuda", {"cuda_chunk_bytes": str(12 << 20),
                                                              "cuda_cache_hints": "off"}),
-                       # ... and with the scale pass's usual grid (32 blocks per SM, not 4).
+                       # ... and with the scale pass's usual grid (32 blocks per SM, not 2).
                        ("cuda/chunks-12m-full-grid", "cuda", {"cuda_chunk_bytes": str(12 << 20),
                                                               "cuda_chunk_scale_blocks": "32"})]
     if "triton" in usable:

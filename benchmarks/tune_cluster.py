@@ -12,9 +12,9 @@ GB/s of the pass's minimum traffic (SPEC §4):
   the cuda/l2-chunks profile row measured before); ``12M/no-hints``: the 12M pipeline without
   the L2 eviction hints that chunked calls carry by default (``SE_FUSED_CUDA_CACHE_HINTS=off``),
   ``12M/grid32`` and ``12M/grid4``: its scale pass on 32 or 4 blocks per SM instead of 2
-  (``SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS``), and ``whole/hints``: the whole batch with the hints
-  (``SE_FUSED_CUDA_CACHE_HINTS=all``), and ``auto``: the policy that would become the default
-  (``SE_FUSED_CUDA_CHUNK_BYTES=auto``: 12M chunks where the batch re-reads more than 64 MiB);
+  (``SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS``), ``whole/hints``: the whole batch with the hints
+  (``SE_FUSED_CUDA_CACHE_HINTS=all``), and ``auto-chunks``: the policy that would become the
+  default (``SE_FUSED_CUDA_CHUNK_BYTES=auto``: 12M chunks where the batch re-reads more than 64 MiB);
 * pipelined (``SE_FUSED_CUDA_PATH=pipelined``): ``default`` (the planner's choice),
   then ``G,tileK,+d``: G samples per MLP group (``SE_FUSED_CUDA_PIPELINE_GROUP``),
   tiles of tile KiB (``SE_FUSED_CUDA_TILE_BYTES``), d steps of delay beyond the
@@ -85,7 +85,7 @@ CHUNK_PLANS = [("6M", 6 << 20, "3", None, None), ("12M", 12 << 20, "3", None, No
                ("24M", 24 << 20, "3", None, None), ("12M/serial", 12 << 20, "1", None, None),
                ("12M/no-hints", 12 << 20, "3", "off", None), ("12M/grid32", 12 << 20, "3", None, "32"),
                ("12M/grid4", 12 << 20, "3", None, "4"), ("whole/hints", None, None, "all", None),
-               ("auto", "auto", None, None, None)]
+               ("auto-chunks", "auto", None, None, None)]
 MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024, 4)]  # (split, row tiles)
 # The Triton MLP's program tiles (samples, outputs, reduction piece, split of C) around the default
 # 16,32,128,256; 16,32,16,256 is the default until 2026-11-27.
