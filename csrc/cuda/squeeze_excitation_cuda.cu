@@ -1167,28 +1167,30 @@ void check_two_pass_knobs() {
   chunk_scale_blocks_per_sm();
 }
 
-// The problem over chunk k's samples (at most `chunk` of them) and its slice of a batch-major tensor.
-struct BatchChunk {
-  SEProblem q;
-  int64_t n0;
-  bool chunked;     // the batch is in several chunks
-  bool overlapped;  // their stages run at once on three streams (run_chunks)
-  at::Tensor operator()(const at::Tensor& t) const { return t.narrow(0, n0, q.N); }
-};
-BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k, bool overlapped) {
-  BatchChunk c{p, k * chunk, chunk < p.N, overlapped};
-  c.q.N = std::min(chunk, p.N - c.n0);
-  return c;
-}
-
-// How a chunk's 16-byte kernels access memory: with L2 eviction hints or not (two_pass_cache_hints),
-// and the scale pass's blocks per SM (chunk_scale_blocks_per_sm where the chunks overlap).
+// How a call's 16-byte two-pass kernels access memory: with L2 eviction hints or not
+// (two_pass_cache_hints), and the scale pass's blocks per SM (chunk_scale_blocks_per_sm where the
+// chunks overlap). chunked: the batch is in several chunks; overlapped: their stages run at once on
+// three streams (run_chunks). Read once per call: the same for every chunk.
 struct ChunkAccess {
   bool evict_first;
   int scale_blocks_per_sm;
 };
-ChunkAccess chunk_access(const BatchChunk& c) {
-  return {two_pass_cache_hints(c.chunked), c.overlapped ? chunk_scale_blocks_per_sm() : kElementwiseBlocksPerSm};
+ChunkAccess chunk_access(bool chunked, bool overlapped) {
+  return {two_pass_cache_hints(chunked), overlapped ? chunk_scale_blocks_per_sm() : kElementwiseBlocksPerSm};
+}
+
+// The problem over chunk k's samples (at most `chunk` of them), its slice of a batch-major
+// tensor, and how the call's kernels access memory.
+struct BatchChunk {
+  SEProblem q;
+  int64_t n0;
+  ChunkAccess access;
+  at::Tensor operator()(const at::Tensor& t) const { return t.narrow(0, n0, q.N); }
+};
+BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k, const ChunkAccess& access) {
+  BatchChunk c{p, k * chunk, access};
+  c.q.N = std::min(chunk, p.N - c.n0);
+  return c;
 }
 
 // The two-pass path over the batch in chunks of at most `chunk` samples: for each chunk c,
@@ -1199,7 +1201,7 @@ ChunkAccess chunk_access(const BatchChunk& c) {
 // leaves HBM idle between its sums and its scale. With several chunks and chunk_streams() == 3
 // the stages form a software pipeline on three streams: chunk k + 2's sums (a side stream), chunk
 // k + 1's MLP (another, of high priority) and chunk k's scale (the caller's stream, on a grid
-// resident in one wave: chunk_access) run at once, so HBM streams the sums' reads beside the
+// resident in one wave: ChunkAccess) run at once, so HBM streams the sums' reads beside the
 // scale's writes while the MLPs wait on latency. Chunk k + 3's sums wait
 // for chunk k's scale: at most three chunks are alive in L2, so the chunk budget must leave room
 // for three. Events order the stages. The side streams first wait for the caller's stream (the
@@ -1212,8 +1214,9 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   const c10::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream();
   const int64_t chunks = (p.N + chunk - 1) / chunk;
   if (chunks <= 1 || chunk_streams() == 1) {
+    const ChunkAccess access = chunk_access(chunks > 1, false);
     for (int64_t k = 0; k < chunks; ++k) {
-      const BatchChunk c = batch_chunk(p, chunk, k, false);
+      const BatchChunk c = batch_chunk(p, chunk, k, access);
       sums(c, caller.stream());
       mlp(c, caller.stream());
       scale(c, caller.stream());
@@ -1227,6 +1230,7 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   // Events without timing (CUDAEvent's default flags). Two per stage, used by turns: in host
   // order each is waited on before it is recorded again.
   at::cuda::CUDAEvent fork, summed[2], excited[2], scaled[2];
+  const ChunkAccess access = chunk_access(true, true);
   fork.record(caller);
   fork.block(sums_stream);
   fork.block(mlp_stream);
@@ -1234,19 +1238,19 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   for (int64_t t = 0; t < chunks + 2; ++t) {
     if (const int64_t k = t - 2; k >= 0) {
       excited[k % 2].block(caller);  // recorded in step t - 1
-      scale(batch_chunk(p, chunk, k, true), caller.stream());
+      scale(batch_chunk(p, chunk, k, access), caller.stream());
       scaled[k % 2].record(caller);
     }
     if (const int64_t k = t - 1; k >= 0 && k < chunks) {
       const c10::cuda::CUDAStreamGuard on(mlp_stream);
       summed[k % 2].block(mlp_stream);  // recorded in step t - 1
-      mlp(batch_chunk(p, chunk, k, true), mlp_stream.stream());
+      mlp(batch_chunk(p, chunk, k, access), mlp_stream.stream());
       excited[k % 2].record(mlp_stream);
     }
     if (t < chunks) {
       const c10::cuda::CUDAStreamGuard on(sums_stream);
       if (t >= 3) scaled[(t - 3) % 2].block(sums_stream);  // chunk t - 3's scale, recorded in step t - 1
-      sums(batch_chunk(p, chunk, t, true), sums_stream.stream());
+      sums(batch_chunk(p, chunk, t, access), sums_stream.stream());
       summed[t % 2].record(sums_stream);
     }
   }
@@ -1361,7 +1365,7 @@ ForwardResult squeeze_excitation_forward_cuda(const at::Tensor& x_in, const at::
       [&](const BatchChunk& c, cudaStream_t st) {
         at::Tensor out_part = c(out);
         forward_scale(c(x), residual ? c10::optional<at::Tensor>(c(*residual)) : c10::nullopt, c(scale), out_part,
-                      c.q, chunk_access(c), st);
+                      c.q, c.access, st);
       });
   return {out, pooled, hidden, scale};
 }
@@ -1482,7 +1486,7 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
           p, chunk,
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor ds_part = c(ds);
-            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, chunk_access(c).evict_first, st);
+            backward_channel_sums(c(grad_out), c(x), out_of(c), ds_part, c.q, c.access.evict_first, st);
           },
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor du_part = c(du), dz_part = c(dz_over_p);
@@ -1491,10 +1495,10 @@ BackwardResult squeeze_excitation_backward_cuda(const at::Tensor& grad_out_in, c
           [&](const BatchChunk& c, cudaStream_t st) {
             at::Tensor grad_x_part = c(grad_x), grad_res_part = p.has_residual ? c(grad_res) : grad_res;
             backward_scale(c(grad_out), out_of(c), c(scale), c(dz_over_p), grad_x_part, grad_res_part, c.q,
-                           chunk_access(c), st);
+                           c.access, st);
           });
     } else {
-      const ChunkAccess whole{two_pass_cache_hints(false), kElementwiseBlocksPerSm};
+      const ChunkAccess whole = chunk_access(false, false);
       backward_channel_sums(grad_out, x, out, ds, p, whole.evict_first, stream);
       at::Tensor dz;
       std::tie(dv, du, dz) = excitation_backward(ds, hidden, scale, fc1_weight, fc2_weight, p);
