@@ -349,6 +349,33 @@ def test_two_pass_nchw_row_sums(cuda_path, monkeypatch, shape, dtype, residual, 
     check_against_reference(make_se_inputs(shape, dtype, "nchw", "cuda", residual, activation, gate))
 
 
+def off_boundary(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    shifted = buffer[1:].view(t.shape)
+    shifted.copy_(t)
+    assert shifted.data_ptr() % 16 != 0
+    return shifted
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_two_pass_nchw_staged_sums_ignore_alignment(cuda_path, dtype, residual):
+    """The staged NCHW sums give the same bits for tensors that start off a 16-byte boundary (their
+    terms staged an element at a time) as for aligned ones (16-byte loads). A chunk of a chunked call
+    starts n0·C·H·W elements into the batch, off a boundary where C·H·W is not a multiple of the
+    vector (37·7·7 here), and must give the whole batch's bits (test_two_pass_path_in_chunks): until
+    2026-11-27 such chunks took the warp kernel, whose order of sums differs."""
+    cuda_path("two_pass")
+    inputs = make_se_inputs(SEShape(3, 37, 2, 7, 7), dtype, "nchw", "cuda", residual, "silu", "sigmoid")
+    aligned = backend_se(inputs, "cuda")
+    shifted = backend_se(inputs.with_(x=off_boundary(inputs.x), grad_out=off_boundary(inputs.grad_out),
+                                      residual=None if inputs.residual is None else off_boundary(inputs.residual)),
+                         "cuda")
+    for key, t in aligned.items():
+        assert torch.equal(shifted[key], t), f"{key} depends on the inputs' alignment"
+
+
 # Geometries that exercise each exchange: M > 1 (a sample split across CTAs,
 # per-channel sums combined over distributed shared memory) and G > 1 (the MLP
 # batched over samples, a padded last group when N % G != 0).

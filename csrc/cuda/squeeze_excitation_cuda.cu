@@ -257,18 +257,24 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
 // a multiple of V, see nchw_staged_rows), with 16-byte loads, as terms in shared memory; then
 // `rows_per_block` groups of threads sum each row, each thread a segment of it in order and the
 // segments in order: a fixed order, so the bits are reproducible (not those of the warp kernel).
+// Where a tensor is not 16-byte aligned (vector_loads false) the terms are staged an element at a
+// time instead: the same terms summed in the same order, so the same bits. The chunks of a chunked
+// call start at n0 * C * P elements, which is not a 16-byte boundary when C * P is not a multiple of
+// the vector (a 37-channel 7x7 sample in float32 is 7252 bytes), so without it the chunks that begin
+// off a boundary took the warp kernel and a chunked call gave other bits than the whole batch.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
-    acc_t* __restrict__ out, int64_t rows, int P, int rows_per_block, acc_t factor, bool b_last_use) {
+    acc_t* __restrict__ out, int64_t rows, int P, int rows_per_block, acc_t factor, bool vector_loads,
+    bool b_last_use) {
   constexpr int V = Vec16<scalar_t>::kSize;
   extern __shared__ __align__(16) unsigned char staged_sums_smem[];
   acc_t* terms = reinterpret_cast<acc_t*>(staged_sums_smem);  // [rows_per_block][P]
   __shared__ acc_t segment_sums[kTwoPassThreads];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int nrows = static_cast<int>(min(static_cast<int64_t>(rows_per_block), rows - row0));
-  const int64_t base = row0 * P;  // a multiple of V
-  const int span = nrows * P, vectors = span / V;
+  const int64_t base = row0 * P;  // a multiple of V: 16-byte aligned where the tensors are
+  const int span = nrows * P, vectors = vector_loads ? span / V : 0;
   const bool has_b = b != nullptr, has_m = mask_by != nullptr;
   Vec16<scalar_t> bv{}, mv{};
   for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
@@ -285,7 +291,7 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kern
     for (int q = 0; q < static_cast<int>(V * sizeof(acc_t) / 16); ++q)
       reinterpret_cast<uint4*>(terms + i * V)[q] = reinterpret_cast<const uint4*>(v)[q];
   }
-  for (int i = vectors * V + threadIdx.x; i < span; i += blockDim.x)  // the last block's partial vector
+  for (int i = vectors * V + threadIdx.x; i < span; i += blockDim.x)  // the last partial vector (or all)
     terms[i] = sum_term<scalar_t, acc_t>(a, b, mask_by, base + i);
   __syncthreads();
   const int per_row = blockDim.x / rows_per_block;  // >= 1: rows_per_block <= blockDim
@@ -564,15 +570,15 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
       channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
                                                                                         p.P, f, split, b_last_use);
     });
-  } else if (const int rows_per_block = !p.channels_last && pointers_aligned && nchw_staged_sums()
-                                            ? nchw_staged_rows(p.P, V, sizeof(acc_t))
-                                            : 0;
+  } else if (const int rows_per_block =
+                 !p.channels_last && nchw_staged_sums() ? nchw_staged_rows(p.P, V, sizeof(acc_t)) : 0;
              rows_per_block > 0) {
+    // Unaligned tensors too (element loads), so that a chunk's bits do not depend on where it starts.
     const int64_t rows = p.N * p.C;
     const size_t smem = static_cast<size_t>(rows_per_block) * p.P * sizeof(acc_t);  // <= kStagedSumBytes
     channel_sums_nchw_staged_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kTwoPassThreads, smem, stream>>>(
-            a, b, mask_by, sums, rows, static_cast<int>(p.P), rows_per_block, factor, b_last_use);
+            a, b, mask_by, sums, rows, static_cast<int>(p.P), rows_per_block, factor, pointers_aligned, b_last_use);
   } else if (!p.channels_last) {
     const int64_t rows = p.N * p.C;
     const int64_t blocks = (rows * kWarp + kTwoPassThreads - 1) / kTwoPassThreads;
