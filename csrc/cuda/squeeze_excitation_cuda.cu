@@ -38,6 +38,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -1215,6 +1216,37 @@ BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k, const Chunk
 // the last scale, which waited (through the events) for every kernel of the side streams: no host
 // synchronisation, and a CUDA graph captures the forks and the join. Each stage allocates on its
 // own stream (CUDAStreamGuard), so the caching allocator reuses a buffer only in that stream's order.
+// Makes the caller's stream wait for the side streams when run_chunks leaves by an exception (out of
+// memory in a stage's allocation, a failed launch check) before its last scale joined them. The
+// caller then frees the call's tensors on its own stream, and the caching allocator would hand their
+// memory to the caller's next allocation (a retry with a smaller batch) while kernels already queued
+// on the side streams still read or write it. On a normal exit it does nothing: the last scale waited,
+// through the events, for every kernel of the side streams. Not exercised by a test (no test makes a
+// stage throw part-way).
+class JoinSideStreamsOnThrow {
+ public:
+  JoinSideStreamsOnThrow(c10::cuda::CUDAStream caller, c10::cuda::CUDAStream first, c10::cuda::CUDAStream second)
+      : caller_(caller), sides_{first, second}, exceptions_(std::uncaught_exceptions()) {}
+  JoinSideStreamsOnThrow(const JoinSideStreamsOnThrow&) = delete;
+  JoinSideStreamsOnThrow& operator=(const JoinSideStreamsOnThrow&) = delete;
+  ~JoinSideStreamsOnThrow() {
+    if (std::uncaught_exceptions() == exceptions_) return;
+    try {
+      for (const c10::cuda::CUDAStream& side : sides_) {
+        at::cuda::CUDAEvent done;
+        done.record(side);
+        done.block(caller_);
+      }
+    } catch (...) {  // a destructor must not throw; the exception that unwinds is the one to report
+    }
+  }
+
+ private:
+  c10::cuda::CUDAStream caller_;
+  c10::cuda::CUDAStream sides_[2];
+  int exceptions_;
+};
+
 template <typename Sums, typename Mlp, typename Scale>
 void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& mlp, const Scale& scale) {
   const c10::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream();
@@ -1240,6 +1272,7 @@ void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& 
   fork.record(caller);
   fork.block(sums_stream);
   fork.block(mlp_stream);
+  const JoinSideStreamsOnThrow join_on_throw(caller, sums_stream, mlp_stream);
   // Step t enqueues chunk t - 2's scale, chunk t - 1's MLP and chunk t's sums, in that order.
   for (int64_t t = 0; t < chunks + 2; ++t) {
     if (const int64_t k = t - 2; k >= 0) {
