@@ -7,12 +7,14 @@
 # Steps, each with its own time limit so the whole run ends inside ~8 minutes on
 # an H100/H200: build the extension (sm_90), print the installation, run the GPU
 # tests, the block and network benchmarks (quick), merge them into the SPEC §6
-# record, profile host vs device time per call (profile_block.py, the pipelined
-# path beside the shipped one) and check the profile against the predictions
-# written before the run (check_predictions.py), sweep the read-once paths'
-# geometries of the stage shapes (pipelined, cluster, the MLP's splits; then the
-# Triton MLP's tiles), time the pipelined paths with the block benchmark (into
-# the log), run Nsight Compute on the pipelined forward, run compute-sanitizer
+# record, profile host vs device time per call (profile_block.py, the chunk
+# pipeline's forms and the Triton pipelined path beside the shipped rows) and
+# check the profile against the predictions written before the run
+# (check_predictions.py), sweep the two-pass path's forms at the stage shapes
+# (the batch in chunks, the NCHW sums, the MLP's splits; then the Triton MLP's
+# tiles), time the pipelined paths with the block benchmark (into the log) and
+# run Nsight Compute on the pipelined forward (these two, and the pipelined
+# trace, only when GPU_CHECK_ONLY names them), run compute-sanitizer
 # (memcheck, racecheck) over every kernel path, time the block in NCHW and
 # against torch.compile, and, with the time left, train a few steps and run
 # Nsight Compute on the MLP kernels. Files come back in $OUT
@@ -204,7 +206,8 @@ else
   skip record "a benchmark wrote no JSON"
   FAILED=1
 fi
-# Host vs device time per call, and the MLP as kernels vs ATen ops, side by side (profile.json).
+# Host vs device time per call, the shipped rows beside the forms not yet measured (the chunk
+# pipeline's four rows, the Triton pipelined path), side by side (profile.json).
 # --python-top: where the host time of a host-bound call goes (the Triton backend's at conv3_x-conv5_x).
 if [[ $DRY_RUN -eq 1 ]]; then PROFILE_ARGS=(--device cpu --batch 2 --stages conv5_x --calls 5 --python-top 8)
 else PROFILE_ARGS=(--device cuda --python-top 12); fi
@@ -247,7 +250,8 @@ step_if 60 bench-pipelined 45 env SE_FUSED_CUDA_PATH=pipelined SE_FUSED_TRITON_P
   --out "$WORK" --json-name block-pipelined.json --no-progress
 
 # --- 3d. Nsight Compute on the pipelined forward (conv2_x, channels_last, its default
-# geometry, printed by SE_FUSED_CUDA_VERBOSE=1): DRAM and L2 throughput, the L2 hit rate
+# geometry, printed by SE_FUSED_CUDA_VERBOSE=1; its profile row, cuda/pipelined, runs only with
+# --all-variants since 2026-11-27): DRAM and L2 throughput, the L2 hit rate
 # of the re-reads, where the warps wait (the ready-flag spins show as sleep). Into the log;
 # about 20 s.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
@@ -257,7 +261,7 @@ if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
     --section SourceCounters "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward \
-    --calls 1 --out "$WORK" --json-name ncu-pipelined-profile.json
+    --calls 1 --all-variants --out "$WORK" --json-name ncu-pipelined-profile.json
 fi
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------

@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the fused backends (default 0: off)")
     parser.add_argument("--all-variants", action="store_true",
                         help="also the variants earlier records settled (GPU: cuda/aten-mlp, cuda/l2-chunks, "
-                             "triton/l2-chunks)")
+                             "cuda/rows-mlp, cuda/tiled-mlp, cuda/pipelined, triton/l2-chunks)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="start no variant after this many seconds; the variants left out get rows that say "
                              "so (the JSON is rewritten after each variant, so a run stopped from outside keeps "
@@ -98,7 +98,7 @@ def variants(device: torch.device, everything: bool = False) -> List[tuple]:
         shipped.append(("cuda", "cuda", {}))
         # The MLP's two forms side by side (the shipped row takes one of them by the shape).
         settled += [("cuda/aten-mlp", "cuda", {"mlp": "aten"}),
-                    ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2"}),
+                    ("cuda/l2-chunks", "cuda", {"cuda_chunk_bytes": "l2", "cuda_chunk_streams": "1"}),
                     ("cuda/rows-mlp", "cuda", {"mlp": "kernels"}), ("cuda/tiled-mlp", "cuda", {"mlp": "tiled"}),
                     ("cuda/pipelined", "cuda", {"cuda_path": "pipelined"})]
         unmeasured += [# The batch in chunks of 12 MiB of re-read input: the three-stream pipeline
