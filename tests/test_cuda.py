@@ -149,11 +149,13 @@ def test_pipelined_path(cuda_path, shape, dtype, memory_format, residual, activa
 
 # The pipelined schedule under its knobs, each with the reference's results and the same bits as
 # without it (a sample's sums and MLP run in the same order whichever CTA runs them, whatever the
-# group): 1 or 3 CTAs (each walks many tiles, the delay grows to cover a group), groups of 1, 3 and
+# group): 1 or 3 CTAs (each walks many tiles, the delay grows to cover a group), groups of 2, 3 and
 # 16 samples (partial last groups; 16 > N for the first shape), a longer delay; with the default
-# tiles and with 1024-byte ones (NHWC: many row blocks of partial sums per sample).
+# tiles and with 1024-byte ones (NHWC: many row blocks of partial sums per sample). Not a group of 1:
+# that is the first shape's default group (make_pipeline_plan: ceil(8 * weight bytes / slice bytes)),
+# so its bits would be compared with themselves.
 PIPELINE_KNOBS = [("SE_FUSED_CUDA_PIPELINE_BLOCKS", "1"), ("SE_FUSED_CUDA_PIPELINE_BLOCKS", "3"),
-                  ("SE_FUSED_CUDA_PIPELINE_GROUP", "1"), ("SE_FUSED_CUDA_PIPELINE_GROUP", "3"),
+                  ("SE_FUSED_CUDA_PIPELINE_GROUP", "2"), ("SE_FUSED_CUDA_PIPELINE_GROUP", "3"),
                   ("SE_FUSED_CUDA_PIPELINE_GROUP", "16"), ("SE_FUSED_CUDA_PIPELINE_DELAY", "7")]
 PIPELINE_SHAPES = (SEShape(7, 64, 4, 12, 12), SEShape(70, 600, 40, 5, 5))
 
@@ -248,6 +250,8 @@ MLP_SPLIT_SHAPES = (SEShape(70, 600, 40, 5, 5), SEShape(5, 2048, 128, 7, 7))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual,activation,gate", VARIANTS[1:3], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[1:3]])
 def test_two_pass_mlp_split(cuda_path, monkeypatch, shape, split, dtype, residual, activation, gate):
+    if split == 2048 and shape.c <= 1024:
+        pytest.skip("one split of C, as at 1024")
     cuda_path("two_pass")
     monkeypatch.setenv("SE_FUSED_CUDA_MLP", "kernels")  # the split applies to the rows and columns kernels
     monkeypatch.setenv("SE_FUSED_CUDA_MLP_SPLIT", str(split))
@@ -343,6 +347,8 @@ STAGED_SUM_SHAPES = (SEShape(5, 2048, 128, 7, 7), SEShape(5, 1024, 64, 14, 14), 
 @pytest.mark.parametrize("residual,activation,gate", VARIANTS[:2], ids=[f"{r}-{a}-{g}" for r, a, g in VARIANTS[:2]])
 @pytest.mark.parametrize("sums", [None, "warp"], ids=["staged", "warp"])
 def test_two_pass_nchw_row_sums(cuda_path, monkeypatch, shape, dtype, residual, activation, gate, sums):
+    if sums == "warp" and (shape.h * shape.w) % (16 // dtype.itemsize) == 0:
+        pytest.skip("H*W is a whole number of 16-byte vectors: the vector kernel serves, the knob is not read")
     cuda_path("two_pass")
     if sums is not None:
         monkeypatch.setenv("SE_FUSED_CUDA_NCHW_SUMS", sums)
