@@ -58,7 +58,8 @@ KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "
          "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
          "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
          "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE", "SE_FUSED_CUDA_CHUNK_STREAMS",
-         "SE_FUSED_CUDA_CACHE_HINTS", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS")
+         "SE_FUSED_CUDA_CACHE_HINTS", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", "SE_FUSED_CUDA_WGRAD_TILES",
+         "SE_FUSED_CUDA_PIPELINE_GROUP", "SE_FUSED_CUDA_PIPELINE_DELAY")
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its
@@ -66,6 +67,12 @@ KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "
 # C = 96, so that fc1's gradient takes tiles of two row groups (fc2's take eight, and four at R = 40;
 # one at C = 264).
 SHAPES = [(3, 64, 4, 12, 12), (2, 40, 3, 5, 5), (9, 264, 40, 2, 2), (64, 96, 8, 2, 2)]
+# C*H*W odd (37 channels of 7x7), on the two-pass path only (the cluster and pipelined paths refuse
+# it): the scale passes' element kernels, and in chunks of one sample, which start off 16-byte
+# boundaries, the NCHW sums staging their terms an element at a time (channel_sums_nchw_staged_kernel
+# without vector loads). Run after the first shape's cases.
+ODD_SHAPE = (3, 37, 2, 7, 7)
+ODD_CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1))]
 
 
 def run_case(device: str, backend: str, shape, dtype, channels_last: bool, residual: bool) -> float:
@@ -94,12 +101,15 @@ def run_case(device: str, backend: str, shape, dtype, channels_last: bool, resid
 def case_order(quick: bool):
     """The ``((path, knobs), shape, dtype, (channels_last, residual))`` runs in order: every path once
     per (shape, dtype, form) before the next one, so that a run cut short by --max-seconds has seen
-    every path on the first shapes. Quick: bf16 only, and two of the four (layout, form) pairs, each
-    layout and each form once."""
+    every path on the first shapes (and the two-pass path on ODD_SHAPE after the first). Quick: bf16
+    only, and two of the four (layout, form) pairs, each layout and each form once."""
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
     forms = [(False, False), (True, True)] if quick else list(itertools.product((False, True), (False, True)))
-    return [(case, shape, dtype, form) for shape, dtype, form in itertools.product(SHAPES, dtypes, forms)
+    runs = [(case, shape, dtype, form) for shape, dtype, form in itertools.product(SHAPES, dtypes, forms)
             for case in CASES]
+    odd = [(case, ODD_SHAPE, dtype, form) for dtype, form in itertools.product(dtypes, forms) for case in ODD_CASES]
+    first = len(dtypes) * len(forms) * len(CASES)
+    return runs[:first] + odd + runs[first:]
 
 
 def main() -> int:
