@@ -689,13 +689,13 @@ def test_more_than_two_to_the_31_elements():
     assert n * c * h * w > 2 ** 31
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
-    # fc1's bias in [0.5, 1.5): hidden ~ b1 (|W1 pooled| ~ 1e-4), so every hidden unit is active and
+    # fc1's bias in [0.5, 1.5): hidden ~ b1 (|W1 pooled| ~ 1e-3), so every hidden unit is active and
     # every weight gradient carries the channel sums (with all units inactive they would be zero).
     weights = (torch.randn(r, c, 1, 1, device="cuda") * c ** -0.5, torch.rand(r, device="cuda") + 0.5,
                torch.randn(c, r, 1, 1, device="cuda") * r ** -0.5, torch.randn(c, device="cuda"))
     out, pooled, hidden, scale = se_triton.forward(x, *weights, None, "relu", "sigmoid")
     expected = eager_forward(x[1:], *weights, None, "relu", "sigmoid")
-    # The channel means directly: the scale hardly depends on them (|W1 pooled| ~ 1e-4 beside b1 ~ 1).
+    # The channel means directly: the scale hardly depends on them (|W1 pooled| ~ 1e-3 beside b1 ~ 1).
     # float32 means of ~1e6 terms, summed in another order than eager's: ~1e-9 apart.
     torch.testing.assert_close(pooled[1:], expected[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scale[1:], expected[3], rtol=1e-5, atol=1e-6)

@@ -1200,22 +1200,6 @@ BatchChunk batch_chunk(const SEProblem& p, int64_t chunk, int64_t k, const Chunk
   return c;
 }
 
-// The two-pass path over the batch in chunks of at most `chunk` samples: for each chunk c,
-// sums(c, stream) (the channel sums, the first read), mlp(c, stream) (the excitation MLP) and
-// scale(c, stream) (the second read, from L2 where the chunk still is).
-//
-// In one stream, each chunk's MLP (two or three launches of a few microseconds, bound by latency)
-// leaves HBM idle between its sums and its scale. With several chunks and chunk_streams() == 3
-// the stages form a software pipeline on three streams: chunk k + 2's sums (a side stream), chunk
-// k + 1's MLP (another, of high priority) and chunk k's scale (the caller's stream, on a grid
-// resident in one wave: ChunkAccess) run at once, so HBM streams the sums' reads beside the
-// scale's writes while the MLPs wait on latency. Chunk k + 3's sums wait
-// for chunk k's scale: at most three chunks are alive in L2, so the chunk budget must leave room
-// for three. Events order the stages. The side streams first wait for the caller's stream (the
-// tensors may reuse memory that its queued kernels still use), and the caller's stream ends with
-// the last scale, which waited (through the events) for every kernel of the side streams: no host
-// synchronisation, and a CUDA graph captures the forks and the join. Each stage allocates on its
-// own stream (CUDAStreamGuard), so the caching allocator reuses a buffer only in that stream's order.
 // Makes the caller's stream wait for the side streams when run_chunks leaves by an exception (out of
 // memory in a stage's allocation, a failed launch check) before its last scale joined them. The
 // caller then frees the call's tensors on its own stream, and the caching allocator would hand their
@@ -1247,6 +1231,22 @@ class JoinSideStreamsOnThrow {
   int exceptions_;
 };
 
+// The two-pass path over the batch in chunks of at most `chunk` samples: for each chunk c,
+// sums(c, stream) (the channel sums, the first read), mlp(c, stream) (the excitation MLP) and
+// scale(c, stream) (the second read, from L2 where the chunk still is).
+//
+// In one stream, each chunk's MLP (two or three launches of a few microseconds, bound by latency)
+// leaves HBM idle between its sums and its scale. With several chunks and chunk_streams() == 3
+// the stages form a software pipeline on three streams: chunk k + 2's sums (a side stream), chunk
+// k + 1's MLP (another, of high priority) and chunk k's scale (the caller's stream, on a grid
+// resident in one wave: ChunkAccess) run at once, so HBM streams the sums' reads beside the
+// scale's writes while the MLPs wait on latency. Chunk k + 3's sums wait
+// for chunk k's scale: at most three chunks are alive in L2, so the chunk budget must leave room
+// for three. Events order the stages. The side streams first wait for the caller's stream (the
+// tensors may reuse memory that its queued kernels still use), and the caller's stream ends with
+// the last scale, which waited (through the events) for every kernel of the side streams: no host
+// synchronisation, and a CUDA graph captures the forks and the join. Each stage allocates on its
+// own stream (CUDAStreamGuard), so the caching allocator reuses a buffer only in that stream's order.
 template <typename Sums, typename Mlp, typename Scale>
 void run_chunks(const SEProblem& p, int64_t chunk, const Sums& sums, const Mlp& mlp, const Scale& scale) {
   const c10::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream();
