@@ -52,9 +52,11 @@ def load_predictions(path: Path) -> List[dict]:
 
 def metric(row: Optional[Row], prediction: dict) -> Optional[float]:
     """The prediction's metric in ``row``; None where the record cannot say (no row, a failed row,
-    or none of the kernels in its top list)."""
+    none of the kernels in its top list, or device time from a profile that recorded no kernel)."""
     if row is None or row.get("error"):
         return None
+    if prediction["metric"] == "device_ms" and not row.get("launches"):
+        return None  # 0 ms of kernels would read as a hit
     if prediction["metric"] == "kernel_us":
         listed = [k for k in row.get("top", []) if any(s in k["name"] for s in prediction["kernels"])]
         return sum(k["us_per_call"] for k in listed) if listed else None

@@ -215,10 +215,15 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
                     fn = calls["triton" if path == "triton" else "cuda"]
                     try:
                         results.setdefault(family, {})[label] = nbytes / time_ms(fn) / 1e6
-                    except RuntimeError as exc:
-                        if any(m in str(exc) for m in ("does not fit this call", "cannot run this call")):
+                    # Exception, not only RuntimeError: a Triton tile that does not compile raises a
+                    # TritonError (an Exception), a refused knob a ValueError; one candidate's failure
+                    # must not end the sweep.
+                    except Exception as exc:
+                        if isinstance(exc, RuntimeError) and any(
+                                m in str(exc) for m in ("does not fit this call", "cannot run this call")):
                             continue  # this geometry does not fit the shape
-                        print(f"  {stage} {layout} {name} {label} failed: {str(exc).strip()[:160]}")
+                        print(f"  {stage} {layout} {name} {family or 'base'}/{label} failed: "
+                              f"{type(exc).__name__}: {str(exc).strip()[:160]}")
                         if not context_alive():
                             print("tune_cluster: the CUDA context is lost (a kernel trapped); stopping the sweep")
                             return 1
@@ -268,6 +273,8 @@ def main() -> int:
     for group, share in zip(groups, (0.4 if all(groups) else 1.0, 1.0)):
         if group:
             status = sweep(group, args.batch, getattr(torch, args.dtype), start + args.max_seconds * share) or status
+            if status:
+                break  # the CUDA context is lost: no later group could run
     return status
 
 

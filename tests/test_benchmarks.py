@@ -412,13 +412,15 @@ def test_predictions_file_names_rows_the_profile_writes(monkeypatch):
 
 def test_check_predictions_verdicts(tmp_path):
     """check_predictions.py: hit and MISS against an absolute bound and a ratio, and 'no data' for a row
-    that is absent, failed, or does not list the kernels; a malformed predictions file exits 2."""
+    that is absent, failed, does not list the kernels, or has device time without a kernel recorded; a
+    malformed predictions file exits 2."""
     row = dict(stage="conv5_x", **{"pass": "forward"})
     record = {"batch": 256, "dtype": "bfloat16", "memory_format": "channels_last", "env": {"device": "test"}, "rows": [
-        {**row, "impl": "a", "device_ms": 0.1, "host_ms": 0.2,
+        {**row, "impl": "a", "device_ms": 0.1, "host_ms": 0.2, "launches": 3,
          "top": [{"name": "void k1<float>", "per_call": 1, "us_per_call": 5.0},
                  {"name": "k2", "per_call": 2, "us_per_call": 7.0}]},
-        {**row, "impl": "b", "device_ms": 0.3, "host_ms": 0.2, "top": []},
+        {**row, "impl": "b", "device_ms": 0.3, "host_ms": 0.2, "launches": 1, "top": []},
+        {**row, "impl": "no-kernels", "device_ms": 0.0, "host_ms": 0.2, "launches": 0, "top": []},
         {**row, "impl": "failed", "device_ms": None, "host_ms": None, "top": [], "error": "trap"}]}
     cases = {  # id -> (prediction fields, verdict)
         "kernels-hit": ({"metric": "kernel_us", "kernels": ["k1", "k2"], "max": 12}, "hit"),
@@ -429,6 +431,7 @@ def test_check_predictions_verdicts(tmp_path):
         "ratio-miss": ({"metric": "device_ms", "relative_to": "b", "max_ratio": 0.33}, "MISS"),
         "unlisted-kernel": ({"metric": "kernel_us", "kernels": ["k3"], "max": 1}, "no data"),
         "failed-row": ({"impl": "failed", "metric": "device_ms", "max": 1}, "no data"),
+        "no-kernels": ({"impl": "no-kernels", "metric": "device_ms", "max": 1}, "no data"),
         "absent-row": ({"stage": "conv4_x", "metric": "device_ms", "max": 1}, "no data"),
     }
     predictions = {"predictions": [{"id": name, "source": "test", "impl": "a", **row, **fields}
