@@ -121,6 +121,24 @@ def bytes_min(pass_name: str, residual: bool, shape: Sequence[int], dtype: torch
 
 # ----------------------------------------------------------------------------- environment
 
+# The CUDA backend's per-call knobs the scripts set (tune_cluster.py, exercise_kernels.py): each
+# script's set_knobs unsets every one it does not name, so that no setting leaks from one case to the
+# next. One list, so that a knob added to the C++ is added here once.
+CUDA_KNOBS = tuple(f"SE_FUSED_CUDA_{name}" for name in (
+    "PATH", "PLAN", "CLUSTERS", "CLUSTER_BUFFERS", "PIPELINE_GROUP", "PIPELINE_BLOCKS", "PIPELINE_DELAY",
+    "PIPELINE_MLP", "PIPELINE_TRACE", "TILE_BYTES", "MLP", "MLP_SPLIT", "MLP_ROW_TILES", "NCHW_SUMS",
+    "WGRAD_TILES", "CHUNK_BYTES", "CHUNK_STREAMS", "CACHE_HINTS", "CHUNK_SCALE_BLOCKS"))
+
+
+def failure_message(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 200 characters), with its type where it is not a
+    RuntimeError (a Triton compile error, a refused knob's ValueError): how the scripts report a case
+    that failed without ending the run."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else repr(exc)
+    return first if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {first}"
+
+
 def set_knobs(names, prefix: str = "SE_FUSED_CUDA_", **values) -> None:
     """Set a backend's knobs: each environment variable of ``names`` (``prefix`` + name: the CUDA
     backend's by default, ``SE_FUSED_TRITON_`` for Triton's) from ``values``, keyed by its name

@@ -54,12 +54,7 @@ CASES = [("two_pass", {}), ("two_pass", dict(chunk_bytes=1)), ("two_pass", dict(
          ("pipelined", {}), ("pipelined", dict(pipeline_blocks=2, tile_bytes=1024)),
          ("pipelined", dict(pipeline_mlp="direct")),
          ("pipelined", dict(pipeline_blocks=2, tile_bytes=1024, pipeline_trace=os.devnull))]
-KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTERS", "SE_FUSED_CUDA_CLUSTER_BUFFERS",
-         "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_PIPELINE_BLOCKS", "SE_FUSED_CUDA_TILE_BYTES",
-         "SE_FUSED_CUDA_PIPELINE_MLP", "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES",
-         "SE_FUSED_CUDA_NCHW_SUMS", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_PIPELINE_TRACE", "SE_FUSED_CUDA_CHUNK_STREAMS",
-         "SE_FUSED_CUDA_CACHE_HINTS", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS", "SE_FUSED_CUDA_WGRAD_TILES",
-         "SE_FUSED_CUDA_PIPELINE_GROUP", "SE_FUSED_CUDA_PIPELINE_DELAY")
+KNOBS = common.CUDA_KNOBS
 # (N, C, R, H, W): small, C*H*W a multiple of 8; the first has 144 pixels, so the channels_last
 # sums split them over blocks (nhwc_sum_splits); the third has 9 samples (two MLP sample groups of
 # 8), C = 264 (two splits of the MLP's products over C) and R = 40 (two column blocks of its

@@ -79,14 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def failure_message(exc: Exception) -> str:
-    """The first line of ``exc``'s message (at most 200 characters), with its type where it is not a
-    RuntimeError."""
-    text = str(exc).strip()
-    first = text.splitlines()[0][:200] if text else repr(exc)
-    return first if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {first}"
-
-
 def variants(device: torch.device, everything: bool = False) -> List[tuple]:
     """(label, impl, settings) for each implementation profiled; settings: see :func:`apply_settings`.
 
@@ -301,7 +293,7 @@ def main(argv=None) -> int:
                     try:
                         inputs[stage] = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
                     except Exception as exc:  # a CUDA context an earlier variant's trapped kernel ended
-                        message = failure_message(exc)
+                        message = common.failure_message(exc)
                         print(f"profile: {label} {stage} inputs failed: {message}", file=sys.stderr)
                         rows.extend(failed_row(row_of(label, stage, pass_name), message) for pass_name in passes)
                         continue
@@ -316,7 +308,7 @@ def main(argv=None) -> int:
                     # Exception, not only RuntimeError: a Triton kernel that does not compile raises a
                     # TritonError (an Exception); it must cost its own row, not the profile's table.
                     except Exception as exc:
-                        message = failure_message(exc)
+                        message = common.failure_message(exc)
                         print(f"profile: {label} {stage} {pass_name} failed: {message}", file=sys.stderr)
                         row = failed_row(row, message)
                     rows.append(row)

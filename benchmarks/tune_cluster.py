@@ -91,11 +91,7 @@ MLP_PLANS = [(512, 1), (1024, 1), (2048, 1), (256, 2), (256, 4), (256, 8), (1024
 # 16,32,128,256; 16,32,16,256 is the default until 2026-11-27.
 TRITON_MLP_TILES = ["16,32,16,256", "16,32,64,256", "16,64,128,256", "32,32,128,256", "16,32,128,128",
                     "16,32,128,512"]
-KNOBS = ("SE_FUSED_CUDA_PATH", "SE_FUSED_CUDA_PLAN", "SE_FUSED_CUDA_CLUSTER_BUFFERS", "SE_FUSED_CUDA_PIPELINE_GROUP",
-         "SE_FUSED_CUDA_TILE_BYTES", "SE_FUSED_CUDA_PIPELINE_DELAY", "SE_FUSED_CUDA_PIPELINE_MLP",
-         "SE_FUSED_CUDA_MLP_SPLIT", "SE_FUSED_CUDA_MLP_ROW_TILES", "SE_FUSED_CUDA_NCHW_SUMS",
-         "SE_FUSED_CUDA_WGRAD_TILES", "SE_FUSED_CUDA_MLP", "SE_FUSED_CUDA_CHUNK_BYTES", "SE_FUSED_CUDA_CHUNK_STREAMS",
-         "SE_FUSED_CUDA_CACHE_HINTS", "SE_FUSED_CUDA_CHUNK_SCALE_BLOCKS")
+KNOBS = common.CUDA_KNOBS
 TRITON_KNOBS = ("SE_FUSED_TRITON_MLP_TILE",)
 
 
@@ -223,7 +219,7 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
                                 m in str(exc) for m in ("does not fit this call", "cannot run this call")):
                             continue  # this geometry does not fit the shape
                         print(f"  {stage} {layout} {name} {family or 'base'}/{label} failed: "
-                              f"{type(exc).__name__}: {str(exc).strip()[:160]}")
+                              f"{common.failure_message(exc)}")
                         if not context_alive():
                             print("tune_cluster: the CUDA context is lost (a kernel trapped); stopping the sweep")
                             return 1

@@ -380,6 +380,15 @@ def test_tune_cluster_stage_shares(monkeypatch):
     assert ends == [110.0, 120.0, 130.0, 140.0]
 
 
+def test_cuda_knobs_are_read_by_the_cuda_sources():
+    """Every knob the scripts set and reset (_common.CUDA_KNOBS) is a name the CUDA sources read, so a
+    misspelt one cannot silently leave the backend at its default."""
+    import _common
+    sources = "".join(path.read_text() for path in sorted((REPO / "csrc" / "cuda").iterdir()))
+    missing = [name for name in _common.CUDA_KNOBS if f'"{name}"' not in sources]
+    assert not missing, missing
+
+
 def test_exercise_kernels_stops_at_max_seconds(monkeypatch):
     """exercise_kernels.py (what compute-sanitizer runs): every path on a shape before the next shape, and
     --max-seconds stops it before a case with exit status 3 (gpu_check's PARTIAL); the CPU rehearsal of the
