@@ -252,17 +252,18 @@ __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_vec_kernel(
   if (lane == 0) out[row] = total * factor;
 }
 
-// NCHW, P not a multiple of the vector (conv4_x's 196 and conv5_x's 49 pixels in 16-bit
-// dtypes): channel_sums_nchw_kernel reads such rows a 2-byte element per lane. Here a block
-// stages `rows_per_block` whole rows, whose span starts 16-byte aligned (rows_per_block * P is
-// a multiple of V, see nchw_staged_rows), with 16-byte loads, as terms in shared memory; then
-// `rows_per_block` groups of threads sum each row, each thread a segment of it in order and the
-// segments in order: a fixed order, so the bits are reproducible (not those of the warp kernel).
-// Where a tensor is not 16-byte aligned (vector_loads false) the terms are staged an element at a
-// time instead: the same terms summed in the same order, so the same bits. The chunks of a chunked
-// call start at n0 * C * P elements, which is not a 16-byte boundary when C * P is not a multiple of
-// the vector (a 37-channel 7x7 sample in float32 is 7252 bytes), so without it the chunks that begin
-// off a boundary took the warp kernel and a chunked call gave other bits than the whole batch.
+// NCHW, P not a multiple of the vector (conv4_x's 196 and conv5_x's 49 pixels in 16-bit dtypes):
+// channel_sums_nchw_kernel reads such rows a 2-byte element per lane. Here a block stages
+// `rows_per_block` whole rows, whose span starts 16-byte aligned in an aligned tensor
+// (rows_per_block * P is a multiple of V, see nchw_staged_rows), with 16-byte loads, as terms in
+// shared memory; then `rows_per_block` groups of threads sum each row, each thread a segment of it
+// in order and the segments in order: a fixed order, so the bits are reproducible (not those of the
+// warp kernel). Where a tensor is not 16-byte aligned (vector_loads false) the terms are staged an
+// element at a time instead: the same terms summed in the same order, so the same bits. The chunks
+// of a chunked call start at n0 * C * P elements, which is not a 16-byte boundary when C * P is not
+// a multiple of the vector (a 37-channel 7x7 sample in float32 is 7252 bytes), so without it the
+// chunks that begin off a boundary took the warp kernel and a chunked call gave other bits than the
+// whole batch.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTwoPassThreads) channel_sums_nchw_staged_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ mask_by,
@@ -530,21 +531,23 @@ void with_pixel_splits(const SEProblem& p, int64_t tile, int pixel_lanes, acc_t*
       partial.const_data_ptr<acc_t>(), sums, count, static_cast<int>(splits), factor);
 }
 
-// NCHW channel sums where H*W is not a whole number of 16-byte vectors: spans of whole rows
-// through shared memory with 16-byte loads (channel_sums_nchw_staged_kernel, the default where
-// its rows fit), or with SE_FUSED_CUDA_NCHW_SUMS=warp a warp per (n, c) row of element loads
-// (channel_sums_nchw_kernel, the default before 2026-11-27's second H100 session). Measured side
-// by side (H100 72c11ba, tune_cluster.py, batch 256 bf16, GB/s of bytes_min, against the row's
-// entry with the same MLP form): conv5_x forward 763 against 530, backward 929 against 743;
-// conv4_x a tie (1084 / 1116, 1426 / 1418; the sweep's noise is a few percent). The order of
-// the sums differs, so the knob changes the bits; the default depends on the shape only.
+// NCHW channel sums where H*W is not a whole number of 16-byte vectors: spans of whole rows through
+// shared memory with 16-byte loads, element loads in an unaligned tensor
+// (channel_sums_nchw_staged_kernel, the default where its rows fit), or with
+// SE_FUSED_CUDA_NCHW_SUMS=warp a warp per (n, c) row of element loads (channel_sums_nchw_kernel,
+// the default before 2026-11-27's second H100 session). Measured side by side (H100 72c11ba,
+// tune_cluster.py, batch 256 bf16, GB/s of bytes_min, against the row's entry with the same MLP
+// form): conv5_x forward 763 against 530, backward 929 against 743; conv4_x a tie (1084 / 1116,
+// 1426 / 1418; the sweep's noise is a few percent). The order of the sums differs, so the knob
+// changes the bits; the default depends on the shape only.
 bool nchw_staged_sums() {
   return choice_from_env("SE_FUSED_CUDA_NCHW_SUMS", {"staged", "warp"}, 0) == 0;
 }
 
 // Rows per block of channel_sums_nchw_staged_kernel: as many whole rows as kStagedSumBytes of
 // terms hold, at most a thread each, and a multiple of V / gcd(P, V), so that every block's span
-// starts on a 16-byte boundary; 0 where not even that many rows fit (the warp kernel serves).
+// starts on a 16-byte boundary where the tensor does; 0 where not even that many rows fit (the
+// warp kernel serves).
 constexpr int64_t kStagedSumBytes = 32 * 1024;
 int nchw_staged_rows(int64_t P, int V, int acc_bytes) {
   const int64_t unit = V / std::gcd(P, static_cast<int64_t>(V));
@@ -571,10 +574,14 @@ void launch_channel_sums(const SEProblem& p, const scalar_t* a, const scalar_t* 
       channel_sums_nhwc_vec_kernel<scalar_t, acc_t><<<grid, kVecSumThreads, 0, stream>>>(a, b, mask_by, out, p.C,
                                                                                         p.P, f, split, b_last_use);
     });
-  } else if (const int rows_per_block =
-                 !p.channels_last && nchw_staged_sums() ? nchw_staged_rows(p.P, V, sizeof(acc_t)) : 0;
+  } else if (const int rows_per_block = !p.channels_last && p.P % V != 0 && nchw_staged_sums()
+                                           ? nchw_staged_rows(p.P, V, sizeof(acc_t))
+                                           : 0;
              rows_per_block > 0) {
     // Unaligned tensors too (element loads), so that a chunk's bits do not depend on where it starts.
+    // Not rows of whole vectors in an unaligned tensor: their chunks all start as the tensor does (C * P
+    // is a multiple of V), so the warp kernel keeps their bits chunk-independent, and in this kernel a
+    // P such as 784 gives 32-term segments, a row's threads all in one shared-memory bank.
     const int64_t rows = p.N * p.C;
     const size_t smem = static_cast<size_t>(rows_per_block) * p.P * sizeof(acc_t);  // <= kStagedSumBytes
     channel_sums_nchw_staged_kernel<scalar_t, acc_t>
@@ -1215,13 +1222,15 @@ class JoinSideStreamsOnThrow {
   JoinSideStreamsOnThrow& operator=(const JoinSideStreamsOnThrow&) = delete;
   ~JoinSideStreamsOnThrow() {
     if (std::uncaught_exceptions() == exceptions_) return;
-    try {
-      for (const c10::cuda::CUDAStream& side : sides_) {
+    for (const c10::cuda::CUDAStream& side : sides_) {
+      // One try per stream: a failed join of the first must not skip the second. A destructor must
+      // not throw; the exception that unwinds is the one to report.
+      try {
         at::cuda::CUDAEvent done;
         done.record(side);
         done.block(caller_);
+      } catch (...) {
       }
-    } catch (...) {  // a destructor must not throw; the exception that unwinds is the one to report
     }
   }
 
