@@ -361,6 +361,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def context_alive(device: Optional[torch.device] = None) -> bool:
+    """Whether CUDA still works in this process (``device``: the one a script runs on; always True
+    for a CPU): a kernel that traps ends the process's CUDA context, and every later call fails with
+    it, so a script that catches one failure checks this before it goes on (tune_cluster.py,
+    profile_block.py)."""
+    if device is not None and device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return True
+    except RuntimeError:  # torch.AcceleratorError is one
+        return False
+
+
 def free_memory(device: torch.device) -> None:
     """Return cached GPU memory between configurations so one config's pool does not starve the next."""
     import gc

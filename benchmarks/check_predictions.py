@@ -10,11 +10,12 @@ run at once on several streams: ``device_ms`` adds their durations), or ``kernel
 per-call microseconds of the kernels whose names contain one of the listed
 substrings, from the row's top kernels) and the bound (``max``, or
 ``max_ratio`` times the same metric of another variant's row). Prints one line
-per prediction: the bound, what the record measured, and ``hit``, ``MISS`` or
-``no data`` (the row is absent, failed, or its top list does not name the
-kernels). A miss is a finding to reason about (docs/cuda-notes.md says what
-each would mean), not a failed run: the exit status is 0 unless an input is
-malformed (2).
+per prediction: the bound, what the record measured, and ``hit``, ``MISS``,
+``absent`` (the record has no such row: the profile ran without the variant,
+e.g. a settled one it profiles only with ``--all-variants``) or ``no data``
+(the row failed, or its top list does not name the kernels). A miss is a
+finding to reason about (docs/cuda-notes.md says what each would mean), not a
+failed run: the exit status is 0 unless an input is malformed (2).
 """
 from __future__ import annotations
 
@@ -67,15 +68,18 @@ def metric(row: Optional[Row], prediction: dict) -> Optional[float]:
 def check(prediction: dict, rows: Dict[Tuple[str, str, str], Row]) -> Tuple[str, str, str]:
     """``(bound, measured, verdict)`` of one prediction against the record's rows."""
     key = (prediction["impl"], prediction["stage"], prediction["pass"])
+    other_key = (prediction.get("relative_to"), prediction["stage"], prediction["pass"])
     measured = metric(rows.get(key), prediction)
     unit = "us" if prediction["metric"] == "kernel_us" else "ms"
+    bound = (f"<= {prediction['max']:g} {unit}" if "max" in prediction
+             else f"<= {prediction['max_ratio']:g} x {prediction['relative_to']}")
+    if key not in rows or ("relative_to" in prediction and other_key not in rows):
+        return bound, "-", "absent"
     if "max" in prediction:
-        bound = f"<= {prediction['max']:g} {unit}"
         if measured is None:
             return bound, "-", "no data"
         return bound, f"{measured:.4g} {unit}", "hit" if measured <= prediction["max"] else "MISS"
-    bound = f"<= {prediction['max_ratio']:g} x {prediction['relative_to']}"
-    other = metric(rows.get((prediction["relative_to"], prediction["stage"], prediction["pass"])), prediction)
+    other = metric(rows.get(other_key), prediction)
     if measured is None or other is None or other <= 0:
         return bound, "-", "no data"
     ratio = measured / other
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
     width = max(len(p["id"]) for p in predictions)
     for p, bound, measured, verdict in results:
         print(f"  {p['id']:{width}s}  {verdict:7s}  {bound:32s}  measured {measured}")
-    counts = {v: sum(1 for r in results if r[3] == v) for v in ("hit", "MISS", "no data")}
+    counts = {v: sum(1 for r in results if r[3] == v) for v in ("hit", "MISS", "no data", "absent")}
     print("check_predictions: " + ", ".join(f"{n} {v}" for v, n in counts.items())
           + " (the docs/cuda-notes.md sections named in predictions.json say what each miss means)")
     return 0

@@ -251,7 +251,7 @@ step_if 60 bench-pipelined 45 env SE_FUSED_CUDA_PATH=pipelined SE_FUSED_TRITON_P
 
 # --- 3d. Nsight Compute on the pipelined forward (conv2_x, channels_last, its default
 # geometry, printed by SE_FUSED_CUDA_VERBOSE=1; its profile row, cuda/pipelined, runs only with
-# --all-variants since 2026-11-27): DRAM and L2 throughput, the L2 hit rate
+# --all-variants since 2026-11-27; --variants: that row alone): DRAM and L2 throughput, the L2 hit rate
 # of the re-reads, where the warps wait (the ready-flag spins show as sleep). Into the log;
 # about 20 s.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
@@ -261,17 +261,18 @@ if [[ $DRY_RUN -eq 0 && -n "$NCU" ]]; then
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
     --section SourceCounters "$PY" benchmarks/profile_block.py --device cuda --stages conv2_x --passes forward \
-    --calls 1 --all-variants --out "$WORK" --json-name ncu-pipelined-profile.json
+    --calls 1 --all-variants --variants cuda/pipelined --out "$WORK" --json-name ncu-pipelined-profile.json
 fi
 
 # --- 4. compute-sanitizer over every kernel path --------------------------------
 # On an H100 at cca1da2 memcheck took ~11 s and racecheck ~81 s for 60 quick cases (1.35 s a case),
 # with the eager reference on the GPU too, whose cuBLAS and ATen kernels racecheck checked as well.
 # Since 2026-11-27 the reference runs on the CPU (exercise_kernels.py), so the tools check this
-# project's kernels only; the 112 quick cases' time is not measured yet. exercise_kernels starts no
-# case after --max-seconds (its limit less 30 s for the sanitizer's start and end), running every
-# path on a shape before the next shape: a run the budget cuts short reports PARTIAL with the cases
-# it checked, instead of a TIMEOUT that shows none.
+# project's kernels only; the 132 quick cases' time is not measured yet (at 1.35 s a case, racecheck's
+# 180 s would end PARTIAL near the last cases). exercise_kernels starts no case after --max-seconds
+# (its limit less 30 s for the sanitizer's start and end), running every path on a shape before the
+# next shape: a run the budget cuts short reports PARTIAL with the cases it checked, instead of a
+# TIMEOUT that shows none.
 declare -A SANITIZER_NEEDS=([memcheck]=60 [racecheck]=90)
 for tool in memcheck racecheck; do
   limit=$(( $(left) < 230 ? $(left) - 20 : 210 ))

@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--all-variants", action="store_true",
                         help="also the variants earlier records settled (GPU: cuda/aten-mlp, cuda/l2-chunks, "
                              "cuda/rows-mlp, cuda/tiled-mlp, cuda/pipelined, triton/l2-chunks)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated variant labels to profile, of those the other flags choose "
+                             "(default: all of them), e.g. cuda/pipelined with --all-variants")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="start no variant after this many seconds; the variants left out get rows that say "
                              "so (the JSON is rewritten after each variant, so a run stopped from outside keeps "
@@ -263,9 +266,14 @@ def main(argv=None) -> int:
     saved = {key: os.environ.get(name) for key, name in SETTINGS}
     # Variant by variant (the stages inside), so that a variant that fails (a kernel not yet run on
     # a GPU: the pipelined ones come last) costs its own rows only. A kernel that traps ends the
-    # process's CUDA context: the variants after it fail too, and say so in their rows.
+    # process's CUDA context: after a failed row the profile checks the context, and where it is lost
+    # the rows after it say so instead of being run.
     inputs = {}
     profiled = variants(device, args.all_variants)
+    if args.variants:
+        chosen = common.parse_list(args.variants, [label for label, _, _ in profiled], "variant")
+        profiled = [v for v in profiled if v[0] in chosen]
+    lost = None  # why no later variant can run: the CUDA context is lost
     bar = common.progress(len(stages) * len(passes) * len(profiled), "profile", enabled=sys.stderr.isatty())
     order = {label: i for i, (label, _, _) in enumerate(profiled)}
 
@@ -280,8 +288,9 @@ def main(argv=None) -> int:
 
     try:
         for label, impl, settings in profiled:
-            if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
-                why = f"not run: --max-seconds {args.max_seconds:g}"
+            why = lost or (f"not run: --max-seconds {args.max_seconds:g}" if args.max_seconds is not None
+                           and time.monotonic() - started > args.max_seconds else None)
+            if why:
                 print(f"profile: {label} {why}", file=sys.stderr)
                 rows.extend(failed_row(row_of(label, stage, pass_name), why) for stage in stages for pass_name in passes)
                 continue
@@ -289,16 +298,24 @@ def main(argv=None) -> int:
             for stage in stages:
                 channels, hw = common.STAGES[stage]
                 shape = (args.batch, channels, hw, hw)
+                if lost:
+                    rows.extend(failed_row(row_of(label, stage, pass_name), lost) for pass_name in passes)
+                    continue
                 if stage not in inputs:
                     try:
                         inputs[stage] = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
                     except Exception as exc:  # a CUDA context an earlier variant's trapped kernel ended
                         message = common.failure_message(exc)
                         print(f"profile: {label} {stage} inputs failed: {message}", file=sys.stderr)
+                        if not lost and not common.context_alive(device):
+                            lost = f"not run: the CUDA context is lost ({label} {stage} inputs failed)"
                         rows.extend(failed_row(row_of(label, stage, pass_name), message) for pass_name in passes)
                         continue
                 for pass_name in passes:
                     bar.update()
+                    if lost:
+                        rows.append(failed_row(row_of(label, stage, pass_name), lost))
+                        continue
                     torch.manual_seed(0)
                     reference = se_fused.SEBlock(channels, common.SE_REDUCTION)
                     row = row_of(label, stage, pass_name)
@@ -311,6 +328,9 @@ def main(argv=None) -> int:
                         message = common.failure_message(exc)
                         print(f"profile: {label} {stage} {pass_name} failed: {message}", file=sys.stderr)
                         row = failed_row(row, message)
+                        if not lost and not common.context_alive(device):
+                            lost = f"not run: the CUDA context is lost ({label} {stage} {pass_name} failed)"
+                            print(f"profile: {lost}; no later row can run", file=sys.stderr)
                     rows.append(row)
             write_rows()
     finally:
@@ -336,7 +356,13 @@ def main(argv=None) -> int:
                              for f in r["python_top"])
             print(f"  {r['stage']} {r['pass']} {r['impl']} (host {r['host_ms']:.3f} ms): {tops}")
     print(f"wrote json: {path}")
-    return 0
+    failed = sum(1 for r in rows if r.get("error") and not r["error"].startswith("not run"))
+    if failed:
+        print(f"profile: {failed} rows failed (their errors above and in the JSON)")
+    # Exit status 1 where the CUDA context was lost (every row after the trap is empty), so that the
+    # trap shows in gpu_check's summary; a row that fails alone (a launch that does not fit, as
+    # triton/pipelined-2x's cooperative grid at H100 72c11ba) is a finding in the table, status 0.
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import Tuple
 
 import torch
 
@@ -108,16 +109,6 @@ def time_ms(fn, reps: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def context_alive() -> bool:
-    """Whether CUDA still works in this process (a kernel that traps ends its context)."""
-    try:
-        torch.cuda.synchronize()
-        torch.zeros(1, device="cuda").add_(1).item()
-        return True
-    except RuntimeError:
-        return False
 
 
 def set_path(path: str, **knobs: str) -> None:
@@ -167,19 +158,21 @@ def stage_deadline(start: float, end: float, index: int, count: int) -> float:
     return start + (end - start) * (index + 1) / count
 
 
-def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
+def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> Tuple[bool, int]:
     """Time every candidate of ``paths`` at each stage, layout and pass, and print a row per pass. Each
     stage gets its share of the time to ``deadline`` (:func:`stage_deadline`), so that a budget too
-    short for every plan still reaches conv5_x; ``auto`` and ``2-pass`` are timed in every row."""
+    short for every plan still reaches conv5_x; ``auto`` and ``2-pass`` are timed in every row.
+    Returns (whether the CUDA context was lost, how many candidates failed)."""
     ops = torch.ops.se_fused
     print(f"{'stage':8s} {'layout':6s} {'pass':8s} {'auto':>7s} {'2-pass':>7s}  best per path (GB/s), then every plan")
     start = time.time()
+    failures = 0
     for index, (stage, (c, r, h, w)) in enumerate(STAGES.items()):
         stage_end = stage_deadline(start, deadline, index, len(STAGES))
         for layout in ("NHWC", "NCHW"):
             if time.time() > deadline:
                 print("tune_cluster: time budget used up")
-                return 0
+                return False, failures
             fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
             x = torch.randn(batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
             g = torch.randn_like(x)
@@ -220,9 +213,10 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
                             continue  # this geometry does not fit the shape
                         print(f"  {stage} {layout} {name} {family or 'base'}/{label} failed: "
                               f"{common.failure_message(exc)}")
-                        if not context_alive():
+                        failures += 1
+                        if not common.context_alive():
                             print("tune_cluster: the CUDA context is lost (a kernel trapped); stopping the sweep")
-                            return 1
+                            return True, failures
                         continue
                 set_path("auto")
                 base = results.get("", {})
@@ -240,7 +234,7 @@ def sweep(paths, batch: int, dtype: torch.dtype, deadline: float) -> int:
                     print(f"{'':24s} ({not_run} plans not run: the stage's share of --max-seconds was used)")
             x = g = passes = None  # free the tensors before the next layout (the lambdas hold them)
             torch.cuda.empty_cache()
-    return 0
+    return False, failures
 
 
 def main() -> int:
@@ -264,14 +258,20 @@ def main() -> int:
     # A trap in the pipelined kernels would end the CUDA context, so
     # they are swept last, in a table of their own, after every other family at every stage. The
     # other families get 40% of the time when the pipelined one follows (what they leave, it gets).
-    status = 0
+    # Exit status: 1 where the CUDA context was lost, 4 where a candidate failed (each printed as it
+    # failed) but the sweep went on, so that a failing plan shows in gpu_check's summary too.
+    failures = 0
     groups = ([p for p in paths if p != "pipelined"], [p for p in paths if p == "pipelined"])
     for group, share in zip(groups, (0.4 if all(groups) else 1.0, 1.0)):
         if group:
-            status = sweep(group, args.batch, getattr(torch, args.dtype), start + args.max_seconds * share) or status
-            if status:
-                break  # the CUDA context is lost: no later group could run
-    return status
+            lost, failed = sweep(group, args.batch, getattr(torch, args.dtype), start + args.max_seconds * share)
+            failures += failed
+            if lost:
+                return 1  # no later group could run
+    if failures:
+        print(f"tune_cluster: {failures} candidates failed (listed above)")
+        return 4
+    return 0
 
 
 if __name__ == "__main__":

@@ -263,6 +263,44 @@ def test_profile_keeps_the_other_rows_when_a_variant_fails(tmp_path, monkeypatch
     assert "eager conv5_x forward failed" in capsys.readouterr().err
 
 
+@needs_cpu_kernel
+def test_profile_stops_after_a_lost_context(tmp_path, monkeypatch):
+    """Where a failed row leaves the CUDA context lost (a kernel that trapped), the rows after it are not
+    run but say why, the JSON is still written, and the exit status is 1 (gpu_check's summary shows the
+    step failed, not 'ok' over a table of errors). Rehearsed on the CPU with the context check faked."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_block
+
+    calls = []
+
+    def trapping(label, *args, **kwargs):
+        calls.append(label)
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(profile_block, "profile_variant", trapping)
+    monkeypatch.setattr(profile_block.common, "context_alive", lambda device=None: False)
+    assert profile_block.main(["--device", "cpu", "--batch", "2", "--stages", "conv5_x", "--calls", "2",
+                               "--out", str(tmp_path)]) == 1
+    rows = {(r["impl"], r["pass"]): r for r in json.loads((tmp_path / "profile.json").read_text())["rows"]}
+    assert calls == ["cpu"]  # nothing ran after the first failure
+    assert rows[("cpu", "forward")]["error"] == "CUDA error: unspecified launch failure"
+    lost = "not run: the CUDA context is lost (cpu conv5_x forward failed)"
+    assert rows[("cpu", "forward+backward")]["error"] == lost and rows[("eager", "forward")]["error"] == lost
+
+
+@needs_cpu_kernel
+def test_profile_variants_flag_selects_rows(tmp_path):
+    """--variants profiles only the labels named (gpu_check's ncu step: cuda/pipelined alone), and an
+    unknown label is refused with the choices."""
+    proc = run_script("profile_block.py", "--device", "cpu", "--batch", "2", "--stages", "conv5_x", "--calls", "2",
+                      "--passes", "forward", "--variants", "eager", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(written(proc.stdout, "json").read_text())
+    assert [r["impl"] for r in record["rows"]] == ["eager"]
+    proc = run_script("profile_block.py", "--device", "cpu", "--variants", "cuda/nonesuch", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "unknown variant" in proc.stderr
+
+
 def test_gpu_check_script_parses():
     """benchmarks/gpu_check.sh, which only a GPU machine runs in full, is valid bash (its
     rehearsal, ``--dry-run``, takes minutes and is run by hand before a GPU session)."""
@@ -380,13 +418,18 @@ def test_tune_cluster_stage_shares(monkeypatch):
     assert ends == [110.0, 120.0, 130.0, 140.0]
 
 
-def test_cuda_knobs_are_read_by_the_cuda_sources():
-    """Every knob the scripts set and reset (_common.CUDA_KNOBS) is a name the CUDA sources read, so a
-    misspelt one cannot silently leave the backend at its default."""
+def test_cuda_knobs_are_read_by_the_cuda_sources(monkeypatch):
+    """_common.CUDA_KNOBS (the knobs the scripts set and reset) are the names the CUDA sources read: a
+    misspelt one cannot silently leave the backend at its default, and a knob added to the C++ but not
+    to the list cannot leak from one case of a script into the next. SE_FUSED_CUDA_VERBOSE only prints
+    (gpu_check sets it for the whole run)."""
+    monkeypatch.syspath_prepend(str(BENCH))
     import _common
     sources = "".join(path.read_text() for path in sorted((REPO / "csrc" / "cuda").iterdir()))
     missing = [name for name in _common.CUDA_KNOBS if f'"{name}"' not in sources]
     assert not missing, missing
+    read = set(re.findall(r'"(SE_FUSED_CUDA_[A-Z0-9_]+)"', sources)) - {"SE_FUSED_CUDA_VERBOSE"}
+    assert read and not read - set(_common.CUDA_KNOBS), sorted(read - set(_common.CUDA_KNOBS))
 
 
 def test_exercise_kernels_stops_at_max_seconds(monkeypatch):
@@ -406,23 +449,35 @@ def test_exercise_kernels_stops_at_max_seconds(monkeypatch):
 
 
 def test_predictions_file_names_rows_the_profile_writes(monkeypatch):
-    """benchmarks/predictions.json is well formed, and each prediction names a row profile_block.py can
-    write (a variant label of its source, a stage shape, a pass), so none stays 'no data' by a typo."""
+    """benchmarks/predictions.json is well formed, and each prediction names a row profile_block.py writes
+    on a GPU with both backends (a variant label, a stage shape, a pass), so none stays 'absent' by a
+    typo. The rows of settled variants (--all-variants) read 'absent' after gpu_check's default profile;
+    the set of those is pinned here, so that a prediction moved out of the default rows is seen."""
     monkeypatch.syspath_prepend(str(BENCH))
     import check_predictions
+    import profile_block
+    monkeypatch.setattr(profile_block.common, "usable_backends", lambda: ["cuda", "triton"])
+    gpu = torch.device("cuda")
+    default = {label for label, _, _ in profile_block.variants(gpu)}
+    everything = {label for label, _, _ in profile_block.variants(gpu, everything=True)}
+    assert {"cuda", "triton", "triton/pipelined", "cuda/chunks-12m"} <= default < everything, default
     predictions = check_predictions.load_predictions(BENCH / "predictions.json")
-    source = (BENCH / "profile_block.py").read_text()
-    labels = set(re.findall(r'\("([a-z0-9/-]+)", "(?:cuda|triton|cpu|eager)", \{', source))
-    assert {"cuda", "cuda/tiled-mlp", "triton", "triton/pipelined"} <= labels, labels
+    outside_default = set()
     for p in predictions:
-        assert p["impl"] in labels and p.get("relative_to", "cuda") in labels, p["id"]
+        named = {p["impl"], p.get("relative_to", "cuda")}
+        assert named <= everything, p["id"]
         assert p["stage"] in STAGE_SHAPES and p["pass"] in ("forward", "backward", "forward+backward"), p["id"]
+        if not named <= default:
+            outside_default.add(p["id"])
+    assert outside_default == {"cuda-tiled-conv5-products", "cuda-tiled-conv5-split-sums", "cuda-tiled-conv5-device",
+                               "cuda-tiled-conv4-mlp", "cuda-tiled-conv5-fwdbwd-products", "cuda-pipelined-conv4",
+                               "cuda-pipelined-conv5", "cuda-auto-mlp-conv5", "cuda-auto-mlp-conv3"}, outside_default
 
 
 def test_check_predictions_verdicts(tmp_path):
-    """check_predictions.py: hit and MISS against an absolute bound and a ratio, and 'no data' for a row
-    that is absent, failed, does not list the kernels, or has device time without a kernel recorded; a
-    malformed predictions file exits 2."""
+    """check_predictions.py: hit and MISS against an absolute bound and a ratio, 'no data' for a row that
+    failed, does not list the kernels, or has device time without a kernel recorded, 'absent' where the
+    record lacks the row or the row it is relative to; a malformed predictions file exits 2."""
     row = dict(stage="conv5_x", **{"pass": "forward"})
     record = {"batch": 256, "dtype": "bfloat16", "memory_format": "channels_last", "env": {"device": "test"}, "rows": [
         {**row, "impl": "a", "device_ms": 0.1, "host_ms": 0.2, "launches": 3,
@@ -441,7 +496,8 @@ def test_check_predictions_verdicts(tmp_path):
         "unlisted-kernel": ({"metric": "kernel_us", "kernels": ["k3"], "max": 1}, "no data"),
         "failed-row": ({"impl": "failed", "metric": "device_ms", "max": 1}, "no data"),
         "no-kernels": ({"impl": "no-kernels", "metric": "device_ms", "max": 1}, "no data"),
-        "absent-row": ({"stage": "conv4_x", "metric": "device_ms", "max": 1}, "no data"),
+        "absent-row": ({"stage": "conv4_x", "metric": "device_ms", "max": 1}, "absent"),
+        "absent-other": ({"metric": "device_ms", "relative_to": "c", "max_ratio": 1}, "absent"),
     }
     predictions = {"predictions": [{"id": name, "source": "test", "impl": "a", **row, **fields}
                                    for name, (fields, _) in cases.items()]}
