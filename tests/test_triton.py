@@ -687,6 +687,12 @@ def test_more_than_two_to_the_31_elements():
     """x of 2,149,580,800 elements (> 2^31): the last sample, whose offsets pass 2^31, matches eager on it alone."""
     n, c, h, w, r = 2, 1024, 1024, 1025, 4
     assert n * c * h * w > 2 ** 31
+    # At most ~6.5 x's size at once (x, grad_out and grad_x; one sample's eager float32 temporaries, each
+    # x's size, and its bfloat16 grad_x): skipped, with the reason, where another test holds the memory
+    # (gpu_check runs the tests in 12 processes).
+    x_bytes = n * c * h * w * 2
+    if torch.cuda.mem_get_info()[0] < 7 * x_bytes:
+        pytest.skip(f"needs ~{7 * x_bytes / 2**30:.0f} GiB of free GPU memory")
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
     # fc1's bias in [0.5, 1.5): hidden ~ b1 (|W1 pooled| ~ 1e-3), so every hidden unit is active and
@@ -701,12 +707,17 @@ def test_more_than_two_to_the_31_elements():
     torch.testing.assert_close(scale[1:], expected[3], rtol=1e-5, atol=1e-6)
     # The same float32 scale rounded once: at most one bfloat16 ulp apart.
     torch.testing.assert_close(out[1:], expected[0], rtol=2 ** -7, atol=0)
-    del expected
+    del expected, out
     grad_out = torch.randn_like(x)
     grads = se_triton.backward(grad_out, x, None, weights[0], weights[2], pooled, hidden, scale, "relu", "sigmoid")
-    per_sample = [eager_backward(grad_out[i:i + 1], x[i:i + 1], None, weights[0], weights[2], pooled[i:i + 1],
-                                 hidden[i:i + 1], scale[i:i + 1], "relu", "sigmoid") for i in range(n)]
-    torch.testing.assert_close(grads[0][1:], per_sample[1][0], rtol=2 ** -7, atol=FLOOR[torch.bfloat16])
+    per_sample = []  # each sample's weight and bias gradients (k = 2..5 of eager_backward's tuple)
+    for i in range(n):
+        sample = eager_backward(grad_out[i:i + 1], x[i:i + 1], None, weights[0], weights[2], pooled[i:i + 1],
+                                hidden[i:i + 1], scale[i:i + 1], "relu", "sigmoid")
+        if i == 1:
+            torch.testing.assert_close(grads[0][1:], sample[0], rtol=2 ** -7, atol=FLOOR[torch.bfloat16])
+        per_sample.append(sample[2:])
+        del sample
     # The channel sums ds reach grad_x only as dz/P (~2.5e-4 at P = 1,049,600), below grad_x's
     # bfloat16 resolution, so the bound above cannot see them; the weight and bias gradients carry
     # them (ds ~ sqrt(P)). They sum over both samples: eager's per-sample gradients added. ds is a
@@ -714,6 +725,8 @@ def test_more_than_two_to_the_31_elements():
     # where a channel's terms cancel: the bound is on each gradient's relative error as a whole
     # (zero sums for the sample past 2^31 gave 0.28-0.76 in a small interpreted rehearsal).
     for k, name in ((2, "fc1_weight"), (3, "fc1_bias"), (4, "fc2_weight"), (5, "fc2_bias")):
-        reference = (per_sample[0][k] + per_sample[1][k]).double()
+        reference = (per_sample[0][k - 2] + per_sample[1][k - 2]).double()
         error = ((grads[k].double() - reference).norm() / reference.norm()).item()
         assert error < 1e-3, f"grad {name}: relative error {error:.2e}"
+    del x, grad_out, grads
+    torch.cuda.empty_cache()  # the cached blocks back to the driver, for the other test processes
