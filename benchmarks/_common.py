@@ -369,8 +369,8 @@ def context_alive(device: Optional[torch.device] = None) -> bool:
     if device is not None and device.type != "cuda":
         return True
     try:
-        torch.cuda.synchronize()
-        torch.zeros(1, device="cuda").add_(1).item()
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device or "cuda").add_(1).item()
         return True
     except RuntimeError:  # torch.AcceleratorError is one
         return False

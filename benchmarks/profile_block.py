@@ -293,6 +293,7 @@ def main(argv=None) -> int:
             if why:
                 print(f"profile: {label} {why}", file=sys.stderr)
                 rows.extend(failed_row(row_of(label, stage, pass_name), why) for stage in stages for pass_name in passes)
+                bar.update(len(stages) * len(passes))
                 continue
             apply_settings(settings)
             for stage in stages:
@@ -300,6 +301,7 @@ def main(argv=None) -> int:
                 shape = (args.batch, channels, hw, hw)
                 if lost:
                     rows.extend(failed_row(row_of(label, stage, pass_name), lost) for pass_name in passes)
+                    bar.update(len(passes))
                     continue
                 if stage not in inputs:
                     try:
@@ -309,7 +311,9 @@ def main(argv=None) -> int:
                         print(f"profile: {label} {stage} inputs failed: {message}", file=sys.stderr)
                         if not lost and not common.context_alive(device):
                             lost = f"not run: the CUDA context is lost ({label} {stage} inputs failed)"
+                            print(f"profile: {lost}; no later row can run", file=sys.stderr)
                         rows.extend(failed_row(row_of(label, stage, pass_name), message) for pass_name in passes)
+                        bar.update(len(passes))
                         continue
                 for pass_name in passes:
                     bar.update()
