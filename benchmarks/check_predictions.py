@@ -14,9 +14,9 @@ per prediction: the bound, what the record measured, and ``hit``, ``MISS``,
 ``absent`` (the record has no such row: the profile ran without the variant,
 e.g. a settled one it profiles only with ``--all-variants``) or ``no data``
 (the row failed or says why it was not run, or its top list does not name the
-kernels). A miss is a
-finding to reason about (docs/cuda-notes.md says what each would mean), not a
-failed run: the exit status is 0 unless an input is malformed (2).
+kernels). A miss is a finding to reason about (docs/cuda-notes.md says what
+each would mean), not a failed run: the exit status is 0 unless an input is
+malformed (2).
 """
 from __future__ import annotations
 

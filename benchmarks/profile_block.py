@@ -299,17 +299,13 @@ def main(argv=None) -> int:
             for stage in stages:
                 channels, hw = common.STAGES[stage]
                 shape = (args.batch, channels, hw, hw)
-                if lost:
-                    rows.extend(failed_row(row_of(label, stage, pass_name), lost) for pass_name in passes)
-                    bar.update(len(passes))
-                    continue
-                if stage not in inputs:
+                if not lost and stage not in inputs:  # a lost context: the passes below say so
                     try:
                         inputs[stage] = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
-                    except Exception as exc:  # a CUDA context an earlier variant's trapped kernel ended
+                    except Exception as exc:  # out of memory, or a context that a trap ended
                         message = common.failure_message(exc)
                         print(f"profile: {label} {stage} inputs failed: {message}", file=sys.stderr)
-                        if not lost and not common.context_alive(device):
+                        if not common.context_alive(device):
                             lost = f"not run: the CUDA context is lost ({label} {stage} inputs failed)"
                             print(f"profile: {lost}; no later row can run", file=sys.stderr)
                         rows.extend(failed_row(row_of(label, stage, pass_name), message) for pass_name in passes)
