@@ -37,7 +37,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -238,6 +238,19 @@ def profile_variant(label: str, impl: str, channels: int, dtype, device: torch.d
     return {"wall_ms": wall, "host_ms": host, **prof}
 
 
+def report_failure(what: str, exc: Exception, device: torch.device) -> Tuple[str, Optional[str]]:
+    """Print that ``what`` (a variant, a stage and a pass, or the stage's inputs) failed with ``exc``.
+    Returns the message for its rows and, where the failure left the CUDA context lost (a kernel that
+    trapped), why no later row can run (else None)."""
+    message = common.failure_message(exc)
+    print(f"profile: {what} failed: {message}", file=sys.stderr)
+    if common.context_alive(device):
+        return message, None
+    lost = f"not run: the CUDA context is lost ({what} failed)"
+    print(f"profile: {lost}; no later row can run", file=sys.stderr)
+    return message, lost
+
+
 def failed_row(row: dict, message: str) -> dict:
     """``row`` of a variant that did not run or raised: no numbers (NaN in the table, null in the JSON)
     and the ``error``."""
@@ -303,11 +316,7 @@ def main(argv=None) -> int:
                     try:
                         inputs[stage] = bench_block.make_input_sets(shape, dtype, memory_format, False, device, 2)
                     except Exception as exc:  # out of memory, or a context that a trap ended
-                        message = common.failure_message(exc)
-                        print(f"profile: {label} {stage} inputs failed: {message}", file=sys.stderr)
-                        if not common.context_alive(device):
-                            lost = f"not run: the CUDA context is lost ({label} {stage} inputs failed)"
-                            print(f"profile: {lost}; no later row can run", file=sys.stderr)
+                        message, lost = report_failure(f"{label} {stage} inputs", exc, device)
                         rows.extend(failed_row(row_of(label, stage, pass_name), message) for pass_name in passes)
                         bar.update(len(passes))
                         continue
@@ -325,12 +334,8 @@ def main(argv=None) -> int:
                     # Exception, not only RuntimeError: a Triton kernel that does not compile raises a
                     # TritonError (an Exception); it must cost its own row, not the profile's table.
                     except Exception as exc:
-                        message = common.failure_message(exc)
-                        print(f"profile: {label} {stage} {pass_name} failed: {message}", file=sys.stderr)
+                        message, lost = report_failure(f"{label} {stage} {pass_name}", exc, device)
                         row = failed_row(row, message)
-                        if not lost and not common.context_alive(device):
-                            lost = f"not run: the CUDA context is lost ({label} {stage} {pass_name} failed)"
-                            print(f"profile: {lost}; no later row can run", file=sys.stderr)
                     rows.append(row)
             write_rows()
     finally:
