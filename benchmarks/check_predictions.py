@@ -52,10 +52,11 @@ def load_predictions(path: Path) -> List[dict]:
     return entries
 
 
-def metric(row: Optional[Row], prediction: dict) -> Optional[float]:
-    """The prediction's metric in ``row``; None where the record cannot say (no row, a failed row,
-    none of the kernels in its top list, or device time from a profile that recorded no kernel)."""
-    if row is None or row.get("error"):
+def metric(row: Row, prediction: dict) -> Optional[float]:
+    """The prediction's metric in ``row``; None where the record cannot say (a failed row, none of
+    the kernels in its top list, or device time from a profile that recorded no kernel). A missing
+    row is :func:`check`'s 'absent'."""
+    if row.get("error"):
         return None
     if prediction["metric"] == "device_ms" and not row.get("launches"):
         return None  # 0 ms of kernels would read as a hit
@@ -70,17 +71,17 @@ def check(prediction: dict, rows: Dict[Tuple[str, str, str], Row]) -> Tuple[str,
     """``(bound, measured, verdict)`` of one prediction against the record's rows."""
     key = (prediction["impl"], prediction["stage"], prediction["pass"])
     other_key = (prediction.get("relative_to"), prediction["stage"], prediction["pass"])
-    measured = metric(rows.get(key), prediction)
     unit = "us" if prediction["metric"] == "kernel_us" else "ms"
     bound = (f"<= {prediction['max']:g} {unit}" if "max" in prediction
              else f"<= {prediction['max_ratio']:g} x {prediction['relative_to']}")
     if key not in rows or ("relative_to" in prediction and other_key not in rows):
         return bound, "-", "absent"
+    measured = metric(rows[key], prediction)
     if "max" in prediction:
         if measured is None:
             return bound, "-", "no data"
         return bound, f"{measured:.4g} {unit}", "hit" if measured <= prediction["max"] else "MISS"
-    other = metric(rows.get(other_key), prediction)
+    other = metric(rows[other_key], prediction)
     if measured is None or other is None or other <= 0:
         return bound, "-", "no data"
     ratio = measured / other
