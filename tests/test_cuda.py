@@ -463,8 +463,8 @@ def test_path_knobs_refuse_bad_values(cuda_path, monkeypatch, path, name, value,
         pytest.skip("thread-block clusters need sm_90")
     cuda_path(path)
     monkeypatch.setenv(name, value)
-    # The two-pass path's knobs are all read at the op's start (check_two_pass_knobs, since a throw
-    # from inside its MLP launcher crashed the process on an H100 at 72c11ba: the MLP_SPLIT=300 case);
+    # The two-pass path's knobs are all read at the op's start (check_two_pass_knobs). The MLP_SPLIT=300
+    # case crashed the process on an H100 at 72c11ba and 0aa21ab (csrc/cuda/squeeze_excitation_cuda.cu);
     # the two-pass shape is 7x7, whose float32 NCHW rows are not whole 16-byte vectors.
     shape = SEShape(2, 64, 4, 7, 7) if path == "two_pass" else SEShape(2, 64, 4, 6, 6)
     with pytest.raises(ValueError, match=message):

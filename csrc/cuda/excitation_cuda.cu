@@ -782,11 +782,8 @@ unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 
 // from the shape and this knob only, never from the device.
 // (docs/cuda-notes.md, "The two-pass MLP's splits of C".)
 int mlp_k_split() {
-  const int64_t split = integer_from_env("SE_FUSED_CUDA_MLP_SPLIT", kChunk, kChunk, int64_t(1) << 20,
-                                         "a multiple of 256 in [256, 2^20]");
-  TORCH_CHECK_VALUE(split % kChunk == 0, "se_fused: SE_FUSED_CUDA_MLP_SPLIT must be a multiple of 256 in "
-                    "[256, 2^20]; got ", split);
-  return static_cast<int>(split);
+  return static_cast<int>(integer_from_env("SE_FUSED_CUDA_MLP_SPLIT", kChunk, kChunk, int64_t(1) << 20,
+                                           "a multiple of 256 in [256, 2^20]", kChunk));
 }
 
 // Row tiles per block of the rows kernels (fc1 and fc2 forward): 1, or

@@ -1167,11 +1167,11 @@ int chunk_scale_blocks_per_sm() {
 }
 
 // The two-pass path's knobs, read once before anything is launched: a bad value refuses the
-// call whole (c10::ValueError), and the reads between launches cannot throw. At 72c11ba a
-// throw from inside the MLP launcher (SE_FUSED_CUDA_MLP_SPLIT=300: mlp_k_split's multiple-of-256
-// check, in MlpLaunch's member initialisers, after the channel sums' launch) crashed the process
-// on an H100, while SE_FUSED_CUDA_MLP_SPLIT=128, thrown a line earlier in the same function, did
-// not (docs/cuda-notes.md); the cause is not known.
+// call whole (c10::ValueError), and the reads between launches cannot throw. (At 72c11ba and
+// at 0aa21ab, here, SE_FUSED_CUDA_MLP_SPLIT=300 crashed the process on an H100 when refused by
+// a multiple-of-256 check of mlp_k_split's own, while 128, refused by integer_from_env, raised;
+// the cause is not known, and since then integer_from_env checks the multiple too:
+// docs/cuda-notes.md, "The H100 session of 2026-11-28".)
 void check_two_pass_knobs() {
   check_excitation_knobs();
   nchw_staged_sums();
